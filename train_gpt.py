@@ -1,0 +1,1015 @@
+"""
+train_gpt.py: one-file trainer for the OpenAI Parameter Golf challenge (track_10min_16mb).
+
+    python3 train_gpt.py                                   # one process, on CPU or one GPU
+    torchrun --standalone --nproc_per_node=8 train_gpt.py  # the 8xH100 record run
+
+Every knob is an environment variable named after a Hyperparameters field (README.md has the table).
+
+Notable features:
+- exact, tokenizer-agnostic val_bpb: byte lookup tables from the tokenizer, float64 sums across ranks
+- wall-clock schedule: the LR warmdown ends at MAX_WALLCLOCK_SECONDS and every rank stops at the same step
+- compile warm-up steps are excluded from the clock and undone (weights, optimizer state and data restored)
+- Muon (Newton-Schulz 5) for the block matrices, AdamW for embeddings and control tensors
+- the artifact (int8 per-row + zlib) is read back from disk into a fresh model and scored again
+- device-agnostic: CUDA (NCCL, bf16 autocast, torch.compile, FlashAttention 3 when installed) or CPU (gloo,
+  fp32, SDPA), so the whole file is testable without a GPU
+
+Budget: this file stays under 1500 lines; its bytes count toward the 16,000,000-byte artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, fields
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:  # FlashAttention 3 (Hopper); optional, used only on CUDA
+    from flash_attn_interface import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+MICROBATCHES = 8  # micro-batches per optimizer step over all ranks: the batch layout is the same for any world size
+CAP_BYTES = 16_000_000  # challenge cap on code bytes + compressed model bytes (decimal)
+ARTIFACT_PATH = "final_model.int8.ptz"
+
+# ---------------------------------------------------------------------------------------------------------
+# Hyperparameters
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hyperparameters:
+    """Every knob of a run. The environment variable is the field name upper-cased; the default's type
+    decides the parsing (bools are 0/1). Defaults reproduce the official baseline."""
+
+    # data and run
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # "" = a fresh uuid4; names logs/<run_id>.txt
+    seed: int = 1337
+    # validation and logging
+    val_batch_size: int = 524_288  # tokens per validation batch, all ranks together
+    val_loss_every: int = 1000  # validate every N steps (and at step 0); 0 = only after training
+    train_log_every: int = 200  # log train_loss every N steps (and steps 1-10 and the last); 0 = never
+    # length and batch
+    iterations: int = 20_000
+    warmdown_iters: int = 1200  # linear LR warmdown over about the last N steps (wall-clock predicted)
+    warmup_steps: int = 20  # compile warm-up steps, run and then undone; not counted in train_time
+    train_batch_tokens: int = 524_288  # tokens per optimizer step, all ranks together
+    train_seq_len: int = 1024
+    max_wallclock_seconds: float = 600.0  # training-time cap; 0 = none
+    # model shape
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0  # MLP hidden = int(mlp_mult * model_dim)
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    # learning rates
+    embed_lr: float = 0.6  # untied input embedding
+    head_lr: float = 0.008  # untied output head
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04  # Muon
+    scalar_lr: float = 0.04  # control tensors and skip weights
+    # Muon
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_wd: float = 0.0  # decoupled: p <- p * (1 - lr * wd) before the update
+    # AdamW and clipping
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.0
+    grad_clip_norm: float = 0.0  # global L2 norm; 0 = off
+    # system
+    device: str = "auto"  # auto | cpu | cuda
+    compile: str = "auto"  # auto (on for CUDA) | 0 | 1
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> Hyperparameters:
+        kw = {}
+        for f in fields(cls):
+            raw = environ.get(f.name.upper())
+            if raw is not None:
+                kw[f.name] = _parse_knob(f.name.upper(), raw, f.default)
+        return cls(**kw)
+
+    def __post_init__(self):
+        hd, _ = divmod(self.model_dim, max(self.num_heads, 1))
+        rules = [
+            ("NUM_LAYERS", self.num_layers >= 1, "must be >= 1"),
+            ("NUM_HEADS", self.num_heads >= 1, "must be >= 1"),
+            ("NUM_KV_HEADS", self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
+             f"must be >= 1 and divide NUM_HEADS={self.num_heads}"),
+            ("MODEL_DIM", self.num_heads >= 1 and self.model_dim % self.num_heads == 0 and hd % 2 == 0,
+             f"must be divisible by NUM_HEADS={self.num_heads} into an even head dimension (RoPE rotates pairs)"),
+            ("VOCAB_SIZE", 1 <= self.vocab_size <= 65536, "must be in [1, 65536] (shards store uint16 tokens)"),
+            ("MLP_MULT", int(self.mlp_mult * self.model_dim) >= 1, "must give an MLP hidden size >= 1"),
+            ("TRAIN_SEQ_LEN", self.train_seq_len >= 1, "must be >= 1"),
+            ("TRAIN_BATCH_TOKENS", self.train_batch_tokens > 0 and self.train_seq_len >= 1
+             and self.train_batch_tokens % (MICROBATCHES * self.train_seq_len) == 0,
+             f"must be a positive multiple of {MICROBATCHES} micro-batches x TRAIN_SEQ_LEN={self.train_seq_len}"),
+            ("VAL_BATCH_SIZE", self.val_batch_size >= MICROBATCHES * self.train_seq_len,
+             f"must be >= {MICROBATCHES} x TRAIN_SEQ_LEN={self.train_seq_len} tokens"),
+            ("MUON_BACKEND_STEPS", self.muon_backend_steps >= 1, "must be >= 1"),
+            ("LOGIT_SOFTCAP", self.logit_softcap > 0, "must be > 0"),
+            ("ROPE_BASE", self.rope_base > 0, "must be > 0"),
+            ("ADAM_EPS", self.adam_eps > 0, "must be > 0"),
+            ("DEVICE", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+            ("COMPILE", self.compile in ("auto", "0", "1"), "must be auto, 0 or 1"),
+        ]
+        rules += [(n.upper(), getattr(self, n) >= 0, "must be >= 0") for n in (
+            "iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
+            "max_wallclock_seconds", "muon_momentum_warmup_steps", "tied_embed_init_std", "embed_lr", "head_lr",
+            "tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm")]
+        rules += [(n.upper(), 0 <= getattr(self, n) < 1, "must be in [0, 1)") for n in (
+            "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2")]
+        for name, ok, what in rules:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name.lower())!r}: {what}")
+
+
+def _parse_knob(name: str, raw: str, default):
+    kind = "0 or 1" if isinstance(default, bool) else type(default).__name__
+    try:
+        if isinstance(default, bool):
+            if raw.strip() not in ("0", "1"):
+                raise ValueError
+            return raw.strip() == "1"
+        return type(default)(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected {kind}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed setup and logging
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Runtime facts of this process (kept apart from the configuration)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return MICROBATCHES // self.world_size
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=op)
+        return t
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def autocast(self):
+        # bf16 autocast is the CUDA fast path; CPU runs stay in fp32 (bf16 is slow there)
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+
+
+def init_dist(h: Hyperparameters) -> Dist:
+    """One process without torchrun; DDP over NCCL (CUDA) or gloo (CPU) when RANK and WORLD_SIZE are set."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world < 1 or MICROBATCHES % world:
+        raise ValueError(f"WORLD_SIZE={world}: must divide {MICROBATCHES} (the micro-batches of one step)")
+    if h.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("DEVICE='cuda': CUDA is not available")
+    use_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if distributed:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.barrier()
+    return Dist(rank, world, local_rank, device)
+
+
+class Logger:
+    """Rank 0 prints each line and appends it to its log file, flushed line by line; other ranks are silent."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True):
+        if self.path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: shards, the training stream, validation tokens and the byte lookup tables of val_bpb
+# ---------------------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1
+SHARD_HEADER_INTS = 256  # little-endian int32: magic, version, token count, zeros
+SHARD_HEADER_BYTES = 4 * SHARD_HEADER_INTS
+
+
+def read_shard_header(path: str) -> int:
+    """Validate a shard's header and size; return its token count. Any defect is an error naming the file."""
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header.size != SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: not a token shard (expected a {SHARD_HEADER_BYTES}-byte header starting with "
+                         f"magic {SHARD_MAGIC}, version {SHARD_VERSION})")
+    n, size = int(header[2]), os.path.getsize(path)
+    if n < 0 or size != SHARD_HEADER_BYTES + 2 * n:
+        raise ValueError(f"{path}: {size} bytes on disk but the header announces {n} tokens = "
+                         f"{SHARD_HEADER_BYTES + 2 * n} bytes (truncated or corrupt)")
+    return n
+
+
+def load_data_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
+    """Tokens of one shard as uint16, after the header and size checks (and the id range, given a vocab)."""
+    n = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
+    if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+class TokenStream:
+    """The training shards read in sorted order, front to back, wrapping around after the last one."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size = files, vocab_size
+        self.file_idx, self.epoch = -1, 0
+        self._advance()
+
+    def _advance(self):
+        self.file_idx = (self.file_idx + 1) % len(self.files)
+        self.epoch += self.file_idx == 0
+        self.tokens, self.pos = load_data_shard(self.files[self.file_idx], self.vocab_size), 0
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self._advance()
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos : self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each call consumes world_size * (local_tokens + 1) consecutive stream tokens and hands rank r the r-th
+    span, so ranks never share data, and over the MICROBATCHES micro-batches of a step the ranks together
+    cover the same stretch of the stream whatever the world size. The +1 token is the last target."""
+
+    def __init__(self, files: list[str], rank: int, world_size: int, vocab_size: int):
+        self.stream, self.rank, self.world_size = TokenStream(files, vocab_size), rank, world_size
+
+    def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
+        t = torch.from_numpy(chunk.astype(np.int64)).to(device, non_blocking=True)
+        return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+
+
+@dataclass
+class ByteLUTs:
+    """Per-token-id tables of val_bpb (spec section 3.1): UTF-8 bytes of the piece without its leading
+    '\u2581', whether it has that leading space, and whether the id is a boundary (control, unknown, unused)."""
+
+    base_bytes: Tensor  # int16
+    has_leading_space: Tensor  # bool
+    is_boundary: Tensor  # bool
+
+    def to(self, device) -> ByteLUTs:
+        return ByteLUTs(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
+    """Byte-fallback pieces count 1 byte each; every other piece counts the UTF-8 bytes of its text after
+    the leading '\u2581' (which becomes a separate, context-dependent space byte, see token_bytes)."""
+    n = max(sp.vocab_size(), vocab_size)
+    base, space, boundary = np.zeros(n, np.int16), np.zeros(n, bool), np.ones(n, bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def token_bytes(luts: ByteLUTs, prev: Tensor, target: Tensor) -> Tensor:
+    """Bytes that each target token stands for: its base bytes, plus 1 for a leading space unless the
+    preceding token (the input at the same position) is a boundary such as BOS, where no space is printed."""
+    return luts.base_bytes[target].long() + (luts.has_leading_space[target] & ~luts.is_boundary[prev]).long()
+
+
+@dataclass
+class ValidationData:
+    """The validation stream, trimmed to whole TRAIN_SEQ_LEN sequences plus one, with its byte tables.
+    Every token after the first is a scored target exactly once; byte_count is the bytes of all of them."""
+
+    tokens: np.ndarray  # uint16
+    luts: ByteLUTs  # on the compute device
+    seq_len: int
+    byte_count: int
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.tokens) - 1
+
+
+def load_validation(h: Hyperparameters, sp, files: list[str], device: torch.device) -> ValidationData:
+    tokens = np.concatenate([load_data_shard(f, h.vocab_size) for f in files])
+    usable = (len(tokens) - 1) // h.train_seq_len * h.train_seq_len
+    tokens = tokens[: usable + 1]
+    luts = build_byte_luts(sp, h.vocab_size).to(device)
+    total, chunk = 0, 1 << 22
+    for s in range(0, usable, chunk):
+        t = torch.from_numpy(tokens[s : s + chunk + 1].astype(np.int64)).to(device)
+        total += int(token_bytes(luts, t[:-1], t[1:]).sum())
+    return ValidationData(tokens, luts, h.train_seq_len, total)
+
+
+def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[str], list[str]]:
+    """Check tokenizer and shards before any heavy work; every problem names the variable or the file."""
+    if not h.tokenizer_path.endswith(".model") or not os.path.isfile(h.tokenizer_path):
+        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: expected an existing SentencePiece .model file")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: not a loadable SentencePiece model ({e})") from None
+    if sp.vocab_size() > h.vocab_size:
+        raise ValueError(f"VOCAB_SIZE={h.vocab_size}: smaller than the vocabulary of {h.tokenizer_path} "
+                         f"({sp.vocab_size()} pieces)")
+    if not os.path.isdir(h.data_path):
+        raise ValueError(f"DATA_PATH={h.data_path!r}: not a directory")
+    train, val = (sorted(glob.glob(os.path.join(h.data_path, f"fineweb_{s}_*.bin"))) for s in ("train", "val"))
+    for split, files in (("train", train), ("val", val)):
+        if not files:
+            raise ValueError(f"DATA_PATH={h.data_path!r}: no fineweb_{split}_*.bin shards")
+    val_tokens = sum(read_shard_header(f) for f in val)
+    if sum(read_shard_header(f) for f in train) == 0:
+        raise ValueError(f"DATA_PATH={h.data_path!r}: the training shards hold no tokens")
+    if val_tokens <= h.train_seq_len:
+        raise ValueError(f"TRAIN_SEQ_LEN={h.train_seq_len}: the validation shards hold only {val_tokens} tokens, "
+                         "not one full sequence plus its last target")
+    return sp, train, val
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Half-split RoPE on (B, T, H, D): pairs (i, i + D/2) rotate by angle t * base^(-2i/D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, use_fa3: bool) -> Tensor:
+    """Causal attention on (B, T, H, D) tensors with grouped KV heads: query head h reads KV head
+    h // (H / Hkv). FlashAttention 3 and SDPA compute the same function; FA3 needs bf16 inputs."""
+    if use_fa3:
+        y = flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+        y = y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the log-sum-exp
+        return y.to(q.dtype)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def zero_init_linear(fan_in: int, fan_out: int) -> nn.Linear:
+    layer = nn.Linear(fan_in, fan_out, bias=False)
+    nn.init.zeros_(layer.weight)
+    return layer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, h: Hyperparameters, use_fa3: bool):
+        super().__init__()
+        dim, self.num_heads, self.num_kv_heads = h.model_dim, h.num_heads, h.num_kv_heads
+        self.head_dim, self.use_fa3 = dim // h.num_heads, use_fa3
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(dim, dim, bias=False)
+        self.c_k = nn.Linear(dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(dim, kv_dim, bias=False)
+        self.proj = zero_init_linear(dim, dim)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)  # QK-norm, then RoPE
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        return self.proj(attention(q, k, v, self.use_fa3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        hidden = int(h.mlp_mult * h.model_dim)
+        self.fc = nn.Linear(h.model_dim, hidden, bias=False)
+        self.proj = zero_init_linear(hidden, h.model_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    """Pre-norm block with per-channel control tensors: resid_mix blends the stream with the embedding x0,
+    attn_scale and mlp_scale weigh the two residual branches."""
+
+    def __init__(self, h: Hyperparameters, use_fa3: bool):
+        super().__init__()
+        self.attn, self.mlp = CausalSelfAttention(h, use_fa3), MLP(h)
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    """The baseline GPT: tied embeddings, RMSNorm, GQA attention with RoPE, ReLU^2 MLP, U-Net skips from the
+    first half of the blocks to the second (LIFO, learned per-channel weights), tanh logit softcap."""
+
+    def __init__(self, h: Hyperparameters, use_fa3: bool = False):
+        super().__init__()
+        self.logit_softcap = h.logit_softcap
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        if h.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        self.blocks = nn.ModuleList(Block(h, use_fa3) for _ in range(h.num_layers))
+        self.num_encoder = h.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, h.num_layers - self.num_encoder),
+                                                    h.model_dim))
+        self.lm_head = None if h.tie_embeddings else zero_init_linear(h.model_dim, h.vocab_size)
+        head_dim = h.model_dim // h.num_heads
+        inv_freq = h.rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        x = x0 = rms_norm(self.tok_emb(input_ids))
+        angles = torch.outer(torch.arange(input_ids.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = (f(angles)[None, :, None, :].to(x.dtype) for f in (torch.cos, torch.sin))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0, cos, sin)
+            if i < self.num_encoder:
+                skips.append(x)
+        x = rms_norm(x)
+        logits = F.linear(x, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).float()
+        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy in fp32: the mean (training) or per position, shaped like target_ids (evaluation)."""
+        logits = self.forward_logits(input_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction=reduction)
+        return loss if reduction == "mean" else loss.view_as(target_ids)
+
+
+def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Route parameters by structure rather than by name, so a new parameter cannot be missed: 'matrix' =
+    weights of the Linear layers inside blocks (Muon); 'embed' = embedding tables; 'head' = an untied output
+    head; 'scalar' = everything else (control tensors, q_gain, skip weights; kept fp32 in the artifact)."""
+    groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if owner is model.lm_head:
+            kind = "head"
+        elif isinstance(owner, nn.Embedding):
+            kind = "embed"
+        elif isinstance(owner, nn.Linear) and name.startswith("blocks."):
+            kind = "matrix"
+        else:
+            kind = "scalar"
+        groups[kind].append((name, p))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Push G's singular values towards 1 (approximately U V^T for G = U S V^T) with a quintic Newton-Schulz
+    iteration, in G's dtype. The coefficients (3.4445, -4.7750, 2.0315), from Keller Jordan's Muon, maximise
+    the slope at zero: the result is U S' V^T with S' roughly in [0.7, 1.2], which trains as well as U V^T."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm() + eps)
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: Nesterov momentum (buf <- m*buf + g; u = g + m*buf), orthogonalised by Newton-Schulz, scaled by
+    sqrt(max(1, rows/cols)), after decoupled weight decay p <- p*(1 - lr*wd). Matrix i is orthogonalised only
+    on rank i % world_size and the updates are summed across ranks, as in the baseline. Written here rather
+    than torch.optim.Muon because that one keeps an EMA-form buffer (different under momentum warm-up), runs
+    Newton-Schulz in bf16 only (slow on CPU) and repeats every matrix on every rank."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 d: Dist, ns_fn=zeropower_via_newtonschulz5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
+        self.rank, self.world_size, self.ns_fn = d.rank, d.world_size, ns_fn
+        self.ns_dtype = torch.bfloat16 if d.cuda else torch.float32
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=self.ns_dtype, device=params[0].device)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(m).add_(p.grad)
+                    u = self.ns_fn(p.grad.add(buf, alpha=m).to(self.ns_dtype), group["backend_steps"])
+                    flat[offset : offset + p.numel()] = u.flatten() * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.mul_(1 - lr * wd).add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
+                offset += p.numel()
+
+
+class Optimizers:
+    """The optimizers of one training step as one object. Each param group keeps its base_lr; step() sets
+    lr = base_lr * lr_scale and the Muon momentum of the warm-up."""
+
+    def __init__(self, h: Hyperparameters, model: GPT, d: Dist, ns_fn=zeropower_via_newtonschulz5):
+        groups = param_groups(model)
+        lrs = {"embed": h.tied_embed_lr if h.tie_embeddings else h.embed_lr, "head": h.head_lr, "scalar": h.scalar_lr}
+        adam_groups = [dict(params=[p for _, p in groups[k]], lr=lr) for k, lr in lrs.items() if groups[k]]
+        self.adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps,
+                                      weight_decay=h.adam_wd, fused=d.cuda)
+        self.muon = Muon([p for _, p in groups["matrix"]], lr=h.matrix_lr, momentum=h.muon_momentum,
+                         backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd, d=d, ns_fn=ns_fn)
+        self.all = (self.adam, self.muon)
+        for opt in self.all:
+            for g in opt.param_groups:
+                g["base_lr"] = g["lr"]
+
+    def step(self, lr_scale: float, muon_momentum: float):
+        for opt in self.all:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_scale
+        for g in self.muon.param_groups:
+            g["momentum"] = muon_momentum
+        for opt in self.all:
+            opt.step()
+
+    def zero_grad(self):
+        for opt in self.all:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list[dict]:
+        return [opt.state_dict() for opt in self.all]
+
+    def load_state_dict(self, states: list[dict]):
+        for opt, s in zip(self.all, states):
+            opt.load_state_dict(s)
+
+
+def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """LR multiplier: 1, then a linear warmdown to 0. With a wall-clock cap the warmdown starts when the
+    remaining time is WARMDOWN_ITERS steps at the average step time so far (the baseline rule); the
+    step-count warmdown to ITERATIONS also applies, so whichever limit comes first ends at LR 0."""
+    if h.warmdown_iters == 0:
+        return 1.0
+    scale = min(max((h.iterations - step) / h.warmdown_iters, 0.0), 1.0)
+    if h.max_wallclock_seconds > 0:
+        warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining_ms = max(1000 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+        if remaining_ms <= warmdown_ms:
+            scale = min(scale, remaining_ms / max(warmdown_ms, 1e-9))
+    return scale
+
+
+def muon_momentum(h: Hyperparameters, step: int) -> float:
+    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantization and serialization: int8 per row + zlib, in a pickle-free container
+# ---------------------------------------------------------------------------------------------------------
+
+INT8_CLIP_QUANTILE = 0.9999984  # per-row clip at the 99.99984th percentile of |w|
+SMALL_TENSOR_NUMEL = 65_536  # tensors up to this size are stored as floats
+CONTAINER_MAGIC = b"PGTENSORS1"
+CONTAINER_DTYPES = {str(t).removeprefix("torch."): t for t in (
+    torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+    torch.float32, torch.float64, torch.bool)}
+
+
+def abs_quantile(w: Tensor, q: float) -> Tensor:
+    """Per-row q-quantile of |w| (linear interpolation between order statistics); unlike torch.quantile it
+    has no input-size limit."""
+    s = w.abs().sort(dim=-1).values
+    pos = q * (s.size(-1) - 1)
+    lo = int(pos)
+    return torch.lerp(s[..., lo], s[..., min(lo + 1, s.size(-1) - 1)], pos - lo)
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 in [-127, 127] with a percentile clip: per row (fp16 scales) for matrices, one fp32
+    scale otherwise. Scales are floored at 1/127 as in the baseline; values round against the stored scale."""
+    w = w.float()
+    if w.ndim == 2:
+        clip = abs_quantile(w, INT8_CLIP_QUANTILE)[:, None]
+        scale = (clip / 127).clamp_min(1 / 127).half().squeeze(1)
+        s = scale.float()[:, None]
+    else:
+        clip = abs_quantile(w.flatten(), INT8_CLIP_QUANTILE)
+        scale = s = clip / 127 if clip > 0 else torch.tensor(1.0)
+    q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / s), -127, 127)
+    return q.to(torch.int8), scale
+
+
+def quantize_state_dict_int8(sd: dict[str, Tensor], keep_fp32: set[str]) -> tuple[dict[str, Tensor], dict]:
+    """Tensors to store and the metadata that alone drives dequantization. Small float tensors pass through
+    (fp32 for the control tensors in keep_fp32, fp16 otherwise); larger ones become int8."""
+    out, meta = {}, {"format": "int8_per_row_v1", "tensors": {}}
+    for name, t in sd.items():
+        t = t.detach().cpu().contiguous()
+        info = {"dtype": str(t.dtype).removeprefix("torch.")}
+        if not t.is_floating_point() or t.numel() <= SMALL_TENSOR_NUMEL:
+            info["scheme"] = "passthrough"
+            out[name] = t if not t.is_floating_point() or name in keep_fp32 else t.half()
+        else:
+            info["scheme"] = "int8_per_row" if t.ndim == 2 else "int8_per_tensor"
+            out[name + ".q"], out[name + ".scale"] = quantize_int8(t)
+        meta["tensors"][name] = info
+    return out, meta
+
+
+def dequantize_state_dict_int8(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
+    if meta.get("format") != "int8_per_row_v1":
+        raise ValueError(f"unknown artifact format {meta.get('format')!r}")
+    sd = {}
+    for name, info in meta["tensors"].items():
+        dtype = CONTAINER_DTYPES[info["dtype"]]
+        if info["scheme"] == "passthrough":
+            sd[name] = tensors[name].to(dtype)
+        else:
+            q, scale = tensors[name + ".q"].float(), tensors[name + ".scale"].float()
+            sd[name] = (q * (scale[:, None] if info["scheme"] == "int8_per_row" else scale)).to(dtype)
+    return sd
+
+
+def pack_tensors(tensors: dict[str, Tensor], meta: dict) -> bytes:
+    """Container: magic, u32 header length, JSON header (metadata, names, dtypes, shapes), raw tensor bytes.
+    Reading it back needs no unpickling, so a downloaded artifact cannot run code."""
+    index, blobs = [], []
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        index.append([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
+        blobs.append(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    header = json.dumps({"meta": meta, "tensors": index}).encode()
+    return b"".join([CONTAINER_MAGIC, len(header).to_bytes(4, "little"), header, *blobs])
+
+
+def unpack_tensors(data: bytes) -> tuple[dict[str, Tensor], dict]:
+    if not data.startswith(CONTAINER_MAGIC):
+        raise ValueError("not a tensor container (bad magic)")
+    start = len(CONTAINER_MAGIC) + 4
+    hlen = int.from_bytes(data[len(CONTAINER_MAGIC) : start], "little")
+    header = json.loads(data[start : start + hlen])
+    buf, pos, tensors = bytearray(data), start + hlen, {}
+    for name, dtype_name, shape in header["tensors"]:
+        dtype = CONTAINER_DTYPES[dtype_name]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if pos + nbytes > len(buf):
+            raise ValueError(f"tensor container truncated at {name}")
+        raw = torch.frombuffer(buf, dtype=torch.uint8, offset=pos, count=nbytes) if nbytes else torch.empty(0)
+        tensors[name] = raw.to(torch.uint8, copy=True).view(dtype).reshape(shape)  # the copy is aligned
+        pos += nbytes
+    if pos != len(buf):
+        raise ValueError(f"tensor container has {len(buf) - pos} trailing bytes")
+    return tensors, header["meta"]
+
+
+def serialize(sd: dict[str, Tensor], keep_fp32: set[str]) -> tuple[bytes, dict]:
+    """Quantize, pack and zlib-compress (level 9); also return byte statistics for the log."""
+    tensors, meta = quantize_state_dict_int8(sd, keep_fp32)
+    raw = pack_tensors(tensors, meta)
+    stats = dict(payload_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+                 state_bytes=sum(t.numel() * t.element_size() for t in sd.values()), container_bytes=len(raw))
+    return zlib.compress(raw, 9), stats
+
+
+def deserialize(blob: bytes) -> dict[str, Tensor]:
+    return dequantize_state_dict_int8(*unpack_tensors(zlib.decompress(blob)))
+
+
+def write_atomic(path: str, data: bytes):
+    """Write to a temporary file, fsync, then rename: the path holds either the old or the new content."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    val_loss: float  # mean nats per scored token
+    val_bpb: float  # bits per byte of the text the scored tokens stand for
+    tokens: int
+    bytes: int
+
+
+@torch.inference_mode()
+def eval_val(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData) -> EvalResult:
+    """Non-overlapping TRAIN_SEQ_LEN windows; rank r scores a contiguous range of them. Loss, token and byte
+    sums are float64 and all-reduced, so every validation target is counted exactly once."""
+    T = val.seq_len
+    seqs = val.num_targets // T
+    lo, hi = seqs * d.rank // d.world_size, seqs * (d.rank + 1) // d.world_size
+    batch = max(1, h.val_batch_size // (MICROBATCHES * T))
+    sums = torch.zeros(3, dtype=torch.float64, device=d.device)
+    was_training = model.training
+    model.eval()
+    for s in range(lo, hi, batch):
+        e = min(s + batch, hi)
+        t = torch.from_numpy(val.tokens[s * T : e * T + 1].astype(np.int64)).to(d.device)
+        x, y = t[:-1].view(-1, T), t[1:].view(-1, T)
+        with d.autocast():
+            loss = model(x, y, reduction="none")
+        sums[0] += loss.double().sum()
+        sums[1] += y.numel()
+        sums[2] += token_bytes(val.luts, x, y).double().sum()
+    model.train(was_training)
+    loss_sum, n_tokens, n_bytes = d.all_reduce(sums).tolist()
+    return EvalResult(loss_sum / n_tokens, loss_sum / (math.log(2) * n_bytes), int(n_tokens), int(n_bytes))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def use_compile(h: Hyperparameters, d: Dist) -> bool:
+    return h.compile == "1" or (h.compile == "auto" and d.cuda)
+
+
+def build_model(h: Hyperparameters, d: Dist) -> GPT:
+    return GPT(h, use_fa3=flash_attn_func is not None and d.cuda).to(d.device)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_ms: float
+    final: EvalResult
+
+
+def train(h: Hyperparameters, d: Dist, base_model: GPT, train_files: list[str], val: ValidationData,
+          log) -> TrainResult:
+    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile(h, d) else base_model
+    model = DDP(compiled, device_ids=[d.local_rank] if d.cuda else None, broadcast_buffers=False) \
+        if d.world_size > 1 else compiled
+    ns_fn = torch.compile(zeropower_via_newtonschulz5) if use_compile(h, d) else zeropower_via_newtonschulz5
+    opt = Optimizers(h, base_model, d, ns_fn)
+    local_tokens = h.train_batch_tokens // MICROBATCHES
+
+    def train_step(loader: DistributedTokenLoader, step: int, scale: float) -> Tensor:
+        total = torch.zeros((), device=d.device)
+        for micro in range(d.grad_accum_steps):
+            if d.world_size > 1:
+                model.require_backward_grad_sync = micro == d.grad_accum_steps - 1
+            x, y = loader.next_batch(local_tokens, h.train_seq_len, d.device)
+            with d.autocast():
+                loss = model(x, y)
+            (loss / d.grad_accum_steps).backward()
+            total += loss.detach()
+        if h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(base_model.parameters(), h.grad_clip_norm)
+        opt.step(scale, muon_momentum(h, step))
+        opt.zero_grad()
+        return total / d.grad_accum_steps
+
+    def new_loader() -> DistributedTokenLoader:
+        return DistributedTokenLoader(train_files, d.rank, d.world_size, h.vocab_size)
+
+    # Compile warm-up: real steps, then weights, optimizer state and data position go back to the start.
+    if h.warmup_steps > 0:
+        snapshot = copy.deepcopy((base_model.state_dict(), opt.state_dict()))
+        loader = new_loader()
+        for i in range(h.warmup_steps):
+            train_step(loader, 0, 1.0)
+            log(f"warmup_step:{i + 1}/{h.warmup_steps}")
+        base_model.load_state_dict(snapshot[0])
+        opt.load_state_dict(snapshot[1])
+        opt.zero_grad()
+    loader = new_loader()
+
+    train_ms, step, stop_after, result = 0.0, 0, None, None
+    d.sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == h.iterations or step == stop_after
+        if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+            d.sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            result = eval_val(h, d, compiled, val)
+            log(f"step:{step}/{h.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            d.sync()
+            t0 = time.perf_counter()
+        if last:
+            return TrainResult(step, train_ms, result)
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        loss = train_step(loader, step, lr_scale(h, step, elapsed_ms))
+        step += 1
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        reached_cap = torch.tensor(float(h.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * h.max_wallclock_seconds),
+                                   device=d.device)
+        if d.all_reduce(reached_cap, dist.ReduceOp.MAX).item() and stop_after is None:
+            stop_after = step
+            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
+        if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0 or step in (h.iterations, stop_after)):
+            loss = d.all_reduce(loss) / d.world_size
+            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{elapsed_ms / step:.2f}ms")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def log_run_header(h: Hyperparameters, d: Dist, log, code: str):
+    log(code, console=False)
+    log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+        f"sentencepiece:{spm.__version__} cuda:{torch.version.cuda if d.cuda else 'none'}")
+    if d.cuda:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
+        log(smi.stdout, console=False)
+    for f in fields(h):
+        log(f"hparam {f.name}:{getattr(h, f.name)}")
+
+
+def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list[str]):
+    code_path = os.path.abspath(__file__)
+    with open(code_path, "rb") as f:
+        code_bytes = f.read()
+    log = Logger(f"logs/{h.run_id}.txt" if d.is_main else None)
+    if d.is_main:
+        print(f"logs/{h.run_id}.txt", flush=True)
+    log_run_header(h, d, log, code_bytes.decode("utf-8"))
+    torch.manual_seed(h.seed)
+
+    val = load_validation(h, sp, val_files, d.device)
+    log(f"tokenizer path:{h.tokenizer_path} pieces:{sp.vocab_size()} "
+        f"byte_pieces:{sum(map(sp.is_byte, range(sp.vocab_size())))} unk_id:{sp.unk_id()}")
+    log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{len(train_files)}")
+    log(f"val_data tokens:{val.num_targets} bytes:{val.byte_count} shards:{len(val_files)}")
+
+    base_model = build_model(h, d)
+    groups = param_groups(base_model)
+    log(f"model_params:{sum(p.numel() for p in base_model.parameters())} " +
+        " ".join(f"{k}:{sum(p.numel() for _, p in v)}" for k, v in groups.items()))
+    log(f"world_size:{d.world_size} grad_accum_steps:{d.grad_accum_steps}")
+    log(f"device:{d.device} compile:{int(use_compile(h, d))} autocast:{'bf16' if d.cuda else 'off'} "
+        f"attention:{'fa3' if base_model.blocks[0].attn.use_fa3 else 'sdpa'}")
+    log(f"seed:{h.seed}")
+
+    result = train(h, d, base_model, train_files, val, log)
+    if d.cuda:
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+    # Export, then score what a grader would load: the file on disk, in a fresh model.
+    keep_fp32 = {name for name, _ in groups["scalar"]}
+    if d.is_main:
+        blob, stats = serialize(base_model.state_dict(), keep_fp32)
+        write_atomic(ARTIFACT_PATH, blob)
+        total = len(code_bytes) + len(blob)
+        log(f"serialized_model format:int8+zlib bytes:{len(blob)} payload_bytes:{stats['payload_bytes']} "
+            f"state_bytes:{stats['state_bytes']} payload_ratio:{stats['state_bytes'] / stats['payload_bytes']:.2f}x")
+        log(f"artifact code_bytes:{len(code_bytes)} model_bytes:{len(blob)} total_bytes:{total} "
+            f"cap_bytes:{CAP_BYTES} headroom_bytes:{CAP_BYTES - total} fits:{int(total <= CAP_BYTES)}")
+        log(f"Total submission size int8+zlib: {total} bytes")
+    d.barrier()
+    with open(ARTIFACT_PATH, "rb") as f:
+        state = deserialize(f.read())
+    eval_model = build_model(h, d)
+    eval_model.load_state_dict(state, strict=True)
+    if use_compile(h, d):
+        eval_model = torch.compile(eval_model, dynamic=False, fullgraph=True)
+    d.sync()
+    t0 = time.perf_counter()
+    r = eval_val(h, d, eval_model, val)
+    d.sync()
+    log(f"final_int8_zlib_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+        f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+
+
+def main():
+    try:
+        h = Hyperparameters.from_env()
+        if not h.run_id:
+            h.run_id = str(uuid.uuid4())
+        sp, train_files, val_files = check_inputs(h)
+        d = init_dist(h)
+    except ValueError as e:
+        sys.exit(f"train_gpt.py: error: {e}")
+    try:
+        run(h, d, sp, train_files, val_files)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
