@@ -336,7 +336,9 @@ class ByteLUTs:
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
     """Byte-fallback pieces count 1 byte each; every other piece counts the UTF-8 bytes of its text after
-    the leading '\u2581' (which becomes a separate, context-dependent space byte, see token_bytes)."""
+    the leading '\u2581' (which becomes a separate, context-dependent space byte, see token_bytes). A '\u2581'
+    inside a piece (tokenizers trained across whitespace) prints as one space and counts 1 byte; the official
+    tables count it as 3, the only place where these tables differ from them (no published tokenizer has one)."""
     n = max(sp.vocab_size(), vocab_size)
     base, space, boundary = np.zeros(n, np.int16), np.zeros(n, bool), np.ones(n, bool)
     for i in range(sp.vocab_size()):
@@ -349,7 +351,7 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs
         piece = sp.id_to_piece(i)
         if piece.startswith("\u2581"):
             space[i], piece = True, piece[1:]
-        base[i] = len(piece.encode("utf-8"))
+        base[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
     return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
@@ -394,6 +396,11 @@ def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[s
         sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     except (OSError, RuntimeError) as e:
         raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: not a loadable SentencePiece model ({e})") from None
+    space = sp.piece_to_id("\u2581")
+    if any(map(sp.is_byte, range(sp.vocab_size()))) and (space == sp.unk_id() or sp.is_unused(space)):
+        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: byte fallback without a usable lone '\u2581' piece "
+                         "spells unmergeable spaces as 3 byte pieces, which val_bpb would count as 3 bytes for "
+                         "1 byte of text; add the piece (data/audit_bytes.py shows the effect)")
     if sp.vocab_size() > h.vocab_size:
         raise ValueError(f"VOCAB_SIZE={h.vocab_size}: smaller than the vocabulary of {h.tokenizer_path} "
                          f"({sp.vocab_size()} pieces)")

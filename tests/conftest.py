@@ -1,0 +1,105 @@
+"""Shared test setup: the repository root and data/ on sys.path, paths to the bundled sample."""
+
+import json
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "data")]
+
+SAMPLE_JSONL = ROOT / "data" / "sample" / "fineweb_sample.jsonl"
+SP1024 = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"  # no byte fallback: unknown characters -> <unk>
+SP8192 = ROOT / "tests" / "fixtures" / "fineweb_8192_bpe.model"  # byte fallback
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    """The 400 bundled FineWeb documents; the first 100 are the sample's validation split."""
+    return [json.loads(line)["text"] for line in SAMPLE_JSONL.read_text(encoding="utf-8").splitlines()]
+
+# The grep contract of progress lines (spec section 4.10).
+STEP_LINE = re.compile(r"^step:\d+/\d+ (train_loss:\d+\.\d{4}|val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}) "
+                       r"train_time:\d+ms step_avg:\d+\.\d{2}ms$")
+
+# A tiny configuration that trains in seconds on CPU (environment form, for subprocess runs).
+TINY_ENV = dict(
+    NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="64",
+    TRAIN_BATCH_TOKENS="2048", VAL_BATCH_SIZE="16384", ITERATIONS="6", WARMUP_STEPS="1", WARMDOWN_ITERS="3",
+    VAL_LOSS_EVERY="3", TRAIN_LOG_EVERY="1", MAX_WALLCLOCK_SECONDS="0", DEVICE="cpu", SEED="1234",
+)
+
+
+def tiny_h(**overrides):
+    """Hyperparameters of TINY_ENV (plus overrides), built in-process."""
+    import train_gpt
+
+    h = train_gpt.Hyperparameters.from_env({k: v for k, v in TINY_ENV.items()})
+    for k, v in overrides.items():
+        setattr(h, k, v)
+    h.__post_init__()
+    return h
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory, sample_texts) -> Path:
+    """Shards of real text: 30 validation documents (from the sample's validation split) and 150
+    training documents, each [BOS] + tokens, with the bundled 1024-piece tokenizer."""
+    import numpy as np
+    import sentencepiece as spm
+    from build_shards import write_shard
+
+    sp = spm.SentencePieceProcessor(model_file=str(SP1024))
+    out = tmp_path_factory.mktemp("shards")
+
+    def encode(texts):
+        return np.concatenate([[sp.bos_id()] + sp.encode(t) for t in texts]).astype(np.uint16)
+
+    write_shard(out / "fineweb_val_000000.bin", encode(sample_texts[:30]))
+    write_shard(out / "fineweb_train_000000.bin", encode(sample_texts[100:175]))
+    write_shard(out / "fineweb_train_000001.bin", encode(sample_texts[175:250]))
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, rank, world_size, port, args, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        # plain pickle: torch's queue reducers would share memory that dies with this process
+        queue.put((rank, pickle.dumps(fn(rank, world_size, *args))))
+    except BaseException as e:
+        queue.put((rank, pickle.dumps(RuntimeError(f"rank {rank} failed: {e!r}"))))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args) -> list:
+    """Run fn(rank, world_size, *args) in world_size spawned processes joined by a gloo group; return the
+    per-rank results in rank order (fn must be a module-level function and its result picklable)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = {rank: pickle.loads(blob) for rank, blob in (queue.get(timeout=180) for _ in procs)}
+    for error in (r for r in results.values() if isinstance(r, RuntimeError)):
+        raise error
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [results[r] for r in range(world_size)]

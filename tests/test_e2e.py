@@ -1,0 +1,59 @@
+"""The script as users run it: `python3 train_gpt.py` and `torchrun --nproc_per_node=2` (gloo on CPU)."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SP1024, STEP_LINE, TINY_ENV
+
+SCRIPT = ROOT / "train_gpt.py"
+
+
+def run_script(cwd, shards, nproc=1, **env):
+    env = {**os.environ, **TINY_ENV, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(SP1024), "RUN_ID": "e2e", **env}
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    r = subprocess.run([*launcher, str(SCRIPT)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def field(text, line_start, key):
+    line = next(l for l in text.splitlines() if l.startswith(line_start))
+    return re.search(rf"\b{key}:(\S+)", line).group(1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sample_shards):
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    return (one, run_script(one, sample_shards)), (two, run_script(two, sample_shards, nproc=2))
+
+
+def test_single_process_run_reports_a_checked_artifact_and_score(runs):
+    (cwd, out), _ = runs
+    log = (cwd / "logs" / "e2e.txt").read_text()
+    assert log.startswith(SCRIPT.read_text())  # the exact source heads the log file, and only the file
+    assert "def main()" not in out and all(l in log for l in out.splitlines() if l != "logs/e2e.txt")
+    assert "world_size:1 grad_accum_steps:8" in out and "hparam num_layers:2" in out
+    assert int(field(out, "val_data", "tokens")) > 0 and int(field(out, "val_data", "bytes")) > 0
+    steps = [l for l in out.splitlines() if l.startswith("step:")]
+    assert len(steps) == 9 and all(STEP_LINE.match(l) for l in steps)
+    code, model, total = (int(field(out, "artifact", k)) for k in ("code_bytes", "model_bytes", "total_bytes"))
+    assert code == SCRIPT.stat().st_size and model == (cwd / "final_model.int8.ptz").stat().st_size
+    assert total == code + model and field(out, "artifact", "fits") == "1"
+    assert f"Total submission size int8+zlib: {total} bytes" in out
+    final = float(field(out, "final_int8_zlib_roundtrip_exact", "val_bpb"))
+    prequant = float(field(out, "step:6/6 val_loss", "val_bpb"))
+    assert math.isfinite(final) and abs(final - prequant) < 0.01  # int8 barely moves a tiny model
+
+
+def test_two_processes_match_one_process(runs):
+    (_, one), (cwd, two) = runs
+    assert "world_size:2 grad_accum_steps:4" in two and (cwd / "logs" / "e2e.txt").exists()
+    for line in ("step:6/6 val_loss", "final_int8_zlib_roundtrip_exact"):
+        a, b = float(field(one, line, "val_loss")), float(field(two, line, "val_loss"))
+        assert abs(a - b) <= 1e-5 * a  # same global batch; only float summation order differs
+    assert field(one, "val_data", "bytes") == field(two, "val_data", "bytes")

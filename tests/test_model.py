@@ -1,0 +1,123 @@
+"""The baseline GPT: shape and size, causality, the attention switch point, parameter routing, learning."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_h
+
+import train_gpt
+from train_gpt import GPT, Dist, Hyperparameters, Optimizers
+
+CPU = Dist(0, 1, 0, torch.device("cpu"))
+
+
+def randomized(model: GPT, seed: int = 0) -> GPT:
+    """Replace every parameter with noise: the zero-initialised projections would hide attention leaks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_baseline_size_matches_the_official_count():
+    model = GPT(Hyperparameters())
+    assert sum(p.numel() for p in model.parameters()) == 17_059_912  # spec section 4.4
+    assert model.skip_weights.shape == (4, 512) and model.lm_head is None
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_causality(tie):
+    torch.manual_seed(0)
+    model = randomized(GPT(tiny_h(num_layers=3, tie_embeddings=tie)))
+    x = torch.randint(0, 1024, (2, 32))
+    base = model.forward_logits(x)
+    for t in (0, 7, 31):
+        x2 = x.clone()
+        x2[:, t + 1 :] = torch.randint(0, 1024, x2[:, t + 1 :].shape)
+        x2[:, t] = x[:, t]
+        out = model.forward_logits(x2)
+        assert torch.equal(out[:, : t + 1], base[:, : t + 1])  # positions <= t see only tokens <= t
+        if t < 31:
+            assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])
+
+
+def test_gqa_attention_equals_repeated_kv_heads():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 16, 8, 32), torch.randn(2, 16, 2, 32), torch.randn(2, 16, 2, 32)
+    y = train_gpt.attention(q, k, v, use_fa3=False)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(4, 2).transpose(1, 2),
+                                         v.repeat_interleave(4, 2).transpose(1, 2), is_causal=True)
+    torch.testing.assert_close(y, ref.transpose(1, 2))
+
+
+def test_flash_attention_3_switch_point(monkeypatch):
+    """A stand-in with FA3's calling convention ((B, T, H, D) bf16 tensors, causal=True, GQA by head count,
+    returning (out, lse)) must give the model the same output as the SDPA path, up to bf16 rounding."""
+    calls = []
+
+    def fake_fa3(q, k, v, causal):
+        assert causal and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[:2] == k.shape[:2]
+        calls.append(q.shape)
+        group = q.size(2) // k.size(2)
+        out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().repeat_interleave(group, 2).transpose(1, 2),
+                                             v.float().repeat_interleave(group, 2).transpose(1, 2), is_causal=True)
+        return out.transpose(1, 2).bfloat16(), None
+
+    monkeypatch.setattr(train_gpt, "flash_attn_func", fake_fa3)
+    torch.manual_seed(0)
+    h = tiny_h(num_layers=2)
+    sdpa = randomized(GPT(h, use_fa3=False))
+    fa3 = GPT(h, use_fa3=True)
+    fa3.load_state_dict(sdpa.state_dict())
+    x = torch.randint(0, 1024, (2, 24))
+    torch.testing.assert_close(fa3.forward_logits(x), sdpa.forward_logits(x), atol=0.15, rtol=0.05)
+    assert calls == [(2, 24, 4, 16)] * 2
+
+
+def test_param_groups_cover_every_parameter_once():
+    for tie in (True, False):
+        model = GPT(tiny_h(tie_embeddings=tie))
+        groups = train_gpt.param_groups(model)
+        ids = [id(p) for members in groups.values() for _, p in members]
+        assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
+        names = {k: {n for n, _ in v} for k, v in groups.items()}
+        assert names["matrix"] == {f"blocks.{i}.{m}.weight" for i in range(2)
+                                   for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")}
+        assert names["embed"] == {"tok_emb.weight"} and names["head"] == (set() if tie else {"lm_head.weight"})
+        assert "skip_weights" in names["scalar"] and "blocks.0.resid_mix" in names["scalar"]
+
+
+def test_per_token_loss_matches_mean_loss():
+    torch.manual_seed(0)
+    model = randomized(GPT(tiny_h()))
+    x, y = torch.randint(0, 1024, (2, 16)), torch.randint(0, 1024, (2, 16))
+    per_token = model(x, y, reduction="none")
+    assert per_token.shape == (2, 16)
+    torch.testing.assert_close(per_token.mean(), model(x, y))
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    h = tiny_h(matrix_lr=0.05, scalar_lr=0.02, tied_embed_lr=0.05, muon_momentum_warmup_steps=0)
+    model = GPT(h)
+    opt = Optimizers(h, model, CPU)
+    x = torch.randint(0, 1024, (4, 64))
+    y = torch.roll(x, -1, dims=1)
+    first = model(x, y).item()
+    for _ in range(150):
+        loss = model(x, y)
+        loss.backward()
+        opt.step(1.0, h.muon_momentum)
+        opt.zero_grad()
+    assert first > 6.5 and loss.item() < 0.2
+
+
+def test_compiled_model_has_no_graph_breaks_and_matches_eager():
+    """The CUDA path compiles with fullgraph=True; inductor on CPU checks the same graph capture."""
+    torch.manual_seed(0)
+    model = randomized(GPT(tiny_h(num_layers=2)))
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    x, y = torch.randint(0, 1024, (2, 16)), torch.randint(0, 1024, (2, 16))
+    torch.testing.assert_close(compiled(x, y), model(x, y), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(x, y, reduction="none"), model(x, y, reduction="none"), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,74 @@
+"""The training loop in-process: determinism, the compile warm-up restore, the wall-clock cap, and an
+evaluation that scores every validation token exactly once on any number of ranks."""
+
+import math
+
+import torch
+from conftest import SP1024, STEP_LINE, run_distributed, tiny_h
+
+import train_gpt
+from train_gpt import Dist
+
+CPU = Dist(0, 1, 0, torch.device("cpu"))
+
+
+def _setup(shards, d=CPU, **overrides):
+    h = tiny_h(data_path=str(shards), tokenizer_path=str(SP1024), **overrides)
+    sp, train_files, val_files = train_gpt.check_inputs(h)
+    torch.manual_seed(h.seed)
+    return h, train_gpt.GPT(h), train_files, train_gpt.load_validation(h, sp, val_files, d.device)
+
+
+def _train(shards, **overrides):
+    h, model, train_files, val = _setup(shards, **overrides)
+    lines = []
+    result = train_gpt.train(h, CPU, model, train_files, val, lines.append)
+    return result, lines, model
+
+
+def test_same_seed_same_run_and_warmup_is_undone(sample_shards):
+    a, lines, model = _train(sample_shards, warmup_steps=0)
+    b, _, _ = _train(sample_shards, warmup_steps=0)
+    c, warm_lines, _ = _train(sample_shards, warmup_steps=3)
+    assert a.final.val_loss == b.final.val_loss  # bit-identical
+    # three real optimizer steps ran and were rolled back: weights, optimizer state and data position
+    assert [l for l in warm_lines if l.startswith("warmup_step")] == ["warmup_step:1/3", "warmup_step:2/3",
+                                                                    "warmup_step:3/3"]
+    assert c.final.val_loss == a.final.val_loss
+    d, _, _ = _train(sample_shards, warmup_steps=0, seed=99)
+    assert d.final.val_loss != a.final.val_loss
+    assert a.steps == 6 and a.final.val_loss < math.log(1024)  # it learned something
+
+
+def test_log_lines(sample_shards):
+    result, lines, _ = _train(sample_shards)
+    train_lines = [l for l in lines if "train_loss" in l]
+    val_lines = [l for l in lines if "val_loss" in l]
+    assert [l.split()[0] for l in train_lines] == [f"step:{i}/6" for i in range(1, 7)]
+    assert [l.split()[0] for l in val_lines] == ["step:0/6", "step:3/6", "step:6/6"]
+    assert all(STEP_LINE.match(l) for l in train_lines + val_lines)
+
+
+def test_wallclock_cap_stops_training(sample_shards):
+    result, lines, _ = _train(sample_shards, iterations=10_000, max_wallclock_seconds=0.5, warmup_steps=0)
+    stop = [l for l in lines if l.startswith("stopping_early: wallclock_cap")]
+    assert len(stop) == 1 and result.steps < 10_000 and result.train_ms >= 500
+    assert lines[-1].startswith(f"step:{result.steps}/10000 val_loss:")
+    assert f"step:{result.steps}/10000" in stop[0]
+
+
+def _eval_rank(rank, world_size, shards):
+    d = Dist(rank, world_size, 0, torch.device("cpu"))
+    h, model, _, val = _setup(shards, d)
+    r = train_gpt.eval_val(h, d, model, val)
+    return r.val_loss, r.val_bpb, r.tokens, r.bytes, val.num_targets, val.byte_count
+
+
+def test_eval_scores_every_token_once_on_one_and_two_ranks(sample_shards):
+    one = _eval_rank(0, 1, sample_shards)
+    loss, bpb, tokens, nbytes, num_targets, byte_count = one
+    assert tokens == num_targets and nbytes == byte_count
+    assert bpb == loss / math.log(2) * tokens / nbytes
+    for two in run_distributed(_eval_rank, 2, sample_shards):
+        assert two[2:] == one[2:]  # the same tokens and bytes, split across ranks
+        assert math.isclose(two[0], loss, rel_tol=1e-6) and math.isclose(two[1], bpb, rel_tol=1e-6)
