@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -61,7 +62,8 @@ ARTIFACT_PATH = "final_model.int8.ptz"
 @dataclass
 class Hyperparameters:
     """Every knob of a run. The environment variable is the field name upper-cased; the default's type
-    decides the parsing (bools are 0/1). Defaults reproduce the official baseline."""
+    decides the parsing (bools are 0/1). Defaults are the best legal seed-era record (PR #1019, spec section
+    13.6); README.md gives the settings that reproduce the official baseline."""
 
     # data and run
     data_path: str = "./data/datasets/fineweb10B_sp1024"
@@ -70,45 +72,59 @@ class Hyperparameters:
     seed: int = 1337
     # validation and logging
     val_batch_size: int = 524_288  # tokens per validation batch, all ranks together
-    val_loss_every: int = 1000  # validate every N steps (and at step 0); 0 = only after training
-    train_log_every: int = 200  # log train_loss every N steps (and steps 1-10 and the last); 0 = never
+    val_loss_every: int = 4000  # validate every N steps (and at step 0); 0 = only after training
+    train_log_every: int = 500  # log train_loss every N steps (and steps 1-10 and the last); 0 = never
     # length and batch
     iterations: int = 20_000
-    warmdown_iters: int = 1200  # linear LR warmdown over about the last N steps (wall-clock predicted)
+    warmdown_iters: int = 4000  # linear LR warmdown over about the last N steps (wall-clock predicted)
     warmup_steps: int = 20  # compile warm-up steps, run and then undone; not counted in train_time
-    train_batch_tokens: int = 524_288  # tokens per optimizer step, all ranks together
-    train_seq_len: int = 1024
+    train_batch_tokens: int = 786_432  # tokens per optimizer step, all ranks together
+    train_seq_len: int = 2048
     max_wallclock_seconds: float = 600.0  # training-time cap; 0 = none
     # model shape
     vocab_size: int = 1024
-    num_layers: int = 9
+    num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: float = 2.0  # MLP hidden = int(mlp_mult * model_dim)
+    mlp_mult: float = 3.0  # MLP hidden = int(mlp_mult * model_dim)
+    mlp_act: str = "leaky_relu2"  # relu2 = relu(x)^2 | leaky_relu2 = leaky_relu(x, 0.5)^2
     tie_embeddings: bool = True
     rope_base: float = 10000.0
+    rope_dims: int = 16  # rotated dims per head (partial RoPE); 0 = all
+    rope_ntk_len: int = 1024  # NTK base scaling for TRAIN_SEQ_LEN above this length; 0 = none
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    # seed-stack techniques
+    unet_skips: bool = True  # encoder-half outputs added to the decoder half with learned weights
+    smear_gate: bool = True  # blend the previous position's embedding in (never across a BOS)
+    bigram_vocab_size: int = 3072  # buckets of the hashed (previous, current) token embedding; 0 = off
+    bigram_dim: int = 112
+    xsa_last_n: int = -1  # exclusive self-attention on the last N layers; -1 = all, 0 = off
+    ln_scale: bool = True  # scale the block's normed inputs by 1/sqrt(layer + 1)
+    ve_enabled: bool = True  # shared value embedding added to c_v's output on VE_LAYERS
+    ve_dim: int = 128
+    ve_layers: str = "9,10"  # comma-separated layer indices
+    ortho_init: bool = True  # orthogonal init of the matrices, projections into the stream scaled 1/sqrt(2L)
     # learning rates
-    embed_lr: float = 0.6  # untied input embedding
+    embed_lr: float = 0.6  # untied input embedding (and the bigram and value embedding tables)
     head_lr: float = 0.008  # untied output head
-    tied_embed_lr: float = 0.05
-    matrix_lr: float = 0.04  # Muon
-    scalar_lr: float = 0.04  # control tensors and skip weights
+    tied_embed_lr: float = 0.035  # tied embedding and the bigram and value embedding tables
+    matrix_lr: float = 0.025  # Muon
+    scalar_lr: float = 0.025  # control tensors, gates, skip weights, the bigram and value-embedding projections
     # Muon
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.99
     muon_backend_steps: int = 5
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
-    muon_wd: float = 0.0  # decoupled: p <- p * (1 - lr * wd) before the update
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_wd: float = 0.04  # decoupled: p <- p * (1 - lr * wd) before the update
     # AdamW and clipping
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    adam_wd: float = 0.0
-    grad_clip_norm: float = 0.0  # global L2 norm; 0 = off
+    adam_wd: float = 0.04
+    grad_clip_norm: float = 0.3  # global L2 norm; 0 = off
     # system
     device: str = "auto"  # auto | cpu | cuda
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
@@ -145,6 +161,19 @@ class Hyperparameters:
             ("ADAM_EPS", self.adam_eps > 0, "must be > 0"),
             ("DEVICE", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
             ("COMPILE", self.compile in ("auto", "0", "1"), "must be auto, 0 or 1"),
+            ("MLP_ACT", self.mlp_act in MLP_ACTIVATIONS, f"must be one of {', '.join(MLP_ACTIVATIONS)}"),
+            ("ROPE_DIMS", self.rope_dims == 0 or (self.rope_dims % 2 == 0 and 2 <= self.rope_dims <= hd),
+             f"must be 0 (all) or even and in [2, head dimension {hd}]"),
+            ("ROPE_NTK_LEN", self.rope_ntk_len >= 0 and (self.rope_ntk_len == 0 or (self.rope_dims or hd) > 2),
+             "must be >= 0, and needs more than 2 rotated dims"),
+            ("BIGRAM_VOCAB_SIZE", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2,
+             "must be 0 (off) or >= 2 (one bucket is reserved)"),
+            ("BIGRAM_DIM", self.bigram_dim >= 1, "must be >= 1"),
+            ("XSA_LAST_N", -1 <= self.xsa_last_n <= self.num_layers, f"must be -1 (all), 0 (off) or at most "
+             f"NUM_LAYERS={self.num_layers}"),
+            ("VE_DIM", self.ve_dim >= 1, "must be >= 1"),
+            ("VE_LAYERS", not self.ve_enabled or _layer_list(self.ve_layers, self.num_layers) is not None,
+             f"must be distinct comma-separated layer indices below NUM_LAYERS={self.num_layers}"),
         ]
         rules += [(n.upper(), getattr(self, n) >= 0, "must be >= 0") for n in (
             "iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
@@ -155,6 +184,36 @@ class Hyperparameters:
         for name, ok, what in rules:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name.lower())!r}: {what}")
+
+
+MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
+
+
+def _layer_list(text: str, num_layers: int) -> list[int] | None:
+    """'9,10' -> [9, 10]; None unless the indices are distinct, in range and at least one."""
+    try:
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        return None
+    ok = layers and len(set(layers)) == len(layers) and all(0 <= i < num_layers for i in layers)
+    return layers if ok else None
+
+
+def rope_layout(h: Hyperparameters) -> tuple[int, float]:
+    """(rotated dims per head, RoPE base). The base is fixed by the configuration, not by the length a forward
+    pass happens to see (the records' pitfall, spec section 16.8): NTK scaling multiplies it by
+    (TRAIN_SEQ_LEN / ROPE_NTK_LEN)^(rd / (rd - 2)) when TRAIN_SEQ_LEN exceeds ROPE_NTK_LEN."""
+    rd, T = h.rope_dims or h.model_dim // h.num_heads, h.train_seq_len
+    return rd, h.rope_base * ((T / h.rope_ntk_len) ** (rd / (rd - 2)) if 0 < h.rope_ntk_len < T else 1.0)
+
+
+def xsa_layers(h: Hyperparameters) -> list[int]:
+    n = h.num_layers if h.xsa_last_n == -1 else h.xsa_last_n
+    return list(range(h.num_layers - n, h.num_layers))
+
+
+def value_embed_layers(h: Hyperparameters) -> list[int]:
+    return _layer_list(h.ve_layers, h.num_layers) if h.ve_enabled else []
 
 
 def _parse_knob(name: str, raw: str, default):
@@ -396,6 +455,9 @@ def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[s
         sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     except (OSError, RuntimeError) as e:
         raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: not a loadable SentencePiece model ({e})") from None
+    if sp.bos_id() < 0:
+        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: the tokenizer has no BOS piece, which starts every "
+                         "document in the shards and stops the SmearGate at document boundaries")
     space = sp.piece_to_id("\u2581")
     if any(map(sp.is_byte, range(sp.vocab_size()))) and (space == sp.unk_id() or sp.is_unused(space)):
         raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: byte fallback without a usable lone '\u2581' piece "
@@ -429,9 +491,11 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split RoPE on (B, T, H, D): pairs (i, i + D/2) rotate by angle t * base^(-2i/D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    """Half-split RoPE on the first rd = 2 * cos.size(-1) dims of (B, T, H, D): pairs (i, i + rd/2) rotate by
+    angle t * base^(-2i/rd); dims rd..D-1 pass through untouched (partial RoPE)."""
+    rd = 2 * cos.size(-1)
+    x1, x2, rest = x[..., : rd // 2], x[..., rd // 2 : rd], x[..., rd:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, use_fa3: bool) -> Tensor:
@@ -446,17 +510,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, use_fa3: bool) -> Tensor:
     return y.transpose(1, 2)
 
 
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (arXiv 2603.09078): remove from each head's output y_t (B, T, H, D) its component along the unit
+    value vector v_t (B, T, Hkv, D) of the same position in its KV group, so attention carries only what is
+    orthogonal to the token itself. GQA by broadcasting over a free (Hkv, H/Hkv) view, without repeating v."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    n = F.normalize(v, dim=-1).unsqueeze(3).to(y.dtype)
+    return (y - (y * n).sum(-1, keepdim=True) * n).view(B, T, H, D)
+
+
 def zero_init_linear(fan_in: int, fan_out: int) -> nn.Linear:
     layer = nn.Linear(fan_in, fan_out, bias=False)
     nn.init.zeros_(layer.weight)
+    layer.zero_init = True  # read by init_orthogonal, which must leave it at zero
     return layer
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, h: Hyperparameters, use_fa3: bool):
+    def __init__(self, h: Hyperparameters, use_fa3: bool, xsa: bool):
         super().__init__()
         dim, self.num_heads, self.num_kv_heads = h.model_dim, h.num_heads, h.num_kv_heads
-        self.head_dim, self.use_fa3 = dim // h.num_heads, use_fa3
+        self.head_dim, self.use_fa3, self.xsa = dim // h.num_heads, use_fa3, xsa
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = nn.Linear(dim, dim, bias=False)
         self.c_k = nn.Linear(dim, kv_dim, bias=False)
@@ -464,14 +539,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = zero_init_linear(dim, dim)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        v = (v if ve is None else v + ve.to(v.dtype)).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)  # QK-norm, then RoPE
         q = q * self.q_gain.to(q.dtype)[:, None]
-        return self.proj(attention(q, k, v, self.use_fa3).reshape(B, T, -1))
+        y = attention(q, k, v, self.use_fa3)
+        if self.xsa:
+            y = exclude_self_value(y, v)
+        return self.proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -480,57 +559,132 @@ class MLP(nn.Module):
         hidden = int(h.mlp_mult * h.model_dim)
         self.fc = nn.Linear(h.model_dim, hidden, bias=False)
         self.proj = zero_init_linear(hidden, h.model_dim)
+        self.negative_slope = 0.5 if h.mlp_act == "leaky_relu2" else 0.0  # leaky: no dead units (0.25 x^2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
 
 
 class Block(nn.Module):
     """Pre-norm block with per-channel control tensors: resid_mix blends the stream with the embedding x0,
-    attn_scale and mlp_scale weigh the two residual branches."""
+    attn_scale and mlp_scale weigh the two residual branches; ln_scale (a constant) damps the normed inputs
+    of deeper layers."""
 
-    def __init__(self, h: Hyperparameters, use_fa3: bool):
+    def __init__(self, h: Hyperparameters, layer: int, use_fa3: bool):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(h, use_fa3), MLP(h)
+        self.attn = CausalSelfAttention(h, use_fa3, xsa=layer in xsa_layers(h))
+        self.mlp = MLP(h)
+        self.ln_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, cos, sin, ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+
+
+def bigram_hash(ids: Tensor, buckets: int) -> Tensor:
+    """Bucket of each (previous, current) token pair, per sequence row (spec section 6.7): position 0 has no
+    previous token and gets the reserved bucket buckets-1; position i >= 1 gets
+    ((36313 * t_i) XOR (27191 * t_{i-1})) mod (buckets - 1). Computed in int64, which equals the records' int32
+    arithmetic wherever that does not overflow (every vocabulary up to 59,139 ids)."""
+    t = ids.long()
+    pairs = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (buckets - 1)
+    return torch.cat((torch.full_like(t[:, :1], buckets - 1), pairs), dim=1)
+
+
+class BigramHash(nn.Module):
+    """Hashed bigram embedding, projected to the model width and added to the token embedding. The table
+    starts at zero; the projection must not (a zero table behind a zero projection never gets a gradient)."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.buckets = h.bigram_vocab_size
+        self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = nn.Linear(h.bigram_dim, h.model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.proj(self.embed(bigram_hash(ids, self.buckets))) * self.scale.to(self.proj.weight.dtype)
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) * x_t + g * x_{t-1} with a learned per-channel g = sigmoid(gate) (0.5 at init) and
+    x_{-1} = 0. g is 0 where the current token is BOS, so nothing of one document leaks into the next."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.gate, self.bos_id = nn.Parameter(torch.zeros(dim)), bos_id
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype)) * (ids != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class ValueEmbedding(nn.Module):
+    """A token embedding shared by the VE layers, projected to the KV width and added to c_v's output."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.embed = nn.Embedding(h.vocab_size, h.ve_dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = nn.Linear(h.ve_dim, h.num_kv_heads * (h.model_dim // h.num_heads), bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.proj(self.embed(ids)) * self.scale.to(self.proj.weight.dtype)
 
 
 class GPT(nn.Module):
-    """The baseline GPT: tied embeddings, RMSNorm, GQA attention with RoPE, ReLU^2 MLP, U-Net skips from the
-    first half of the blocks to the second (LIFO, learned per-channel weights), tanh logit softcap."""
+    """GPT with tied embeddings, RMSNorm, GQA attention with (partial) RoPE, a relu^2 or leaky-relu^2 MLP and a
+    tanh logit softcap, plus the seed-stack techniques, each switched by its knob: U-Net skips from the first
+    half of the blocks to the second (LIFO, learned per-channel weights), BigramHash and SmearGate on the
+    input, value embeddings, XSA and LN scale in the blocks, orthogonal init."""
 
-    def __init__(self, h: Hyperparameters, use_fa3: bool = False):
+    def __init__(self, h: Hyperparameters, bos_id: int = 1, use_fa3: bool = False):
         super().__init__()
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         if h.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(h, use_fa3) for _ in range(h.num_layers))
-        self.num_encoder = h.num_layers // 2
+        self.bigram = BigramHash(h) if h.bigram_vocab_size else None
+        self.smear = SmearGate(h.model_dim, bos_id) if h.smear_gate else None
+        self.blocks = nn.ModuleList(Block(h, i, use_fa3) for i in range(h.num_layers))
+        self.num_encoder = h.num_layers // 2 if h.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, h.num_layers - self.num_encoder),
-                                                    h.model_dim))
+                                                    h.model_dim)) if h.unet_skips else None
+        ve_layers = value_embed_layers(h)
+        self.ve_shared = ValueEmbedding(h) if ve_layers else None
+        self.ve_layer_scales = nn.Parameter(torch.ones(len(ve_layers))) if ve_layers else None
+        self.ve_index = {layer: k for k, layer in enumerate(ve_layers)}
         self.lm_head = None if h.tie_embeddings else zero_init_linear(h.model_dim, h.vocab_size)
-        head_dim = h.model_dim // h.num_heads
-        inv_freq = h.rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        rd, base = rope_layout(h)
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, rd, 2, dtype=torch.float32) / rd),
+                             persistent=False)
+        if h.ortho_init:
+            init_orthogonal(self, h.num_layers)
 
     def forward_logits(self, input_ids: Tensor) -> Tensor:
-        x = x0 = rms_norm(self.tok_emb(input_ids))
+        e = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            e = e + self.bigram(input_ids).to(e.dtype)
+        x = rms_norm(e)
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
+        x0 = x
+        ve = self.ve_shared(input_ids) if self.ve_shared is not None else None
         angles = torch.outer(torch.arange(input_ids.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
         cos, sin = (f(angles)[None, :, None, :].to(x.dtype) for f in (torch.cos, torch.sin))
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0, cos, sin)
+            k = self.ve_index.get(i)
+            x = block(x, x0, cos, sin, None if k is None else ve * self.ve_layer_scales[k].to(ve.dtype))
             if i < self.num_encoder:
                 skips.append(x)
         x = rms_norm(x)
@@ -544,10 +698,24 @@ class GPT(nn.Module):
         return loss if reduction == "mean" else loss.view_as(target_ids)
 
 
+def init_orthogonal(model: GPT, num_layers: int):
+    """Orthogonal init (gain 1) of every Linear whose both dims are >= 64, except the zero-initialised ones
+    (the blocks' output projections, an untied head); the projections that write into the residual stream
+    from outside the blocks (bigram and value-embedding .proj) are further scaled by 1/sqrt(2L), the
+    non-banked records' rule (spec section 6.5)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and not getattr(m, "zero_init", False) and min(m.weight.shape) >= 64:
+            nn.init.orthogonal_(m.weight)
+            if name.endswith(".proj"):
+                with torch.no_grad():
+                    m.weight.mul_((2 * num_layers) ** -0.5)
+
+
 def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Route parameters by structure rather than by name, so a new parameter cannot be missed: 'matrix' =
-    weights of the Linear layers inside blocks (Muon); 'embed' = embedding tables; 'head' = an untied output
-    head; 'scalar' = everything else (control tensors, q_gain, skip weights; kept fp32 in the artifact)."""
+    weights of the Linear layers inside blocks (Muon); 'embed' = embedding tables (token, bigram, value);
+    'head' = an untied output head; 'scalar' = everything else (control tensors, gains, gates, skip weights,
+    the bigram and value-embedding projections), as in the records' scalar AdamW group."""
     groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
         owner = model.get_submodule(name.rpartition(".")[0])
@@ -848,8 +1016,19 @@ def use_compile(h: Hyperparameters, d: Dist) -> bool:
     return h.compile == "1" or (h.compile == "auto" and d.cuda)
 
 
-def build_model(h: Hyperparameters, d: Dist) -> GPT:
-    return GPT(h, use_fa3=flash_attn_func is not None and d.cuda).to(d.device)
+def build_model(h: Hyperparameters, d: Dist, bos_id: int) -> GPT:
+    return GPT(h, bos_id, use_fa3=flash_attn_func is not None and d.cuda).to(d.device)
+
+
+def describe_features(h: Hyperparameters) -> str:
+    rd, base = rope_layout(h)
+    xsa, ve = xsa_layers(h), value_embed_layers(h)
+    return (f"features unet_skips:{int(h.unet_skips)} smear_gate:{int(h.smear_gate)} "
+            f"bigram:{f'{h.bigram_vocab_size}x{h.bigram_dim}' if h.bigram_vocab_size else 'off'} "
+            f"xsa_layers:{','.join(map(str, xsa)) or 'none'} rope_dims:{rd}/{h.model_dim // h.num_heads} "
+            f"rope_base:{base:.1f} ln_scale:{int(h.ln_scale)} "
+            f"value_embed:{f'{h.ve_dim}@' + ','.join(map(str, ve)) if ve else 'off'} "
+            f"mlp:{h.mlp_act}x{h.mlp_mult} ortho_init:{int(h.ortho_init)}")
 
 
 @dataclass
@@ -961,10 +1140,11 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{len(train_files)}")
     log(f"val_data tokens:{val.num_targets} bytes:{val.byte_count} shards:{len(val_files)}")
 
-    base_model = build_model(h, d)
+    base_model = build_model(h, d, sp.bos_id())
     groups = param_groups(base_model)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} " +
         " ".join(f"{k}:{sum(p.numel() for _, p in v)}" for k, v in groups.items()))
+    log(describe_features(h))
     log(f"world_size:{d.world_size} grad_accum_steps:{d.grad_accum_steps}")
     log(f"device:{d.device} compile:{int(use_compile(h, d))} autocast:{'bf16' if d.cuda else 'off'} "
         f"attention:{'fa3' if base_model.blocks[0].attn.use_fa3 else 'sdpa'}")
@@ -974,6 +1154,8 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     if d.cuda:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    else:  # the whole process's peak resident set (Linux reports KiB)
+        log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
     # Export, then score what a grader would load: the file on disk, in a fresh model.
     keep_fp32 = {name for name, _ in groups["scalar"]}
@@ -989,7 +1171,7 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     d.barrier()
     with open(ARTIFACT_PATH, "rb") as f:
         state = deserialize(f.read())
-    eval_model = build_model(h, d)
+    eval_model = build_model(h, d, sp.bos_id())
     eval_model.load_state_dict(state, strict=True)
     if use_compile(h, d):
         eval_model = torch.compile(eval_model, dynamic=False, fullgraph=True)

@@ -30,7 +30,18 @@ TINY_ENV = dict(
     NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="64",
     TRAIN_BATCH_TOKENS="2048", VAL_BATCH_SIZE="16384", ITERATIONS="6", WARMUP_STEPS="1", WARMDOWN_ITERS="3",
     VAL_LOSS_EVERY="3", TRAIN_LOG_EVERY="1", MAX_WALLCLOCK_SECONDS="0", DEVICE="cpu", SEED="1234",
+    # every seed-stack technique stays on, at a tiny size: partial RoPE, value embeddings on the last layer
+    ROPE_DIMS="8", VE_LAYERS="1", BIGRAM_VOCAB_SIZE="256", BIGRAM_DIM="32", VE_DIM="32",
 )
+
+
+def _readme_env(marker: str) -> dict[str, str]:
+    block = re.search(rf"<!-- {marker} -->\s*```bash\n(.+?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return dict(re.findall(r"\b([A-Z0-9_]+)=(\S+)", block.group(1)))
+
+
+# The official baseline's settings, as the README documents them.
+BASELINE_ENV = _readme_env("baseline-env")
 
 
 def tiny_h(**overrides):

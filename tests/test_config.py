@@ -19,6 +19,7 @@ def test_env_parsing_casts_by_default_type():
                                   "MAX_WALLCLOCK_SECONDS": "560", "RUN_ID": "abc"})
     assert (h.num_layers, h.mlp_mult, h.tie_embeddings, h.max_wallclock_seconds, h.run_id) == (11, 3.5, False, 560.0, "abc")
     assert Hyperparameters.from_env({}) == Hyperparameters()
+    assert Hyperparameters.from_env({"NUM_LAYERS": "9", "VE_ENABLED": "0"}).ve_layers == "9,10"  # unused: no error
 
 
 @pytest.mark.parametrize("env, var", [
@@ -36,6 +37,16 @@ def test_env_parsing_casts_by_default_type():
     ({"MATRIX_LR": "-0.1"}, "MATRIX_LR"),
     ({"DEVICE": "tpu"}, "DEVICE"),
     ({"COMPILE": "yes"}, "COMPILE"),
+    ({"MLP_ACT": "gelu"}, "MLP_ACT"),
+    ({"ROPE_DIMS": "15"}, "ROPE_DIMS"),  # rotates pairs
+    ({"ROPE_DIMS": "128"}, "ROPE_DIMS"),  # more than the 64 head dims
+    ({"ROPE_DIMS": "2"}, "ROPE_NTK_LEN"),  # the NTK exponent rd / (rd - 2) needs rd > 2
+    ({"BIGRAM_VOCAB_SIZE": "1"}, "BIGRAM_VOCAB_SIZE"),
+    ({"XSA_LAST_N": "12"}, "XSA_LAST_N"),
+    ({"XSA_LAST_N": "-2"}, "XSA_LAST_N"),
+    ({"NUM_LAYERS": "9"}, "VE_LAYERS"),  # the default layers 9,10 do not exist in a 9-layer model
+    ({"VE_LAYERS": "3,3"}, "VE_LAYERS"),
+    ({"VE_LAYERS": "a"}, "VE_LAYERS"),
 ])
 def test_invalid_values_are_rejected_naming_the_variable(env, var):
     with pytest.raises(ValueError, match=rf"^{var}="):
@@ -85,6 +96,14 @@ def test_tokenizer_that_would_overcount_spaces_is_refused(tmp_path, sample_shard
     with pytest.raises(ValueError, match="^TOKENIZER_PATH=.*byte fallback without a usable lone"):
         train_gpt.check_inputs(h)
     train_gpt.check_inputs(tiny_h(data_path=str(sample_shards), tokenizer_path=str(SP8192), vocab_size=8192))
+
+
+def test_tokenizer_without_bos_is_refused(tmp_path, sample_shards, sample_texts):
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sample_texts[100:120]), model_prefix=str(tmp_path / "nobos"),
+                                   vocab_size=300, bos_id=-1, minloglevel=2)
+    h = tiny_h(data_path=str(sample_shards), tokenizer_path=str(tmp_path / "nobos.model"))
+    with pytest.raises(ValueError, match="^TOKENIZER_PATH=.*no BOS piece"):
+        train_gpt.check_inputs(h)
 
 
 def test_bad_config_fails_fast_with_one_line_and_no_run(tmp_path, sample_shards):

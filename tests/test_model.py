@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_h
+from conftest import BASELINE_ENV, tiny_h
 
 import train_gpt
 from train_gpt import GPT, Dist, Hyperparameters, Optimizers
@@ -20,10 +20,12 @@ def randomized(model: GPT, seed: int = 0) -> GPT:
     return model
 
 
-def test_baseline_size_matches_the_official_count():
-    model = GPT(Hyperparameters())
-    assert sum(p.numel() for p in model.parameters()) == 17_059_912  # spec section 4.4
-    assert model.skip_weights.shape == (4, 512) and model.lm_head is None
+def test_sizes_match_the_official_counts():
+    baseline = GPT(Hyperparameters.from_env(BASELINE_ENV))
+    assert sum(p.numel() for p in baseline.parameters()) == 17_059_912  # spec section 4.4
+    assert baseline.skip_weights.shape == (4, 512) and baseline.lm_head is None
+    record = GPT(Hyperparameters())
+    assert sum(p.numel() for p in record.parameters()) == 27_067_484  # PR #1019's model_params (section 13.6)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -75,17 +77,29 @@ def test_flash_attention_3_switch_point(monkeypatch):
     assert calls == [(2, 24, 4, 16)] * 2
 
 
-def test_param_groups_cover_every_parameter_once():
-    for tie in (True, False):
-        model = GPT(tiny_h(tie_embeddings=tie))
-        groups = train_gpt.param_groups(model)
-        ids = [id(p) for members in groups.values() for _, p in members]
-        assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
-        names = {k: {n for n, _ in v} for k, v in groups.items()}
-        assert names["matrix"] == {f"blocks.{i}.{m}.weight" for i in range(2)
-                                   for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")}
-        assert names["embed"] == {"tok_emb.weight"} and names["head"] == (set() if tie else {"lm_head.weight"})
-        assert "skip_weights" in names["scalar"] and "blocks.0.resid_mix" in names["scalar"]
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("env", ["tiny", "baseline"])
+def test_param_groups_cover_every_parameter_once(tie, env):
+    h = tiny_h(tie_embeddings=tie) if env == "tiny" else Hyperparameters.from_env(
+        {**BASELINE_ENV, "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+         "TIE_EMBEDDINGS": str(int(tie))})
+    model = GPT(h)
+    groups = train_gpt.param_groups(model)
+    ids = [id(p) for members in groups.values() for _, p in members]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
+    names = {k: {n for n, _ in v} for k, v in groups.items()}
+    assert names["matrix"] == {f"blocks.{i}.{m}.weight" for i in range(2)
+                               for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert names["head"] == (set() if tie else {"lm_head.weight"})
+    extras = {"bigram.proj.weight", "bigram.scale", "smear.gate", "ve_shared.proj.weight", "ve_shared.scale",
+              "ve_layer_scales"}
+    controls = {"skip_weights"} | {f"blocks.{i}.{n}" for i in range(2)
+                                   for n in ("attn_scale", "mlp_scale", "resid_mix", "attn.q_gain")}
+    if env == "tiny":  # the record's routing (spec 13.6): tables with the embedding, the rest scalar AdamW
+        assert names["embed"] == {"tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"}
+        assert names["scalar"] == controls | extras
+    else:
+        assert names["embed"] == {"tok_emb.weight"} and names["scalar"] == controls
 
 
 def test_per_token_loss_matches_mean_loss():

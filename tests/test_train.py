@@ -68,7 +68,7 @@ def test_eval_scores_every_token_once_on_one_and_two_ranks(sample_shards):
     one = _eval_rank(0, 1, sample_shards)
     loss, bpb, tokens, nbytes, num_targets, byte_count = one
     assert tokens == num_targets and nbytes == byte_count
-    assert bpb == loss / math.log(2) * tokens / nbytes
+    assert math.isclose(bpb, loss / math.log(2) * tokens / nbytes, rel_tol=1e-12)
     for two in run_distributed(_eval_rank, 2, sample_shards):
         assert two[2:] == one[2:]  # the same tokens and bytes, split across ranks
         assert math.isclose(two[0], loss, rel_tol=1e-6) and math.isclose(two[1], bpb, rel_tol=1e-6)

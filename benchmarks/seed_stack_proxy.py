@@ -1,0 +1,92 @@
+"""CPU proxy comparison of the official baseline and the seed stack at the same tiny width and depth.
+
+    python3 benchmarks/seed_stack_proxy.py [--steps 300] [--seeds 1337]
+
+Each configuration trains train_gpt.py on the bundled sample (built once into data/datasets/sample_sp1024) for
+the same number of steps of the same tokens (4 layers, d=128, 4 heads / 2 KV heads, sequence 256, 8,192 tokens
+a step), and the script prints pre-quantization val_bpb (the last validation before export), training tokens
+per second and the process's peak resident memory. The schedules are scaled to the proxy's length with the
+fractions the records used: the baseline's warmdown is 1200 of its 13,780 steps and its momentum warm-up 500;
+the seed stack's are 4000 and 1500 of about 6,920. Rows:
+  baseline        the README's baseline settings (model and optimizer)
+  baseline+recipe the baseline model trained with the seed stack's optimizer recipe
+  seed stack      the defaults (VE on the last two layers, as 9,10 of 11)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "data"))
+import build_shards  # noqa: E402
+
+DATA = ROOT / "data" / "datasets" / "sample_sp1024"
+TOKENIZER = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"
+SHAPE = dict(NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="256",
+             TRAIN_BATCH_TOKENS="8192", VAL_BATCH_SIZE="65536", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50",
+             WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", DEVICE="cpu")
+MODEL_KNOBS = ("MLP_MULT", "MLP_ACT", "ROPE_DIMS", "ROPE_NTK_LEN", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE",
+               "XSA_LAST_N", "LN_SCALE", "VE_ENABLED", "ORTHO_INIT")
+
+
+def baseline_env() -> dict[str, str]:
+    """The baseline settings exactly as README.md documents them (one source for docs, tests and this)."""
+    block = re.search(r"<!-- baseline-env -->\s*```bash\n(.+?)```", (ROOT / "README.md").read_text(), re.S)
+    return dict(re.findall(r"\b([A-Z0-9_]+)=(\S+)", block.group(1)))
+
+
+def configs(steps: int) -> dict[str, dict[str, str]]:
+    def scaled(warmdown, warmup, of):
+        return dict(WARMDOWN_ITERS=str(round(steps * warmdown / of)),
+                    MUON_MOMENTUM_WARMUP_STEPS=str(round(steps * warmup / of)))
+
+    base = {k: v for k, v in baseline_env().items() if k not in ("TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS",
+                                                                   "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY")}
+    return {
+        "baseline": {**base, **scaled(1200, 500, 13780)},
+        "baseline+recipe": {**{k: base[k] for k in MODEL_KNOBS if k in base}, **scaled(4000, 1500, 6920)},
+        "seed stack": {"VE_LAYERS": "2,3", **scaled(4000, 1500, 6920)},
+    }
+
+
+def run(name: str, env: dict[str, str], steps: int, seed: int, workdir: Path) -> dict:
+    full = {**os.environ, **env, **SHAPE, "ITERATIONS": str(steps),
+            "SEED": str(seed), "DATA_PATH": str(DATA), "TOKENIZER_PATH": str(TOKENIZER), "RUN_ID": "proxy"}
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=workdir, env=full, capture_output=True,
+                       text=True)
+    if r.returncode:
+        sys.exit(f"{name}: train_gpt.py failed:\n{r.stderr[-2000:]}")
+    out = r.stdout
+    last = re.findall(rf"^step:{steps}/{steps} val_loss:\S+ val_bpb:(\S+) train_time:(\d+)ms", out, re.M)[-1]
+    return dict(name=name, seed=seed, val_bpb=float(last[0]), tok_s=steps * int(SHAPE["TRAIN_BATCH_TOKENS"])
+                / (int(last[1]) / 1000), rss=int(re.search(r"peak memory rss: (\d+) MiB", out).group(1)),
+                params=int(re.search(r"model_params:(\d+)", out).group(1)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    a = p.parse_args(argv)
+    if not DATA.is_dir():
+        build_shards.build([ROOT / "data" / "sample" / "fineweb_sample.jsonl"], DATA, TOKENIZER, num_val_docs=100)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in a.seeds:
+            for name, env in configs(a.steps).items():
+                rows.append(run(name, env, a.steps, seed, Path(tmp)))
+                print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
+    print("| config | seed | params | pre-quant val_bpb | train tokens/s | peak RSS MiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['seed']} | {r['params']:,} | {r['val_bpb']:.4f} | {r['tok_s']:,.0f} | {r['rss']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The seed-stack techniques, each by the property that defines it (spec section 6)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BASELINE_ENV, tiny_h
+from reference_baseline import GPT as BaselineGPT
+from test_model import CPU, randomized
+
+import train_gpt
+from train_gpt import GPT, Hyperparameters
+
+BOS = 1
+
+
+def test_all_techniques_off_is_the_foundation_baseline():
+    """The baseline settings give the foundation's model: same parameters, bit-identical logits."""
+    h = Hyperparameters.from_env({**BASELINE_ENV, "NUM_LAYERS": "5", "MODEL_DIM": "64", "NUM_HEADS": "4",
+                                  "NUM_KV_HEADS": "2"})
+    torch.manual_seed(0)
+    reference = randomized(BaselineGPT(h))
+    model = GPT(h)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randint(0, 1024, (2, 40))
+    x[:, [0, 17]] = BOS
+    assert torch.equal(model.forward_logits(x), reference.forward_logits(x))
+
+
+def test_unet_skips_off_removes_them():
+    model = GPT(tiny_h(unet_skips=False, num_layers=4, ve_layers="3"))
+    assert model.skip_weights is None and model.num_encoder == 0
+
+
+# ---- SmearGate -------------------------------------------------------------------------------------------
+
+
+def test_smear_gate_blends_the_previous_position_but_never_across_bos():
+    torch.manual_seed(0)
+    smear = train_gpt.SmearGate(8, BOS)
+    with torch.no_grad():
+        smear.gate.copy_(torch.randn(8))
+    ids = torch.tensor([[5, 6, BOS, 7, 8]])
+    x = torch.randn(1, 5, 8)
+    g = torch.sigmoid(smear.gate)
+    out = smear(x, ids)
+    torch.testing.assert_close(out[0, 1], (1 - g) * x[0, 1] + g * x[0, 0])
+    torch.testing.assert_close(out[0, 0], (1 - g) * x[0, 0])  # x_{-1} = 0
+    assert torch.equal(out[0, 2], x[0, 2])  # the BOS position keeps its own embedding
+    x2 = x.clone()
+    x2[0, :2] = torch.randn(2, 8)  # change the whole previous document
+    assert torch.equal(smear(x2, ids)[0, 2:], out[0, 2:])  # nothing of it reaches the new document
+    x2[0, 2] += 1.0
+    assert not torch.equal(smear(x2, ids)[0, 3], out[0, 3])  # within a document the blend acts
+
+
+# ---- BigramHash ------------------------------------------------------------------------------------------
+
+
+def test_bigram_hash_matches_the_records_int32_formula_on_every_pair():
+    buckets, vocab = 3072, 1024
+    prev, cur = (a.reshape(-1) for a in np.meshgrid(np.arange(vocab), np.arange(vocab), indexing="ij"))
+    expected = ((36313 * cur.astype(np.int32)) ^ (27191 * prev.astype(np.int32))) % (buckets - 1)
+    ids = torch.from_numpy(np.stack([prev, cur], axis=1))
+    got = train_gpt.bigram_hash(ids, buckets)
+    assert torch.equal(got[:, 1], torch.from_numpy(expected.astype(np.int64)))
+    assert (got[:, 0] == buckets - 1).all()  # position 0: the reserved "no previous token" bucket
+    assert got[:, 1].min() >= 0 and got[:, 1].max() <= buckets - 2  # pairs never use the reserved bucket
+    assert torch.equal(train_gpt.bigram_hash(ids, buckets), got)  # deterministic
+
+
+def test_bigram_hash_is_per_row_and_in_range_for_large_vocabularies():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 65536, (4, 50))
+    h = train_gpt.bigram_hash(ids, 1000)
+    assert h.min() >= 0 and h.max() <= 999 and (h[:, 0] == 999).all() and (h[:, 1:] < 999).all()
+    assert torch.equal(train_gpt.bigram_hash(ids[:, 10:], 1000)[:, 1:], h[:, 11:])  # depends on the pair only
+
+
+# ---- XSA -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (8, 2), (4, 1)])
+def test_xsa_output_has_no_component_along_the_own_value(heads, kv_heads):
+    torch.manual_seed(0)
+    y, v = torch.randn(2, 16, heads, 32), torch.randn(2, 16, kv_heads, 32)
+    out = train_gpt.exclude_self_value(y, v)
+    own = v.repeat_interleave(heads // kv_heads, dim=2)  # head h's own value: KV head h // (H / Hkv)
+    assert (out * own).sum(-1).abs().max() < 1e-5
+    parallel = (y * F.normalize(own, dim=-1)).sum(-1, keepdim=True) * F.normalize(own, dim=-1)
+    torch.testing.assert_close(out, y - parallel)  # only the parallel part is removed
+
+
+def test_xsa_in_the_model_uses_the_value_with_its_value_embedding():
+    """Inside attention, the output fed to proj is orthogonal to c_v(x) + ve at each position, for every head."""
+    torch.manual_seed(0)
+    h = tiny_h(num_heads=4, num_kv_heads=2)
+    attn = randomized(GPT(h)).blocks[1].attn
+    assert attn.xsa
+    x, ve = torch.randn(2, 12, 64), torch.randn(2, 12, 32)
+    seen = []
+    attn.proj.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    cos = torch.ones(1, 12, 1, 4)
+    attn(x, cos, torch.zeros_like(cos), ve)
+    y = seen[0].view(2, 12, 4, 16)
+    v = (attn.c_v(x) + ve).view(2, 12, 2, 16).repeat_interleave(2, dim=2)
+    assert (y * v).sum(-1).abs().max() < 1e-4
+    assert train_gpt.xsa_layers(tiny_h(num_layers=4, xsa_last_n=2, ve_layers="3")) == [2, 3]
+    assert train_gpt.xsa_layers(tiny_h()) == [0, 1] and train_gpt.xsa_layers(tiny_h(xsa_last_n=0)) == []
+
+
+# ---- partial RoPE ----------------------------------------------------------------------------------------
+
+
+def test_partial_rope_leaves_the_other_dims_untouched():
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 3, 16)
+    angles = torch.outer(torch.arange(10.0), 10000.0 ** (-torch.arange(0, 6, 2) / 6))  # rd = 6
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    out = train_gpt.apply_rotary(x, cos, sin)
+    assert torch.equal(out[..., 6:], x[..., 6:])
+    pair_norm = lambda t: t[..., :3] ** 2 + t[..., 3:6] ** 2  # noqa: E731  (pairs (i, i + 3) rotate)
+    torch.testing.assert_close(pair_norm(out), pair_norm(x))
+    assert torch.equal(out[:, 0], x[:, 0])  # angle 0 at position 0
+
+
+def test_rope_base_is_fixed_by_the_configuration_not_the_runtime_length():
+    rd, base = train_gpt.rope_layout(Hyperparameters())
+    assert rd == 16 and base == pytest.approx(22_082, abs=1)  # the record's NTK base at T=2048 (section 6.9)
+    assert train_gpt.rope_layout(tiny_h(rope_ntk_len=0))[1] == 10000.0
+    # a model trained at T=64 with NTK scaling from 16: a short forward must use the same base (the records
+    # switched back to the unscaled base for passes of <= 1024 tokens), so prefixes give identical logits
+    torch.manual_seed(0)
+    model = randomized(GPT(tiny_h(rope_ntk_len=16)))
+    x = torch.randint(0, 1024, (1, 64))
+    torch.testing.assert_close(model.forward_logits(x[:, :8]), model.forward_logits(x)[:, :8], rtol=1e-5, atol=1e-5)
+
+
+# ---- MLP activation, LN scale, orthogonal init -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("act, negative", [("relu2", 0.0), ("leaky_relu2", 0.25)])
+def test_mlp_activation(act, negative):
+    mlp = train_gpt.MLP(tiny_h(mlp_act=act, mlp_mult=1.0))
+    with torch.no_grad():
+        mlp.fc.weight.copy_(torch.eye(64))
+        mlp.proj.weight.copy_(torch.eye(64))
+    x = torch.linspace(-2, 2, 64)[None]
+    torch.testing.assert_close(mlp(x), torch.where(x > 0, x**2, negative * x**2))
+
+
+def test_ln_scale_damps_the_normed_inputs_of_deeper_layers():
+    model = GPT(tiny_h(num_layers=4, ve_layers="3"))
+    rms = {}
+
+    def record(key):
+        def hook(module, args, out):
+            rms[key] = args[0].pow(2).mean().sqrt().item()  # the RMS of what the layer reads
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        block.attn.c_q.register_forward_hook(record(("attn", i)))
+        block.mlp.fc.register_forward_hook(record(("mlp", i)))
+    model.forward_logits(torch.randint(0, 1024, (2, 16)))
+    assert len(rms) == 8
+    for (_, i), r in rms.items():
+        assert r == pytest.approx((i + 1) ** -0.5, rel=1e-4)
+    assert [b.ln_scale for b in GPT(tiny_h(ln_scale=False)).blocks] == [1.0, 1.0]
+
+
+def test_orthogonal_init():
+    h = tiny_h(num_layers=3, ve_layers="2", bigram_dim=64, ve_dim=64, model_dim=128)  # c_k: 64 x 128
+    model = GPT(h)
+    eye = torch.eye(128)
+    for name in ("blocks.0.attn.c_q", "blocks.2.attn.c_k", "blocks.1.mlp.fc"):
+        w = model.get_submodule(name).weight
+        small = w @ w.T if w.size(0) <= w.size(1) else w.T @ w
+        torch.testing.assert_close(small, torch.eye(min(w.shape)), atol=1e-5, rtol=0)
+    for name in ("bigram.proj", "ve_shared.proj"):  # into the stream from outside the blocks: x 1/sqrt(2L)
+        s = torch.linalg.svdvals(model.get_submodule(name).weight)
+        torch.testing.assert_close(s, torch.full_like(s, 6 ** -0.5), atol=1e-5, rtol=0)
+    assert not model.blocks[0].attn.proj.weight.any() and not model.blocks[0].mlp.proj.weight.any()
+    assert not model.bigram.embed.weight.any()
+    plain = GPT(tiny_h(ortho_init=False, num_layers=3, ve_layers="2", model_dim=128))
+    w = plain.blocks[0].attn.c_q.weight
+    assert not torch.allclose(w @ w.T, eye, atol=0.1)  # PyTorch's default init without the knob
+
+
+# ---- gradients reach the new parameters ------------------------------------------------------------------
+
+
+def test_skip_weights_bigram_table_and_value_embeddings_receive_gradients():
+    torch.manual_seed(0)
+    h = tiny_h()
+    model = GPT(h)
+    opt = train_gpt.Optimizers(h, model, CPU)
+    x = torch.randint(0, 1024, (4, 64))
+    y = torch.roll(x, -1, 1)
+    for _ in range(3):  # the zero-initialised block projections block the value path for the first step
+        model(x, y).backward()
+        opt.step(1.0, h.muon_momentum)
+        opt.zero_grad()
+    model(x, y).backward()
+    for name in ("skip_weights", "bigram.embed.weight", "ve_shared.embed.weight", "ve_shared.proj.weight",
+                 "ve_layer_scales", "smear.gate", "bigram.scale"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    assert model.bigram.embed.weight.any()  # the zero table has been trained
+
+
+def test_a_zero_bigram_projection_would_starve_the_table():
+    """Why the projection is re-initialised: with it at zero too, the zero table never gets a gradient."""
+    model = GPT(tiny_h())
+    with torch.no_grad():
+        model.bigram.proj.weight.zero_()
+    x = torch.randint(0, 1024, (2, 32))
+    model(x, torch.roll(x, -1, 1)).backward()
+    assert not model.bigram.embed.weight.grad.any()
