@@ -8,14 +8,19 @@ Every knob is an environment variable named after a Hyperparameters field (READM
 
 Notable features:
 - exact, tokenizer-agnostic val_bpb: byte lookup tables from the tokenizer, float64 sums across ranks
-- wall-clock schedule: the LR warmdown ends at MAX_WALLCLOCK_SECONDS and every rank stops at the same step
-- compile warm-up steps are excluded from the clock and undone (weights, optimizer state and data restored)
-- Muon (Newton-Schulz 5) for the block matrices, AdamW for embeddings and control tensors
-- the artifact (int8 per-row + zlib) is read back from disk into a fresh model and scored again
+- the seed-stack model (PR #1019): U-Net skips, SmearGate, BigramHash, XSA, partial RoPE, LN scale, value
+  embeddings, leaky-ReLU^2, orthogonal init; each a knob, and all off is the official baseline
+- wall-clock schedule: the LR warmdown ends at the cap and every rank stops at the same step; compile
+  warm-up steps are excluded from the clock and undone (weights, optimizer state and data restored)
+- Muon (Newton-Schulz 5) for the block matrices, AdamW for embeddings and control tensors; EMA or SWA
+  weights are exported; late QAT that really acts under torch.compile
+- export: per-row int-N with full-Hessian GPTQ (calibrated inside the training budget, or on self-generated
+  text), selective pruning to the decimal byte cap, lzma/zstd/brotli, a checksummed pickle-free artifact read
+  back from disk into a fresh model and scored again
 - device-agnostic: CUDA (NCCL, bf16 autocast, torch.compile, FlashAttention 3 when installed) or CPU (gloo,
   fp32, SDPA), so the whole file is testable without a GPU
 
-Budget: this file stays under 1500 lines; its bytes count toward the 16,000,000-byte artifact.
+Budget: this file stays under 2000 lines; its bytes count toward the 16,000,000-byte artifact.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
+import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import platform
@@ -42,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import zstandard
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -49,10 +57,14 @@ try:  # FlashAttention 3 (Hopper); optional, used only on CUDA
     from flash_attn_interface import flash_attn_func
 except ImportError:
     flash_attn_func = None
+try:  # optional compressor (COMPRESSOR=brotli)
+    import brotli
+except ImportError:
+    brotli = None
 
 MICROBATCHES = 8  # micro-batches per optimizer step over all ranks: the batch layout is the same for any world size
 CAP_BYTES = 16_000_000  # challenge cap on code bytes + compressed model bytes (decimal)
-ARTIFACT_PATH = "final_model.int8.ptz"
+ARTIFACT_PATH = "final_model.ptz"
 
 # ---------------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -125,6 +137,28 @@ class Hyperparameters:
     adam_eps: float = 1e-8
     adam_wd: float = 0.04
     grad_clip_norm: float = 0.3  # global L2 norm; 0 = off
+    # weight averaging (what gets exported)
+    weight_averaging: str = "ema"  # ema | swa | none
+    ema_decay: float = 0.997
+    ema_warmup: bool = True  # decay min(EMA_DECAY, (1+n)/(10+n)) after n updates, so short runs average too
+    swa_every: int = 50  # SWA snapshot every N steps ...
+    swa_start_frac: float = 0.2  # ... once the LR scale is below this
+    late_qat_threshold: float = 0.15  # fake-quantize the block matrices once the LR scale is below this; 0 = off
+    # export: quantization, calibration, pruning, compression
+    quant_method: str = "gptq"  # gptq (Hessian) | gptq_lite (clip search) | rtn (round to nearest)
+    quant_mlp_bits: int = 6  # per-row int-N of the MLP matrices, 4-8, or 16 = fp16
+    quant_attn_bits: int = 6  # attention matrices
+    quant_embed_bits: int = 8  # embedding tables and an untied head
+    fp16_max_numel: int = 65_536  # tensors up to this many elements are stored in fp16
+    gptq_calibration: str = "train"  # train (tokens read inside the training budget) | selfgen (model samples)
+    gptq_calib_tokens: int = 262_144  # calibration tokens, all ranks together
+    gptq_reserve_seconds: float = 4.0  # with train calibration: taken off MAX_WALLCLOCK_SECONDS for it
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01  # Hessian damping, a fraction of its mean diagonal
+    prune_frac: float = 0.0  # magnitude pruning of each int-N tensor before quantization
+    fit_strategy: str = "bits"  # over the byte target: bits (narrow tensors, then prune) | prune (+-1 only) | none
+    prune_margin_bytes: int = 1000  # byte target = 16,000,000 - code bytes - this
+    compressor: str = "lzma"  # lzma | zstd | brotli | zlib
     # system
     device: str = "auto"  # auto | cpu | cuda
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
@@ -175,12 +209,35 @@ class Hyperparameters:
             ("VE_LAYERS", not self.ve_enabled or _layer_list(self.ve_layers, self.num_layers) is not None,
              f"must be distinct comma-separated layer indices below NUM_LAYERS={self.num_layers}"),
         ]
+        bits_ok = [4, 5, 6, 7, 8, 16]
+        rules += [
+            ("WEIGHT_AVERAGING", self.weight_averaging in ("ema", "swa", "none"), "must be ema, swa or none"),
+            ("SWA_EVERY", self.swa_every >= 1, "must be >= 1"),
+            ("SWA_START_FRAC", 0 < self.swa_start_frac <= 1, "must be in (0, 1]"),
+            ("LATE_QAT_THRESHOLD", 0 <= self.late_qat_threshold <= 1, "must be in [0, 1]"),
+            ("QUANT_METHOD", self.quant_method in ("gptq", "gptq_lite", "rtn"), "must be gptq, gptq_lite or rtn"),
+            ("QUANT_MLP_BITS", self.quant_mlp_bits in bits_ok, "must be 4-8 or 16 (fp16)"),
+            ("QUANT_ATTN_BITS", self.quant_attn_bits in bits_ok, "must be 4-8 or 16 (fp16)"),
+            ("QUANT_EMBED_BITS", self.quant_embed_bits in bits_ok, "must be 4-8 or 16 (fp16)"),
+            ("GPTQ_CALIBRATION", self.gptq_calibration in ("train", "selfgen"), "must be train or selfgen"),
+            ("GPTQ_CALIB_TOKENS", self.gptq_calib_tokens >= 1, "must be >= 1"),
+            ("GPTQ_RESERVE_SECONDS", self.max_wallclock_seconds == 0 or not uses_train_calibration(self) or
+             self.gptq_reserve_seconds < self.max_wallclock_seconds,
+             f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} (GPTQ calibrates on training tokens)"),
+            ("GPTQ_BLOCK_SIZE", self.gptq_block_size >= 1, "must be >= 1"),
+            ("GPTQ_DAMP", self.gptq_damp > 0, "must be > 0"),
+            ("PRUNE_FRAC", 0 <= self.prune_frac < 1, "must be in [0, 1)"),
+            ("FIT_STRATEGY", self.fit_strategy in ("bits", "prune", "none"), "must be bits, prune or none"),
+            ("COMPRESSOR", self.compressor in COMPRESSORS and (self.compressor != "brotli" or brotli is not None),
+             f"must be one of {', '.join(COMPRESSORS)} (brotli only when the brotli package is installed)"),
+        ]
         rules += [(n.upper(), getattr(self, n) >= 0, "must be >= 0") for n in (
+            "gptq_reserve_seconds", "prune_margin_bytes", "fp16_max_numel",
             "iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
             "max_wallclock_seconds", "muon_momentum_warmup_steps", "tied_embed_init_std", "embed_lr", "head_lr",
             "tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm")]
         rules += [(n.upper(), 0 <= getattr(self, n) < 1, "must be in [0, 1)") for n in (
-            "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2")]
+            "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay")]
         for name, ok, what in rules:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name.lower())!r}: {what}")
@@ -520,11 +577,37 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * n).sum(-1, keepdim=True) * n).view(B, T, H, D)
 
 
-def zero_init_linear(fan_in: int, fan_out: int) -> nn.Linear:
-    layer = nn.Linear(fan_in, fan_out, bias=False)
-    nn.init.zeros_(layer.weight)
-    layer.zero_init = True  # read by init_orthogonal, which must leave it at zero
-    return layer
+class QATLinear(nn.Linear):
+    """Bias-free Linear that can fake-quantize its weight to its export width (straight-through estimator) in
+    training mode. The switch is a tensor the compiled graph reads, not a Python flag: the records' class flag
+    was constant-folded by torch.compile, so their late QAT never ran (spec section 9)."""
+
+    def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
+        super().__init__(fan_in, fan_out, bias=False)
+        self.qat_bits, self.zero_init = 0, zero_init  # qat_bits: set before compiling by configure_qat
+        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.qat_bits and self.training:
+            w = w + self.qat_on * (fake_quantize(w, self.qat_bits) - w).detach()
+        return F.linear(x, w)
+
+
+def configure_qat(model: nn.Module, h: Hyperparameters):
+    """Give every block matrix its export width for late QAT; a constant, so it is set before compiling."""
+    for name, m in model.named_modules():
+        if isinstance(m, QATLinear) and name.startswith("blocks.") and h.late_qat_threshold > 0:
+            bits = quant_bits(h, name + ".weight", "matrix", m.weight.shape)
+            m.qat_bits = 0 if bits == FP16 else bits
+
+
+def set_qat(model: nn.Module, on: bool):
+    for m in model.modules():
+        if isinstance(m, QATLinear):
+            m.qat_on.fill_(float(on))
 
 
 class CausalSelfAttention(nn.Module):
@@ -533,10 +616,8 @@ class CausalSelfAttention(nn.Module):
         dim, self.num_heads, self.num_kv_heads = h.model_dim, h.num_heads, h.num_kv_heads
         self.head_dim, self.use_fa3, self.xsa = dim // h.num_heads, use_fa3, xsa
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(dim, dim, bias=False)
-        self.c_k = nn.Linear(dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(dim, kv_dim, bias=False)
-        self.proj = zero_init_linear(dim, dim)
+        self.c_q, self.c_k, self.c_v = QATLinear(dim, dim), QATLinear(dim, kv_dim), QATLinear(dim, kv_dim)
+        self.proj = QATLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None) -> Tensor:
@@ -557,8 +638,8 @@ class MLP(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
         hidden = int(h.mlp_mult * h.model_dim)
-        self.fc = nn.Linear(h.model_dim, hidden, bias=False)
-        self.proj = zero_init_linear(hidden, h.model_dim)
+        self.fc = QATLinear(h.model_dim, hidden)
+        self.proj = QATLinear(hidden, h.model_dim, zero_init=True)
         self.negative_slope = 0.5 if h.mlp_act == "leaky_relu2" else 0.0  # leaky: no dead units (0.25 x^2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -661,12 +742,13 @@ class GPT(nn.Module):
         self.ve_shared = ValueEmbedding(h) if ve_layers else None
         self.ve_layer_scales = nn.Parameter(torch.ones(len(ve_layers))) if ve_layers else None
         self.ve_index = {layer: k for k, layer in enumerate(ve_layers)}
-        self.lm_head = None if h.tie_embeddings else zero_init_linear(h.model_dim, h.vocab_size)
+        self.lm_head = None if h.tie_embeddings else QATLinear(h.model_dim, h.vocab_size, zero_init=True)
         rd, base = rope_layout(h)
         self.register_buffer("inv_freq", base ** (-torch.arange(0, rd, 2, dtype=torch.float32) / rd),
                              persistent=False)
         if h.ortho_init:
             init_orthogonal(self, h.num_layers)
+        configure_qat(self, h)
 
     def forward_logits(self, input_ids: Tensor) -> Tensor:
         e = self.tok_emb(input_ids)
@@ -827,6 +909,18 @@ class Optimizers:
             opt.load_state_dict(s)
 
 
+def uses_train_calibration(h: Hyperparameters) -> bool:
+    return h.quant_method == "gptq" and h.gptq_calibration == "train"
+
+
+def loop_cap_ms(h: Hyperparameters) -> float:
+    """The training loop's wall-clock cap (0 = none): MAX_WALLCLOCK_SECONDS, less GPTQ_RESERVE_SECONDS when GPTQ
+    calibrates on training tokens, which must be read inside the training budget (ruling on PR #609)."""
+    if h.max_wallclock_seconds <= 0:
+        return 0.0
+    return 1000 * (h.max_wallclock_seconds - (h.gptq_reserve_seconds if uses_train_calibration(h) else 0.0))
+
+
 def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """LR multiplier: 1, then a linear warmdown to 0. With a wall-clock cap the warmdown starts when the
     remaining time is WARMDOWN_ITERS steps at the average step time so far (the baseline rule); the
@@ -834,9 +928,9 @@ def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     if h.warmdown_iters == 0:
         return 1.0
     scale = min(max((h.iterations - step) / h.warmdown_iters, 0.0), 1.0)
-    if h.max_wallclock_seconds > 0:
+    if loop_cap_ms(h) > 0:
         warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
-        remaining_ms = max(1000 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+        remaining_ms = max(loop_cap_ms(h) - elapsed_ms, 0.0)
         if remaining_ms <= warmdown_ms:
             scale = min(scale, remaining_ms / max(warmdown_ms, 1e-9))
     return scale
@@ -848,15 +942,102 @@ def muon_momentum(h: Hyperparameters, step: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Quantization and serialization: int8 per row + zlib, in a pickle-free container
+# Weight averaging
 # ---------------------------------------------------------------------------------------------------------
 
-INT8_CLIP_QUANTILE = 0.9999984  # per-row clip at the 99.99984th percentile of |w|
-SMALL_TENSOR_NUMEL = 65_536  # tensors up to this size are stored as floats
+
+class EMA:
+    """fp32 exponential moving average of the parameters, updated after every optimizer step. With warm-up the
+    decay is min(EMA_DECAY, (1 + n) / (10 + n)) after n updates: the average spans about the last tenth of a
+    short run instead of staying dominated by its first steps, and equals the records' fixed 0.997 from
+    update 2,990 on, so a full-length run ends with the same weights to within 0.997^4000."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float, warmup: bool):
+        self.shadow = [p.detach().float().clone() for p in params]
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def step(self, params: list[nn.Parameter], step: int, scale: float):
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in params], 1 - self.current_decay())
+        self.updates += 1
+
+    def averaged(self) -> tuple[list[Tensor] | None, str]:
+        return self.shadow, f"ema decay:{self.decay} warmup:{int(self.warmup)} updates:{self.updates}"
+
+
+class SWA:
+    """Uniform average of snapshots taken every SWA_EVERY steps once the LR scale is below SWA_START_FRAC
+    (the warmdown's tail), summed in fp32."""
+
+    def __init__(self, every: int, start_frac: float, log):
+        self.every, self.start_frac, self.log, self.sum, self.count = every, start_frac, log, None, 0
+
+    @torch.no_grad()
+    def step(self, params: list[nn.Parameter], step: int, scale: float):
+        if scale >= self.start_frac or step % self.every:
+            return
+        if self.sum is None:
+            self.sum = [p.detach().float().clone() for p in params]
+            self.log(f"swa:start step:{step}")
+        else:
+            torch._foreach_add_(self.sum, [p.detach().float() for p in params])
+        self.count += 1
+
+    def averaged(self) -> tuple[list[Tensor] | None, str]:
+        if not self.count:
+            return None, "swa checkpoints:0 (no step reached the LR scale, the final weights are used)"
+        return [s / self.count for s in self.sum], f"swa checkpoints:{self.count} every:{self.every}"
+
+
+def make_averager(h: Hyperparameters, model: nn.Module, log) -> EMA | SWA | None:
+    if h.weight_averaging == "ema":
+        return EMA(list(model.parameters()), h.ema_decay, h.ema_warmup)
+    return SWA(h.swa_every, h.swa_start_frac, log) if h.weight_averaging == "swa" else None
+
+
+@torch.no_grad()
+def apply_average(model: nn.Module, averager) -> str:
+    """Load the averaged weights into the model (they are what gets exported); return what was applied."""
+    if averager is None:
+        return "none (the final weights)"
+    weights, what = averager.averaged()
+    if weights is not None:
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+    return what
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantization and serialization
+# ---------------------------------------------------------------------------------------------------------
+
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # row-clip candidates of the GPTQ-lite search (PR #414)
+FP16 = 16  # the policy's "bit width" of tensors stored in fp16
+ARTIFACT_MAGIC, ARTIFACT_FORMAT = b"PGART", 2
+COMPRESSORS = ("lzma", "zstd", "brotli", "zlib")
+MODEL_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act",
+               "tie_embeddings", "rope_base", "rope_dims", "rope_ntk_len", "train_seq_len", "logit_softcap",
+               "unet_skips", "smear_gate", "bigram_vocab_size", "bigram_dim", "xsa_last_n", "ln_scale",
+               "ve_enabled", "ve_dim", "ve_layers")  # what an artifact must agree on with the run that loads it
 CONTAINER_MAGIC = b"PGTENSORS1"
 CONTAINER_DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
     torch.float32, torch.float64, torch.bool)}
+
+
+def quant_bits(h: Hyperparameters, name: str, kind: str, shape: torch.Size) -> int:
+    """The export treatment of a float tensor (kind from param_groups): 4-8 = per-row int-N, 16 = fp16.
+    Small tensors and the scalar group (control tensors, gates, the bigram and value-embedding projections)
+    stay fp16; block matrices take the MLP or attention width; embedding tables and an untied head the
+    embedding width."""
+    if math.prod(shape) <= h.fp16_max_numel or kind == "scalar" or len(shape) != 2:
+        return FP16
+    if kind == "matrix":
+        return h.quant_mlp_bits if ".mlp." in name else h.quant_attn_bits
+    return h.quant_embed_bits
 
 
 def abs_quantile(w: Tensor, q: float) -> Tensor:
@@ -868,49 +1049,157 @@ def abs_quantile(w: Tensor, q: float) -> Tensor:
     return torch.lerp(s[..., lo], s[..., min(lo + 1, s.size(-1) - 1)], pos - lo)
 
 
-def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 in [-127, 127] with a percentile clip: per row (fp16 scales) for matrices, one fp32
-    scale otherwise. Scales are floored at 1/127 as in the baseline; values round against the stored scale."""
-    w = w.float()
-    if w.ndim == 2:
-        clip = abs_quantile(w, INT8_CLIP_QUANTILE)[:, None]
-        scale = (clip / 127).clamp_min(1 / 127).half().squeeze(1)
-        s = scale.float()[:, None]
+def row_scale(clip: Tensor, qmax: int) -> Tensor:
+    """fp16 per-row scale mapping |w| = clip to at most qmax: rounded up to the next fp16, so no value within
+    the clip is clamped, and floored only at the smallest fp16 subnormal (an all-zero row); the records' floor
+    of 1/qmax coarsened every row whose largest weight was below 1."""
+    s = (clip.float() / qmax).clamp_min(2.0**-24)
+    s16 = s.half()
+    return torch.where(s16.float() < s, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
+
+
+def fake_quantize(w: Tensor, bits: int) -> Tensor:
+    """Per-row int-N round to nearest at the row maximum, in w's dtype (the QAT forward)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = row_scale(w.detach().abs().amax(dim=1).float(), qmax).to(w.dtype)[:, None]
+    return torch.clamp(torch.round(w / s), -qmax, qmax) * s
+
+
+def _gptq(W: Tensor, S: Tensor, H: Tensor, qmax: int, block: int, damp: float, keep: Tensor | None) -> Tensor:
+    """GPTQ (Frantar et al. 2022) for fixed per-row scales S: quantize columns in order of decreasing
+    Hessian diagonal (act-order), each column's rounding error spread over the not yet quantized columns
+    through the upper Cholesky factor of H^-1, in blocks of `block` columns. keep=False forces an entry to 0."""
+    H, W = H.clone(), W.clone()
+    dead = H.diagonal() == 0  # inputs that never fire: the weight cannot matter, quantize it to 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    for attempt in range(5):  # more damping if rounding errors made H numerically indefinite
+        try:
+            Hd = H + (damp * 10**attempt) * H.diagonal().mean() * torch.eye(len(H), device=H.device)
+            perm = torch.argsort(Hd.diagonal(), descending=True)
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd[perm][:, perm])), upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            continue
     else:
-        clip = abs_quantile(w.flatten(), INT8_CLIP_QUANTILE)
-        scale = s = clip / 127 if clip > 0 else torch.tensor(1.0)
-    q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / s), -127, 127)
-    return q.to(torch.int8), scale
+        raise RuntimeError("GPTQ: the Hessian stayed singular after damping")
+    W, Q = W[:, perm], torch.zeros_like(W)
+    keep = keep[:, perm] if keep is not None else None
+    for i1 in range(0, W.size(1), block):
+        i2 = min(i1 + block, W.size(1))
+        Wb, Eb = W[:, i1:i2].clone(), torch.zeros(W.size(0), i2 - i1, device=W.device)
+        for j in range(i2 - i1):
+            q = torch.clamp(torch.round(Wb[:, j] / S), -qmax, qmax)
+            if keep is not None:
+                q = q * keep[:, i1 + j]
+            Q[:, i1 + j] = q
+            Eb[:, j] = (Wb[:, j] - q * S) / U[i1 + j, i1 + j]
+            Wb[:, j:] -= Eb[:, j : j + 1] * U[i1 + j, i1 + j : i2]
+        W[:, i2:] -= Eb @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)]
 
 
-def quantize_state_dict_int8(sd: dict[str, Tensor], keep_fp32: set[str]) -> tuple[dict[str, Tensor], dict]:
-    """Tensors to store and the metadata that alone drives dequantization. Small float tensors pass through
-    (fp32 for the control tensors in keep_fp32, fp16 otherwise); larger ones become int8."""
-    out, meta = {}, {"format": "int8_per_row_v1", "tensors": {}}
+def quantize_rows(w: Tensor, bits: int, H: Tensor | None = None, clips: tuple[float, ...] = CLIP_QUANTILES,
+                  keep: Tensor | None = None, block: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int-N: w ~ q * scale[:, None], q in [-(2^(N-1) - 1), 2^(N-1) - 1] (int8 container),
+    fp16 scales. Every clip candidate (a row quantile of |w|) is tried on every row and each row keeps the one
+    with the least error: with the layer input's Hessian H = E[x x^T], GPTQ and the output error
+    dW H dW^T (rows are independent in GPTQ, so the choice can be per row); without, round to nearest and
+    the squared error. One clip at 1.0 and no H is plain round-to-nearest; clips and no H is GPTQ-lite."""
+    qmax, w = 2 ** (bits - 1) - 1, w.float()
+    scales = torch.stack([row_scale(abs_quantile(w, c), qmax) for c in clips]).float()  # (K, rows)
+    W, S = w.repeat(len(clips), 1), scales.flatten()
+    K = keep.repeat(len(clips), 1) if keep is not None else None
+    if H is None:
+        Q = torch.clamp(torch.round(W / S[:, None]), -qmax, qmax) * (K if K is not None else 1)
+    else:
+        Q = _gptq(W, S, H.float(), qmax, block, damp, K)
+    err = quant_error(W, Q, S, H)
+    pick = err.view(len(clips), -1).argmin(0) * w.size(0) + torch.arange(w.size(0), device=w.device)
+    return Q[pick].to(torch.int8), scales.flatten()[pick].half()
+
+
+def quant_error(w: Tensor, q: Tensor, s: Tensor, H: Tensor | None) -> Tensor:
+    """Per-row error of w ~ q * s: the layer's output error dW H dW^T given its input Hessian, else |dW|^2."""
+    D = w.float() - q.float() * s.float()[:, None]
+    return ((D @ H.float()) * D).sum(1) if H is not None else D.square().sum(1)
+
+
+def entropy_bytes(q: Tensor) -> float:
+    """Order-0 Shannon entropy of a tensor's int8 symbols, in bytes (lzma and zstd land within a few % of it)."""
+    counts = torch.bincount(q.flatten().long() + 128, minlength=256).double()
+    counts = counts[counts > 0]
+    return float((counts * (q.numel() / counts).log2()).sum()) / 8
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, d: Dist) -> tuple[dict[str, Tensor], int]:
+    """H = mean of x x^T over calibration tokens, for the input x of every Linear inside the blocks, from
+    forward hooks on the real model; summed over ranks. Returns ({weight name: H}, tokens)."""
+    sums, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.startswith("blocks."):
+            sums[name + ".weight"] = torch.zeros(m.in_features, m.in_features, device=d.device)
+
+            def hook(mod, args, out, key=name + ".weight"):
+                x = args[0].flatten(0, -2).float()
+                sums[key].addmm_(x.T, x)
+
+            hooks.append(m.register_forward_hook(hook))
+    tokens, was_training = torch.zeros((), dtype=torch.float64, device=d.device), model.training
+    model.eval()  # the weights as exported: no QAT fake quantization
+    try:
+        for x in batches:
+            with d.autocast():
+                model.forward_logits(x)
+            tokens += x.numel()
+    finally:
+        model.train(was_training)
+        for hk in hooks:
+            hk.remove()
+    n = int(d.all_reduce(tokens).item())
+    return {k: d.all_reduce(v) / max(n, 1) for k, v in sums.items()}, n
+
+
+def quantize_state(h: Hyperparameters, sd: dict[str, Tensor], kinds: dict[str, str],
+                   hessians: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict]:
+    """The tensors to store and the metadata that alone drives dequantization. QUANT_METHOD picks the clip
+    candidates and whether block matrices use their Hessians; PRUNE_FRAC zeroes the smallest weights of every
+    int-N tensor first (GPTQ then compensates for them in the other weights)."""
+    out, meta = {}, {"config": {k: getattr(h, k) for k in MODEL_KNOBS}, "tensors": {}}
     for name, t in sd.items():
-        t = t.detach().cpu().contiguous()
-        info = {"dtype": str(t.dtype).removeprefix("torch.")}
-        if not t.is_floating_point() or t.numel() <= SMALL_TENSOR_NUMEL:
-            info["scheme"] = "passthrough"
-            out[name] = t if not t.is_floating_point() or name in keep_fp32 else t.half()
+        info = {"dtype": str(t.dtype).removeprefix("torch."), "bits": 0}
+        if t.is_floating_point():
+            info["bits"] = quant_bits(h, name, kinds[name], t.shape)
+        if info["bits"] == 0:
+            out[name] = t.detach().cpu()
+        elif info["bits"] == FP16:
+            out[name] = t.detach().cpu().half()
         else:
-            info["scheme"] = "int8_per_row" if t.ndim == 2 else "int8_per_tensor"
-            out[name + ".q"], out[name + ".scale"] = quantize_int8(t)
+            out[name + ".q"], out[name + ".scale"] = quantize_tensor(h, t, info["bits"], hessian_of(h, hessians, name))
         meta["tensors"][name] = info
     return out, meta
 
 
-def dequantize_state_dict_int8(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
-    if meta.get("format") != "int8_per_row_v1":
-        raise ValueError(f"unknown artifact format {meta.get('format')!r}")
+def hessian_of(h: Hyperparameters, hessians: dict[str, Tensor] | None, name: str) -> Tensor | None:
+    return hessians.get(name) if hessians and h.quant_method == "gptq" else None
+
+
+def quantize_tensor(h: Hyperparameters, t: Tensor, bits: int, H: Tensor | None) -> tuple[Tensor, Tensor]:
+    keep = t.abs() > abs_quantile(t.flatten(), h.prune_frac) if h.prune_frac > 0 else None
+    clips = (1.0,) if h.quant_method == "rtn" else CLIP_QUANTILES
+    q, s = quantize_rows(t, bits, H, clips, keep, h.gptq_block_size, h.gptq_damp)
+    return q.cpu(), s.cpu()
+
+
+def dequantize_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
     sd = {}
     for name, info in meta["tensors"].items():
         dtype = CONTAINER_DTYPES[info["dtype"]]
-        if info["scheme"] == "passthrough":
+        if info["bits"] in (0, FP16):
             sd[name] = tensors[name].to(dtype)
         else:
-            q, scale = tensors[name + ".q"].float(), tensors[name + ".scale"].float()
-            sd[name] = (q * (scale[:, None] if info["scheme"] == "int8_per_row" else scale)).to(dtype)
+            sd[name] = (tensors[name + ".q"].float() * tensors[name + ".scale"].float()[:, None]).to(dtype)
     return sd
 
 
@@ -946,17 +1235,146 @@ def unpack_tensors(data: bytes) -> tuple[dict[str, Tensor], dict]:
     return tensors, header["meta"]
 
 
-def serialize(sd: dict[str, Tensor], keep_fp32: set[str]) -> tuple[bytes, dict]:
-    """Quantize, pack and zlib-compress (level 9); also return byte statistics for the log."""
-    tensors, meta = quantize_state_dict_int8(sd, keep_fp32)
-    raw = pack_tensors(tensors, meta)
-    stats = dict(payload_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-                 state_bytes=sum(t.numel() * t.element_size() for t in sd.values()), container_bytes=len(raw))
-    return zlib.compress(raw, 9), stats
+def compress(data: bytes, method: str) -> bytes:
+    if method == "lzma":
+        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    if method == "zstd":
+        return zstandard.ZstdCompressor(level=22).compress(data)
+    if method == "brotli":
+        return brotli.compress(data, quality=11)
+    return zlib.compress(data, 9)
 
 
-def deserialize(blob: bytes) -> dict[str, Tensor]:
-    return dequantize_state_dict_int8(*unpack_tensors(zlib.decompress(blob)))
+def decompress(data: bytes, method: str) -> bytes:
+    if method == "lzma":
+        return lzma.decompress(data)
+    if method == "zstd":
+        return zstandard.ZstdDecompressor().decompress(data)
+    return brotli.decompress(data) if method == "brotli" else zlib.decompress(data)
+
+
+def encode_artifact(tensors: dict[str, Tensor], meta: dict, compressor: str) -> bytes:
+    """magic, format version, compressor index, SHA-256 of the payload, then the compressed container."""
+    payload = compress(pack_tensors(tensors, meta), compressor)
+    return ARTIFACT_MAGIC + bytes([ARTIFACT_FORMAT, COMPRESSORS.index(compressor)]) + \
+        hashlib.sha256(payload).digest() + payload
+
+
+def decode_artifact(blob: bytes, h: Hyperparameters, source: str) -> dict[str, Tensor]:
+    """The dequantized state dict of an artifact, after checking that it is one, intact, and made with this
+    run's model configuration; every failure is a ValueError naming the source."""
+    head = len(ARTIFACT_MAGIC) + 2 + 32
+    if len(blob) < head or not blob.startswith(ARTIFACT_MAGIC):
+        raise ValueError(f"{source}: not a train_gpt.py artifact")
+    version, comp, digest = blob[len(ARTIFACT_MAGIC)], blob[len(ARTIFACT_MAGIC) + 1], blob[head - 32 : head]
+    if version != ARTIFACT_FORMAT or comp >= len(COMPRESSORS):
+        raise ValueError(f"{source}: artifact format {version}, compressor {comp}; this script reads format "
+                         f"{ARTIFACT_FORMAT}")
+    if hashlib.sha256(blob[head:]).digest() != digest:
+        raise ValueError(f"{source}: checksum mismatch (the file is truncated or corrupted)")
+    tensors, meta = unpack_tensors(decompress(blob[head:], COMPRESSORS[comp]))
+    wrong = [f"{k.upper()}={v!r} (this run: {getattr(h, k)!r})" for k, v in meta["config"].items()
+             if getattr(h, k) != v]
+    if wrong:
+        raise ValueError(f"{source}: made with another model configuration: {', '.join(wrong)}")
+    return dequantize_state(tensors, meta)
+
+
+def fit_artifact(h: Hyperparameters, sd: dict[str, Tensor], kinds: dict[str, str],
+                 hessians: dict[str, Tensor] | None, target: int, log) -> bytes:
+    """Quantize and encode; over the byte target, FIT_STRATEGY=bits first narrows whole tensors (narrow_to_fit),
+    and bits and prune then zero +-1 values (prune_to_fit) until the artifact fits."""
+    tensors, meta = quantize_state(h, sd, kinds, hessians)
+    blob = encode_artifact(tensors, meta, h.compressor)
+    if len(blob) > target and h.fit_strategy == "bits":
+        narrow_to_fit(h, sd, hessians, tensors, meta, len(blob) - target, log)
+        blob = encode_artifact(tensors, meta, h.compressor)
+    if len(blob) > target and h.fit_strategy != "none":
+        blob = prune_to_fit(h, tensors, meta, hessians, target, log)
+    return blob
+
+
+def narrow_to_fit(h: Hyperparameters, sd: dict[str, Tensor], hessians: dict[str, Tensor] | None,
+                  tensors: dict[str, Tensor], meta: dict, excess: int, log):
+    """Rate control: quantize whole tensors one bit narrower (down to int4), each time the one that adds the
+    least output error per byte saved, until the saved bytes (estimated by order-0 entropy) cover `excess`.
+    With Hessians only the matrices that have one compete, so the errors are in the same units."""
+    names = [n for n, i in meta["tensors"].items() if 0 < i["bits"] < FP16]
+    if hessians and h.quant_method == "gptq":
+        names = [n for n in names if n in hessians]
+
+    def option(name: str):
+        bits = meta["tensors"][name]["bits"] - 1
+        if bits < 4:
+            return None
+        H, w = hessian_of(h, hessians, name), sd[name]
+        q, s = quantize_tensor(h, w, bits, H)
+        old_q, old_s = tensors[name + ".q"], tensors[name + ".scale"]
+        saved = entropy_bytes(old_q) - entropy_bytes(q)
+        if saved <= 0:  # no smaller: never worth the error
+            return None
+        cost = float(quant_error(w, q.to(w.device), s.to(w.device), H).sum() -
+                     quant_error(w, old_q.to(w.device), old_s.to(w.device), H).sum())
+        return cost / saved, bits, q, s, saved
+
+    options, saved_total, narrowed = {n: option(n) for n in names}, 0.0, {}
+    while saved_total < excess and any(options.values()):
+        name = min((n for n in options if options[n]), key=lambda n: options[n][0])
+        _, bits, q, s, saved = options[name]
+        tensors[name + ".q"], tensors[name + ".scale"], meta["tensors"][name]["bits"] = q, s, bits
+        saved_total, narrowed[name] = saved_total + saved, bits
+        options[name] = option(name)
+    log(f"narrow_to_fit: {len(narrowed)} tensors narrowed, about {saved_total:.0f}B saved of {excess}B over: "
+        + " ".join(f"{n}:int{b}" for n, b in narrowed.items()))
+
+
+def prune_to_fit(h: Hyperparameters, tensors: dict[str, Tensor], meta: dict, hessians: dict[str, Tensor] | None,
+                 target: int, log) -> bytes:
+    """Selective +-1 pruning (PR #609/#1019, with a decimal-byte target): zero the int-N values of magnitude 1
+    whose removal costs least (scale^2 times the input's second moment H_jj when a Hessian is known) until
+    the artifact is at most `target` bytes; the search brackets the count and interpolates between the sizes
+    it has compressed, ending only on a size that fits. Returns the artifact."""
+    blob = encode_artifact(tensors, meta, h.compressor)
+    if len(blob) <= target:
+        return blob
+    names = [n for n, i in meta["tensors"].items() if 0 < i["bits"] < FP16]
+    flat, costs = [], []
+    for n in names:
+        q, s = tensors[n + ".q"], tensors[n + ".scale"].float()
+        col = hessians[n].diagonal().cpu() if hessians and n in hessians else torch.ones(q.size(1))
+        idx = (q.abs() == 1).flatten().nonzero().squeeze(1)
+        flat.append((n, idx))
+        costs.append((s[:, None] ** 2 * col[None, :]).flatten()[idx])
+    order = torch.argsort(torch.cat(costs), stable=True)
+    owner = torch.cat([torch.full((len(i),), k) for k, (_, i) in enumerate(flat)])[order]
+    index = torch.cat([i for _, i in flat])[order]
+
+    def encoded(k: int) -> bytes:
+        pruned = dict(tensors)
+        for j, (n, _) in enumerate(flat):
+            q = tensors[n + ".q"].clone().flatten()
+            q[index[:k][owner[:k] == j]] = 0
+            pruned[n + ".q"] = q.view_as(tensors[n + ".q"])
+        return encode_artifact(pruned, meta, h.compressor)
+
+    lo, lo_size, hi, best = 0, len(blob), len(order), encoded(len(order))
+    log(f"selective_prune: {len(order)} +-1 candidates, unpruned:{len(blob)}B target:{target}B "
+        f"full_prune:{len(best)}B")
+    if len(best) > target:
+        log("selective_prune: even pruning every candidate does not reach the target")
+        return best
+    hi_size = len(best)
+    while hi - lo > max(1, len(order) // 500):  # within 0.2% of the fewest candidates that fit
+        span = hi - lo
+        k = lo + round(span * (lo_size - target) / max(lo_size - hi_size, 1))  # where the sizes say the target is
+        k = min(max(k, lo + max(1, span // 4)), hi - max(1, span // 4))  # shrink the bracket by a quarter at least
+        trial = encoded(k)
+        if len(trial) <= target:
+            hi, hi_size, best = k, len(trial), trial
+        else:
+            lo, lo_size = k, len(trial)
+    log(f"selective_prune: zeroed {hi}/{len(order)} +-1 values, {len(best)}B")
+    return best
 
 
 def write_atomic(path: str, data: bytes):
@@ -1035,7 +1453,10 @@ def describe_features(h: Hyperparameters) -> str:
 class TrainResult:
     steps: int
     train_ms: float
-    final: EvalResult
+    final: EvalResult  # the raw (not averaged) weights at the last step
+    loader: DistributedTokenLoader  # where training stopped reading
+    averager: EMA | SWA | None
+    eval_model: nn.Module  # the model as compiled for evaluation
 
 
 def train(h: Hyperparameters, d: Dist, base_model: GPT, train_files: list[str], val: ValidationData,
@@ -1076,9 +1497,11 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, train_files: list[str], 
         base_model.load_state_dict(snapshot[0])
         opt.load_state_dict(snapshot[1])
         opt.zero_grad()
-    loader = new_loader()
+    loader, averager, params = new_loader(), make_averager(h, base_model, log), list(base_model.parameters())
 
-    train_ms, step, stop_after, result = 0.0, 0, None, None
+    # elapsed_ms is the slowest rank's training time, all-reduced every step: every rank takes the LR scale,
+    # the stop, the QAT switch and the SWA snapshots from the same number, so the replicas stay identical.
+    train_ms, elapsed_ms, step, stop_after, result, qat = 0.0, 0.0, 0, None, None, False
     d.sync()
     t0 = time.perf_counter()
     while True:
@@ -1092,20 +1515,59 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, train_files: list[str], 
             d.sync()
             t0 = time.perf_counter()
         if last:
-            return TrainResult(step, train_ms, result)
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        loss = train_step(loader, step, lr_scale(h, step, elapsed_ms))
+            return TrainResult(step, train_ms, result, loader, averager, compiled)
+        scale = lr_scale(h, step, elapsed_ms)
+        if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not qat:
+            set_qat(base_model, True)
+            qat = True
+            log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+        loss = train_step(loader, step, scale)
         step += 1
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        reached_cap = torch.tensor(float(h.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * h.max_wallclock_seconds),
-                                   device=d.device)
-        if d.all_reduce(reached_cap, dist.ReduceOp.MAX).item() and stop_after is None:
+        if averager is not None:
+            averager.step(params, step, scale)
+        local_ms = torch.tensor(train_ms + 1000 * (time.perf_counter() - t0), dtype=torch.float64, device=d.device)
+        elapsed_ms = d.all_reduce(local_ms, dist.ReduceOp.MAX).item()
+        if stop_after is None and 0 < loop_cap_ms(h) <= elapsed_ms:
             stop_after = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
         if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0 or step in (h.iterations, stop_after)):
             loss = d.all_reduce(loss) / d.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms")
+
+
+SELFGEN_TEMPERATURE = 0.8  # PR #1019's sampling temperature for self-generated calibration text
+
+
+def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader, budget_ms: float):
+    """Calibration inputs from the training stream, continuing where training stopped, until this rank has its
+    share of GPTQ_CALIB_TOKENS or the next batch would overrun budget_ms (0 = no limit)."""
+    seqs = max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
+    t0, n, batch_ms = time.perf_counter(), 0, 0.0
+    while n < h.gptq_calib_tokens / d.world_size:
+        start = 1000 * (time.perf_counter() - t0)
+        if budget_ms and start + batch_ms > budget_ms:
+            return
+        x, _ = loader.next_batch(seqs * h.train_seq_len, h.train_seq_len, d.device)
+        yield x
+        n, batch_ms = n + x.numel(), 1000 * (time.perf_counter() - t0) - start
+
+
+@torch.no_grad()
+def generated_batches(h: Hyperparameters, d: Dist, model: GPT, bos_id: int, batch: int = 8):
+    """Calibration inputs the model writes itself, reading no data (PR #1019): this rank's share of
+    GPTQ_CALIB_TOKENS as TRAIN_SEQ_LEN-token sequences sampled from BOS, recomputing the prefix each token."""
+    g = torch.Generator(device=d.device).manual_seed(h.seed + d.rank)
+    left = math.ceil(h.gptq_calib_tokens / d.world_size / h.train_seq_len)
+    model.eval()
+    while left > 0:
+        x = torch.full((min(batch, left), 1), bos_id, dtype=torch.long, device=d.device)
+        for _ in range(h.train_seq_len - 1):
+            with d.autocast():
+                logits = model.forward_logits(x)[:, -1].float()
+            x = torch.cat((x, torch.multinomial(torch.softmax(logits / SELFGEN_TEMPERATURE, -1), 1, generator=g)), 1)
+        left -= len(x)
+        yield x
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1156,33 +1618,75 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     else:  # the whole process's peak resident set (Linux reports KiB)
         log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
-
-    # Export, then score what a grader would load: the file on disk, in a fresh model.
-    keep_fp32 = {name for name, _ in groups["scalar"]}
+    hessians = finish_training(h, d, base_model, result, log)
+    t0 = time.perf_counter()
+    r = eval_val(h, d, result.eval_model, val)
+    log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+        f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    if h.quant_method == "gptq" and h.gptq_calibration == "selfgen":
+        t0 = time.perf_counter()
+        hessians, n = collect_hessians(base_model, generated_batches(h, d, base_model, sp.bos_id()), d)
+        log(f"gptq:calibration source:selfgen tokens:{n} time:{1000 * (time.perf_counter() - t0):.0f}ms "
+            "(generated by the model, no data read)")
     if d.is_main:
-        blob, stats = serialize(base_model.state_dict(), keep_fp32)
-        write_atomic(ARTIFACT_PATH, blob)
-        total = len(code_bytes) + len(blob)
-        log(f"serialized_model format:int8+zlib bytes:{len(blob)} payload_bytes:{stats['payload_bytes']} "
-            f"state_bytes:{stats['state_bytes']} payload_ratio:{stats['state_bytes'] / stats['payload_bytes']:.2f}x")
-        log(f"artifact code_bytes:{len(code_bytes)} model_bytes:{len(blob)} total_bytes:{total} "
-            f"cap_bytes:{CAP_BYTES} headroom_bytes:{CAP_BYTES - total} fits:{int(total <= CAP_BYTES)}")
-        log(f"Total submission size int8+zlib: {total} bytes")
+        export(h, base_model, groups, hessians, len(code_bytes), log)
     d.barrier()
+    score_artifact(h, d, val, sp.bos_id(), log)
+    d.barrier()  # no rank tears down its gloo/NCCL group while another still talks to it (gloo aborted ~2% of runs)
+
+
+def finish_training(h: Hyperparameters, d: Dist, model: GPT, result: TrainResult, log) -> dict[str, Tensor] | None:
+    """What still belongs to the training budget: load the averaged weights, then, for GPTQ calibrated on
+    training tokens, collect the Hessians in the time left before MAX_WALLCLOCK_SECONDS."""
+    log(f"averaging:{apply_average(model, result.averager)} applied")
+    if not uses_train_calibration(h):
+        return None
+    t0 = time.perf_counter()
+    budget = 1000 * h.max_wallclock_seconds - result.train_ms if h.max_wallclock_seconds > 0 else 0.0
+    hessians, n = collect_hessians(model, training_batches(h, d, result.loader, budget), d)
+    d.sync()
+    ms = 1000 * (time.perf_counter() - t0)
+    log(f"gptq:calibration source:train tokens:{n} time:{ms:.0f}ms train_time_total:{result.train_ms + ms:.0f}ms "
+        f"cap:{1000 * h.max_wallclock_seconds:.0f}ms")
+    return hessians
+
+
+def artifact_label(h: Hyperparameters) -> str:
+    bits = max(h.quant_mlp_bits, h.quant_attn_bits)
+    return f"{'fp16' if bits == FP16 else f'int{bits}'}_{h.compressor}"
+
+
+def export(h: Hyperparameters, model: GPT, groups: dict, hessians: dict[str, Tensor] | None, code_bytes: int, log):
+    """Quantize, prune to the byte cap if needed, compress and write the artifact atomically (rank 0)."""
+    kinds = {name: kind for kind, members in groups.items() for name, _ in members}
+    t0 = time.perf_counter()
+    blob = fit_artifact(h, model.state_dict(), kinds, hessians, CAP_BYTES - code_bytes - h.prune_margin_bytes, log)
+    write_atomic(ARTIFACT_PATH, blob)
+    log(f"quantization method:{h.quant_method} bits:mlp{h.quant_mlp_bits}/attn{h.quant_attn_bits}/"
+        f"embed{h.quant_embed_bits} fit:{h.fit_strategy} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    label, total = artifact_label(h).replace("_", "+"), code_bytes + len(blob)
+    log(f"Serialized model {label}: {len(blob)} bytes")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Total submission size {label}: {total} bytes")
+    log(f"artifact code_bytes:{code_bytes} model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{CAP_BYTES} "
+        f"headroom_bytes:{CAP_BYTES - total} fits:{int(total <= CAP_BYTES)}")
+
+
+def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int, log):
+    """Score what a grader would load: the file on disk, decoded into a fresh model."""
     with open(ARTIFACT_PATH, "rb") as f:
-        state = deserialize(f.read())
-    eval_model = build_model(h, d, sp.bos_id())
-    eval_model.load_state_dict(state, strict=True)
+        state = decode_artifact(f.read(), h, ARTIFACT_PATH)
+    model = build_model(h, d, bos_id)
+    model.load_state_dict(state, strict=True)
     if use_compile(h, d):
-        eval_model = torch.compile(eval_model, dynamic=False, fullgraph=True)
+        model = torch.compile(model, dynamic=False, fullgraph=True)
     d.sync()
     t0 = time.perf_counter()
-    r = eval_val(h, d, eval_model, val)
+    r = eval_val(h, d, model, val)
     d.sync()
-    log(f"final_int8_zlib_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-        f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
-    d.barrier()  # no rank tears down its gloo/NCCL group while another still talks to it (gloo aborted ~2% of runs)
+    label = f"final_{artifact_label(h)}_roundtrip"
+    log(f"{label} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    log(f"{label}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
 
 
 def main():

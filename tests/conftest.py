@@ -32,6 +32,8 @@ TINY_ENV = dict(
     VAL_LOSS_EVERY="3", TRAIN_LOG_EVERY="1", MAX_WALLCLOCK_SECONDS="0", DEVICE="cpu", SEED="1234",
     # every seed-stack technique stays on, at a tiny size: partial RoPE, value embeddings on the last layer
     ROPE_DIMS="8", VE_LAYERS="1", BIGRAM_VOCAB_SIZE="256", BIGRAM_DIM="32", VE_DIM="32",
+    # the export pipeline at a tiny size: every matrix is quantized, GPTQ calibrates on a few sequences
+    FP16_MAX_NUMEL="1024", GPTQ_CALIB_TOKENS="2048",
 )
 
 

@@ -20,6 +20,7 @@ def test_env_parsing_casts_by_default_type():
     assert (h.num_layers, h.mlp_mult, h.tie_embeddings, h.max_wallclock_seconds, h.run_id) == (11, 3.5, False, 560.0, "abc")
     assert Hyperparameters.from_env({}) == Hyperparameters()
     assert Hyperparameters.from_env({"NUM_LAYERS": "9", "VE_ENABLED": "0"}).ve_layers == "9,10"  # unused: no error
+    Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "3", "QUANT_METHOD": "rtn"})  # no reserve without GPTQ
 
 
 @pytest.mark.parametrize("env, var", [
@@ -47,6 +48,15 @@ def test_env_parsing_casts_by_default_type():
     ({"NUM_LAYERS": "9"}, "VE_LAYERS"),  # the default layers 9,10 do not exist in a 9-layer model
     ({"VE_LAYERS": "3,3"}, "VE_LAYERS"),
     ({"VE_LAYERS": "a"}, "VE_LAYERS"),
+    ({"WEIGHT_AVERAGING": "lawa"}, "WEIGHT_AVERAGING"),
+    ({"EMA_DECAY": "1"}, "EMA_DECAY"),
+    ({"QUANT_MLP_BITS": "3"}, "QUANT_MLP_BITS"),
+    ({"QUANT_EMBED_BITS": "12"}, "QUANT_EMBED_BITS"),
+    ({"QUANT_METHOD": "awq"}, "QUANT_METHOD"),
+    ({"GPTQ_CALIBRATION": "val"}, "GPTQ_CALIBRATION"),  # validation data is never a calibration source
+    ({"MAX_WALLCLOCK_SECONDS": "3"}, "GPTQ_RESERVE_SECONDS"),  # the 4 s reserve would not fit
+    ({"PRUNE_FRAC": "1"}, "PRUNE_FRAC"),
+    ({"COMPRESSOR": "xz"}, "COMPRESSOR"),
 ])
 def test_invalid_values_are_rejected_naming_the_variable(env, var):
     with pytest.raises(ValueError, match=rf"^{var}="):

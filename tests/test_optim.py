@@ -90,7 +90,7 @@ def test_momentum_warmup():
 
 
 def test_wallclock_warmdown_reaches_zero_at_the_cap():
-    h = tiny_h(iterations=20000, warmdown_iters=100, max_wallclock_seconds=10.0)  # 10 s cap
+    h = tiny_h(iterations=20000, warmdown_iters=100, max_wallclock_seconds=10.0, quant_method="rtn")  # 10 s cap
     step_ms = 20.0  # 500 steps fit; the warmdown covers the last 100 steps = 2000 ms
     assert lr_scale(h, 100, 100 * step_ms) == 1.0
     assert lr_scale(h, 400, 400 * step_ms) == pytest.approx(1.0)

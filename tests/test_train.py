@@ -50,7 +50,8 @@ def test_log_lines(sample_shards):
 
 
 def test_wallclock_cap_stops_training(sample_shards):
-    result, lines, _ = _train(sample_shards, iterations=10_000, max_wallclock_seconds=0.5, warmup_steps=0)
+    result, lines, _ = _train(sample_shards, iterations=10_000, max_wallclock_seconds=0.5, warmup_steps=0,
+                              quant_method="rtn")  # no calibration reserve
     stop = [l for l in lines if l.startswith("stopping_early: wallclock_cap")]
     assert len(stop) == 1 and result.steps < 10_000 and result.train_ms >= 500
     assert lines[-1].startswith(f"step:{result.steps}/10000 val_loss:")

@@ -1,0 +1,162 @@
+"""CPU benchmark of weight averaging, quantization and compression on the bundled sample.
+
+    python3 benchmarks/quant_proxy.py [--steps 300] [--skip-full-size]
+
+1. Averaging: the seed stack at the CPU proxy size (4 layers, d=128, sequence 256, 8,192 tokens a step) is
+   trained for --steps steps twice, identically except for the EMA rule: the records' fixed 0.997 and this
+   script's warm-up. Printed: val_bpb of the raw final weights and of the averaged ones.
+2. Quantization: on the warm-up-averaged model, round-to-nearest, GPTQ-lite and full GPTQ at int5 and int6
+   (embeddings int8, every matrix quantized: FP16_MAX_NUMEL=4096), each read back and scored; the gap is
+   round-trip val_bpb minus the averaged weights' val_bpb, with lzma bytes and the time each took.
+3. Entropy: the quantized symbols of the int6 GPTQ artifact (int8 for the embeddings) compressed by zstd-22 and lzma, divided by their order-0 Shannon
+   entropy (per tensor), i.e. how far the coder is from that limit; and the same ratio for the whole artifact.
+4. Full size: the default configuration (27M parameters) trained 2 steps on CPU on 16,384-token batches and
+   exported as a record run would: code bytes, model bytes and the total, which must fit 16,000,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "data")]
+import build_shards  # noqa: E402
+import train_gpt as tg  # noqa: E402
+
+DATA = ROOT / "data" / "datasets" / "sample_sp1024"
+TOKENIZER = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"
+PROXY = dict(NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="256",
+             TRAIN_BATCH_TOKENS="8192", VAL_BATCH_SIZE="65536", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0",
+             WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", DEVICE="cpu", VE_LAYERS="2,3",
+             FP16_MAX_NUMEL="4096", GPTQ_CALIB_TOKENS="32768")
+CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
+
+
+def proxy_h(steps: int, **extra) -> tg.Hyperparameters:
+    env = {**PROXY, "ITERATIONS": str(steps), "WARMDOWN_ITERS": str(round(steps * 4000 / 6920)),
+           "MUON_MOMENTUM_WARMUP_STEPS": str(round(steps * 1500 / 6920)), "DATA_PATH": str(DATA),
+           "TOKENIZER_PATH": str(TOKENIZER), **extra}
+    return tg.Hyperparameters.from_env(env)
+
+
+def trained(h: tg.Hyperparameters):
+    sp, train_files, val_files = tg.check_inputs(h)
+    torch.manual_seed(h.seed)
+    val = tg.load_validation(h, sp, val_files, CPU.device)
+    model = tg.build_model(h, CPU, sp.bos_id())
+    result = tg.train(h, CPU, model, train_files, val, lambda m: None)
+    hessians = tg.finish_training(h, CPU, model, result, lambda m: None)
+    return model, val, result, hessians, sp
+
+
+def averaging(steps: int):
+    rows, kept = [], None
+    for warmup in (0, 1):
+        h = proxy_h(steps, EMA_WARMUP=str(warmup))
+        model, val, result, hessians, sp = trained(h)
+        avg = tg.eval_val(h, CPU, model, val)
+        rows.append((f"EMA 0.997 {'with warm-up' if warmup else 'fixed (records)'}", result.final.val_bpb,
+                     avg.val_bpb))
+        kept = (h, model, val, hessians, sp, avg.val_bpb)
+    print("\n| EMA rule | raw final val_bpb | averaged val_bpb |\n|---|---|---|")
+    for name, raw, avg in rows:
+        print(f"| {name} | {raw:.4f} | {avg:.4f} |")
+    return kept
+
+
+def quantization(h, model, val, hessians, sp, before: float):
+    kinds = {n: k for k, members in tg.param_groups(model).items() for n, _ in members}
+    sd = model.state_dict()
+    print(f"\naveraged weights before quantization: val_bpb {before:.4f}")
+    print("| method | bits | round-trip val_bpb | gap | lzma bytes | quantize+encode s |\n|---|---|---|---|---|---|")
+    int6_gptq = None
+    for bits in (5, 6):
+        for method in ("rtn", "gptq_lite", "gptq"):
+            hq = tg.Hyperparameters(**{**vars(h), "quant_method": method, "quant_mlp_bits": bits,
+                                       "quant_attn_bits": bits, "compressor": "lzma"})
+            t0 = time.perf_counter()
+            tensors, meta = tg.quantize_state(hq, sd, kinds, hessians)
+            blob = tg.encode_artifact(tensors, meta, "lzma")
+            seconds = time.perf_counter() - t0
+            fresh = tg.build_model(hq, CPU, sp.bos_id())
+            fresh.load_state_dict(tg.decode_artifact(blob, hq, "benchmark"), strict=True)
+            r = tg.eval_val(hq, CPU, fresh, val)
+            print(f"| {method} | int{bits} | {r.val_bpb:.4f} | {r.val_bpb - before:+.4f} | {len(blob):,} | {seconds:.1f} |")
+            if bits == 6 and method == "gptq":
+                int6_gptq = (tensors, meta)
+    return int6_gptq
+
+
+def entropy(tensors: dict, meta: dict):
+    symbols = [tensors[n + ".q"] for n, i in meta["tensors"].items() if 0 < i["bits"] < tg.FP16]
+    bits = 0.0
+    for q in symbols:
+        counts = np.bincount(q.flatten().numpy().astype(np.int64) + 128, minlength=256)
+        p = counts[counts > 0] / counts.sum()
+        bits += -(counts[counts > 0] * np.log2(p)).sum()
+    raw = b"".join(q.numpy().tobytes() for q in symbols)
+    container = tg.pack_tensors(tensors, meta)
+    print(f"\nquantized symbols of the int6 GPTQ artifact (int6 matrices, int8 embeddings): "
+          f"{sum(q.numel() for q in symbols):,} values, order-0 entropy {bits / 8:,.0f} bytes "
+          f"({bits / sum(q.numel() for q in symbols):.3f} bits/value)")
+    print("| compressor | symbols: bytes | / entropy | whole artifact: bytes | seconds |\n|---|---|---|---|---|")
+    for comp in ("zstd", "lzma"):
+        t0 = time.perf_counter()
+        whole = len(tg.compress(container, comp))
+        seconds = time.perf_counter() - t0
+        sym = len(tg.compress(raw, comp))
+        print(f"| {comp} | {sym:,} | {sym / (bits / 8):.3f} | {whole:,} | {seconds:.1f} |")
+
+
+def full_size(work: Path):
+    """The default configuration, 2 steps on CPU, exported; reduced batch and validation so it runs on CPU."""
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    texts = [json.loads(line)["text"] for line in (ROOT / "data/sample/fineweb_sample.jsonl").read_text().splitlines()]
+    shards = work / "shards"
+    shards.mkdir()
+    encode = lambda ts: np.concatenate([[sp.bos_id()] + sp.encode(t) for t in ts]).astype(np.uint16)  # noqa: E731
+    build_shards.write_shard(shards / "fineweb_val_000000.bin", encode(texts[:10]))
+    build_shards.write_shard(shards / "fineweb_train_000000.bin", encode(texts[100:]))
+    env = {**os.environ, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(TOKENIZER), "DEVICE": "cpu",
+           "ITERATIONS": "2", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "16384",
+           "VAL_BATCH_SIZE": "16384", "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_CALIB_TOKENS": "8192", "RUN_ID": "full"}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=work, env=env, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"full-size run failed:\n{r.stderr[-3000:]}")
+    keep = ("model_params", "quantization", "Serialized", "Code size", "Total submission", "artifact", "narrow", "selective",
+            "final_")
+    print(f"\nfull-size default configuration, 2 CPU steps ({time.perf_counter() - t0:.0f} s):")
+    print("\n".join(line for line in r.stdout.splitlines() if line.startswith(keep)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--skip-full-size", action="store_true")
+    a = p.parse_args(argv)
+    if not DATA.is_dir():
+        build_shards.build([ROOT / "data" / "sample" / "fineweb_sample.jsonl"], DATA, TOKENIZER, num_val_docs=100)
+    torch.manual_seed(0)
+    h, model, val, hessians, sp, before = averaging(a.steps)
+    tensors, meta = quantization(h, model, val, hessians, sp, before)
+    entropy(tensors, meta)
+    if not a.skip_full_size:
+        with tempfile.TemporaryDirectory() as tmp:
+            full_size(Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
