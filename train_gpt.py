@@ -39,6 +39,7 @@ import resource
 import subprocess
 import sys
 import time
+import types
 import uuid
 import zlib
 from dataclasses import dataclass, fields
@@ -159,6 +160,20 @@ class Hyperparameters:
     fit_strategy: str = "bits"  # over the byte target: bits (narrow tensors, then prune) | prune (+-1 only) | none
     prune_margin_bytes: int = 1000  # byte target = 16,000,000 - code bytes - this
     compressor: str = "lzma"  # lzma | zstd | brotli | zlib
+    # final evaluation of the artifact
+    eval_seq_len: int = 0  # sliding-window length; 0 = TRAIN_SEQ_LEN
+    eval_stride: int = 64  # window advance; = the window length is the plain evaluator
+    eval_batch_seqs: int = 32  # windows per forward pass on each rank
+    # legal score-first test-time training (spec section 11.2)
+    ttt_enabled: bool = False
+    ttt_optimizer: str = "sgd"  # sgd | adamw
+    ttt_lr: float = 0.002  # cosine-decayed over the chunks
+    ttt_momentum: float = 0.9  # SGD momentum, or AdamW beta1
+    ttt_epochs: int = 3
+    ttt_chunk_tokens: int = 32_768
+    ttt_freeze_blocks: int = 0  # the first N blocks keep their weights
+    ttt_batch_seqs: int = 32  # EVAL_SEQ_LEN sequences per TTT step, all ranks together
+    ttt_grad_clip: float = 1.0  # global L2 norm; 0 = off
     # system
     device: str = "auto"  # auto | cpu | cuda
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
@@ -231,13 +246,26 @@ class Hyperparameters:
             ("COMPRESSOR", self.compressor in COMPRESSORS and (self.compressor != "brotli" or brotli is not None),
              f"must be one of {', '.join(COMPRESSORS)} (brotli only when the brotli package is installed)"),
         ]
+        L = eval_seq_len(self)
+        rules += [
+            ("EVAL_SEQ_LEN", self.eval_seq_len >= 0, "must be >= 0 (0 = TRAIN_SEQ_LEN)"),
+            ("EVAL_STRIDE", 1 <= self.eval_stride <= L, f"must be in [1, EVAL_SEQ_LEN={L}]"),
+            ("EVAL_BATCH_SEQS", self.eval_batch_seqs >= 1, "must be >= 1"),
+            ("TTT_OPTIMIZER", self.ttt_optimizer in ("sgd", "adamw"), "must be sgd or adamw"),
+            ("TTT_LR", self.ttt_lr > 0, "must be > 0"),
+            ("TTT_EPOCHS", self.ttt_epochs >= 1, "must be >= 1"),
+            ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens >= L, f"must be >= EVAL_SEQ_LEN={L} (one TTT sequence)"),
+            ("TTT_FREEZE_BLOCKS", 0 <= self.ttt_freeze_blocks <= self.num_layers,
+             f"must be in [0, NUM_LAYERS={self.num_layers}]"),
+            ("TTT_BATCH_SEQS", self.ttt_batch_seqs >= 1, "must be >= 1"),
+        ]
         rules += [(n.upper(), getattr(self, n) >= 0, "must be >= 0") for n in (
-            "gptq_reserve_seconds", "prune_margin_bytes", "fp16_max_numel",
+            "gptq_reserve_seconds", "prune_margin_bytes", "fp16_max_numel", "ttt_grad_clip",
             "iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
             "max_wallclock_seconds", "muon_momentum_warmup_steps", "tied_embed_init_std", "embed_lr", "head_lr",
             "tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm")]
         rules += [(n.upper(), 0 <= getattr(self, n) < 1, "must be in [0, 1)") for n in (
-            "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay")]
+            "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_momentum")]
         for name, ok, what in rules:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name.lower())!r}: {what}")
@@ -267,6 +295,10 @@ def rope_layout(h: Hyperparameters) -> tuple[int, float]:
 def xsa_layers(h: Hyperparameters) -> list[int]:
     n = h.num_layers if h.xsa_last_n == -1 else h.xsa_last_n
     return list(range(h.num_layers - n, h.num_layers))
+
+
+def eval_seq_len(h: Hyperparameters) -> int:
+    return h.eval_seq_len or h.train_seq_len
 
 
 def value_embed_layers(h: Hyperparameters) -> list[int]:
@@ -398,20 +430,39 @@ def load_data_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
     return tokens
 
 
+class TrainingData:
+    """The training shards behind a gate. run() closes it when the training clock stops (after GPTQ calibration
+    on training tokens), and from then on every read raises: evaluation cannot touch training data (spec
+    section 1.2). tokens_read counts every token handed out, compile warm-up included."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size, self.closed, self.tokens_read = files, vocab_size, False, 0
+
+    def check_open(self, what: str):
+        if self.closed:
+            raise RuntimeError(f"{what}: training data read after the training clock stopped (spec section 1.2)")
+
+    def close(self):
+        self.closed = True
+
+
 class TokenStream:
     """The training shards read in sorted order, front to back, wrapping around after the last one."""
 
-    def __init__(self, files: list[str], vocab_size: int):
-        self.files, self.vocab_size = files, vocab_size
-        self.file_idx, self.epoch = -1, 0
+    def __init__(self, data: TrainingData):
+        self.data, self.file_idx, self.epoch = data, -1, 0
         self._advance()
 
     def _advance(self):
-        self.file_idx = (self.file_idx + 1) % len(self.files)
+        self.file_idx = (self.file_idx + 1) % len(self.data.files)
         self.epoch += self.file_idx == 0
-        self.tokens, self.pos = load_data_shard(self.files[self.file_idx], self.vocab_size), 0
+        path = self.data.files[self.file_idx]
+        self.data.check_open(path)
+        self.tokens, self.pos = load_data_shard(path, self.data.vocab_size), 0
 
     def take(self, n: int) -> np.ndarray:
+        self.data.check_open(self.data.files[self.file_idx])
+        self.data.tokens_read += n
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
@@ -427,8 +478,8 @@ class DistributedTokenLoader:
     span, so ranks never share data, and over the MICROBATCHES micro-batches of a step the ranks together
     cover the same stretch of the stream whatever the world size. The +1 token is the last target."""
 
-    def __init__(self, files: list[str], rank: int, world_size: int, vocab_size: int):
-        self.stream, self.rank, self.world_size = TokenStream(files, vocab_size), rank, world_size
+    def __init__(self, data: TrainingData, rank: int, world_size: int):
+        self.stream, self.rank, self.world_size = TokenStream(data), rank, world_size
 
     def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1
@@ -494,14 +545,17 @@ class ValidationData:
 
 def load_validation(h: Hyperparameters, sp, files: list[str], device: torch.device) -> ValidationData:
     tokens = np.concatenate([load_data_shard(f, h.vocab_size) for f in files])
-    usable = (len(tokens) - 1) // h.train_seq_len * h.train_seq_len
+    return make_validation(tokens, build_byte_luts(sp, h.vocab_size).to(device), h.train_seq_len)
+
+
+def make_validation(tokens: np.ndarray, luts: ByteLUTs, seq_len: int) -> ValidationData:
+    usable = (len(tokens) - 1) // seq_len * seq_len
     tokens = tokens[: usable + 1]
-    luts = build_byte_luts(sp, h.vocab_size).to(device)
-    total, chunk = 0, 1 << 22
+    total, chunk, device = 0, 1 << 22, luts.base_bytes.device
     for s in range(0, usable, chunk):
         t = torch.from_numpy(tokens[s : s + chunk + 1].astype(np.int64)).to(device)
         total += int(token_bytes(luts, t[:-1], t[1:]).sum())
-    return ValidationData(tokens, luts, h.train_seq_len, total)
+    return ValidationData(tokens, luts, seq_len, total)
 
 
 def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[str], list[str]]:
@@ -726,7 +780,7 @@ class GPT(nn.Module):
     half of the blocks to the second (LIFO, learned per-channel weights), BigramHash and SmearGate on the
     input, value embeddings, XSA and LN scale in the blocks, orthogonal init."""
 
-    def __init__(self, h: Hyperparameters, bos_id: int = 1, use_fa3: bool = False):
+    def __init__(self, h: Hyperparameters, bos_id: int = 1, use_fa3: bool = False, qat: bool = True):
         super().__init__()
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
@@ -748,7 +802,8 @@ class GPT(nn.Module):
                              persistent=False)
         if h.ortho_init:
             init_orthogonal(self, h.num_layers)
-        configure_qat(self, h)
+        if qat:  # a model for evaluation and TTT skips the fake-quantization work entirely
+            configure_qat(self, h)
 
     def forward_logits(self, input_ids: Tensor) -> Tensor:
         e = self.tok_emb(input_ids)
@@ -1400,29 +1455,127 @@ class EvalResult:
     bytes: int
 
 
-@torch.inference_mode()
-def eval_val(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData) -> EvalResult:
-    """Non-overlapping TRAIN_SEQ_LEN windows; rank r scores a contiguous range of them. Loss, token and byte
-    sums are float64 and all-reduced, so every validation target is counted exactly once."""
-    T = val.seq_len
-    seqs = val.num_targets // T
-    lo, hi = seqs * d.rank // d.world_size, seqs * (d.rank + 1) // d.world_size
-    batch = max(1, h.val_batch_size // (MICROBATCHES * T))
-    sums = torch.zeros(3, dtype=torch.float64, device=d.device)
-    was_training = model.training
-    model.eval()
-    for s in range(lo, hi, batch):
-        e = min(s + batch, hi)
-        t = torch.from_numpy(val.tokens[s * T : e * T + 1].astype(np.int64)).to(d.device)
-        x, y = t[:-1].view(-1, T), t[1:].view(-1, T)
+def window_ends(n: int, seq_len: int, stride: int) -> np.ndarray:
+    """The evaluation windows over n targets, as their exclusive ends: window k scores the targets
+    [ends[k-1], ends[k]) (ends[-1] = 0) and reads the min(seq_len, n) inputs before ends[k]. So every target is
+    scored exactly once, after the first window with at least seq_len - stride tokens of context, and the last
+    window ends at n with full context (the records instead let 31 tail windows re-score the final 64 targets,
+    spec section 16.1). stride = seq_len gives non-overlapping windows: the plain evaluator."""
+    first = min(seq_len, n)
+    return np.minimum(first + stride * np.arange(math.ceil((n - first) / stride) + 1), n)
+
+
+def score_windows(d: Dist, model: nn.Module, val: ValidationData, ends: np.ndarray, L: int, lo: int, hi: int,
+                  batch: int, sums: Tensor, trace: Tensor | None):
+    """Add loss, tokens and bytes of windows lo..hi-1 to sums (float64). A short last batch is padded with
+    masked copies of its last window, so every forward pass has the same shape (no torch.compile recompile).
+    trace, if given, is a (2, n) float64 tensor that gets each scored target's count and loss."""
+    pos = torch.arange(L, device=d.device)
+    for b in range(lo, hi, batch):
+        k = np.arange(b, b + batch)
+        valid, k = k < hi, np.minimum(k, hi - 1)
+        end = ends[k]
+        start, count = end - L, np.where(valid, end - np.where(k > 0, ends[k - 1], 0), 0)  # count: targets scored
+        rows = torch.from_numpy(val.tokens[start[:, None] + np.arange(L + 1)].astype(np.int64)).to(d.device)
+        x, y = rows[:, :-1], rows[:, 1:]
+        mask = pos[None, :] >= L - torch.from_numpy(count).to(d.device)[:, None]
         with d.autocast():
             loss = model(x, y, reduction="none")
-        sums[0] += loss.double().sum()
-        sums[1] += y.numel()
-        sums[2] += token_bytes(val.luts, x, y).double().sum()
+        m = mask.double()
+        sums += torch.stack([(loss.double() * m).sum(), m.sum(), (token_bytes(val.luts, x, y).double() * m).sum()])
+        if trace is not None:
+            target = (torch.from_numpy(start).to(d.device)[:, None] + pos)[mask]
+            trace[0].index_add_(0, target, torch.ones_like(target, dtype=torch.float64))
+            trace[1].index_add_(0, target, loss[mask].double())
+
+
+def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData, seq_len: int, stride: int,
+             batch: int, ttt: ScoreFirstTTT | None = None, trace: Tensor | None = None, log=None) -> EvalResult:
+    """val_bpb over windows of seq_len inputs advancing by `stride` (window_ends), `batch` windows per pass. Each rank scores a
+    contiguous share of the windows; loss, token and byte sums are float64 and all-reduced, so every
+    validation target counts exactly once. With ttt, the stream is cut into TTT_CHUNK_TOKENS-target chunks,
+    each window belongs to the chunk of its first scored target, and after a chunk is scored (and counted)
+    the weights train on it: chunk c is scored by weights that have seen only chunks before c."""
+    n = val.num_targets
+    L = min(seq_len, n)
+    ends = window_ends(n, L, stride)
+    starts = np.concatenate(([0], ends[:-1]))
+    chunk = h.ttt_chunk_tokens if ttt else n
+    n_chunks = math.ceil(n / chunk)
+    bounds = np.searchsorted(starts, np.arange(n_chunks + 1) * chunk)
+    sums = torch.zeros(3, dtype=torch.float64, device=d.device)
+    was_training, t0 = model.training, time.perf_counter()
+    for c in range(n_chunks):
+        a, b = bounds[c], bounds[c + 1]
+        model.eval()
+        with torch.inference_mode():
+            score_windows(d, model, val, ends, L, a + (b - a) * d.rank // d.world_size,
+                          a + (b - a) * (d.rank + 1) // d.world_size, batch, sums, trace)
+        if ttt and c < n_chunks - 1:
+            ttt.adapt(val, c, n_chunks)
+        if ttt and log and (c % 10 == 0 or c == n_chunks - 1):
+            loss, _, nbytes = d.all_reduce(sums.clone()).tolist()
+            log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={loss / (math.log(2) * max(nbytes, 1)):.6f} "
+                f"time={time.perf_counter() - t0:.1f}s")
     model.train(was_training)
+    if trace is not None:
+        d.all_reduce(trace)
     loss_sum, n_tokens, n_bytes = d.all_reduce(sums).tolist()
     return EvalResult(loss_sum / n_tokens, loss_sum / (math.log(2) * n_bytes), int(n_tokens), int(n_bytes))
+
+
+def eval_val(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData) -> EvalResult:
+    """The plain evaluator: non-overlapping windows, VAL_BATCH_SIZE tokens per pass over all ranks."""
+    T = val.seq_len
+    return evaluate(h, d, model, val, T, T, max(1, h.val_batch_size // (MICROBATCHES * T)))
+
+
+class ScoreFirstTTT:
+    """Legal score-first test-time training (spec section 11.2): evaluate() calls adapt(c) only after chunk c
+    has been scored, and its targets are the only ones trained on. A step is TTT_BATCH_SEQS sequences of the
+    chunk over all ranks; each rank backpropagates its share of their mean loss and the gradients are summed
+    over ranks, so every rank applies the same update to the same weights, whatever the world size. The
+    learning rate follows a cosine over the chunks; the optimizer state carries over from chunk to chunk."""
+
+    def __init__(self, h: Hyperparameters, d: Dist, model: nn.Module, base: GPT):
+        self.h, self.d, self.model = h, d, model
+        frozen = {id(p) for block in base.blocks[: h.ttt_freeze_blocks] for p in block.parameters()}
+        self.params = [p for p in base.parameters() if id(p) not in frozen]
+        for p in base.parameters():
+            p.requires_grad_(id(p) not in frozen)
+        self.frozen = sum(p.numel() for p in base.parameters()) - sum(p.numel() for p in self.params)
+        self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum) if h.ttt_optimizer == "sgd" \
+            else torch.optim.AdamW(self.params, lr=h.ttt_lr, betas=(h.ttt_momentum, 0.999), weight_decay=0.0)
+
+    def adapt(self, val: ValidationData, c: int, n_chunks: int):
+        h, d, S = self.h, self.d, eval_seq_len(self.h)
+        for g in self.opt.param_groups:
+            g["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        start = c * h.ttt_chunk_tokens
+        seqs = (min(start + h.ttt_chunk_tokens, val.num_targets) - start) // S  # a partial last sequence is skipped
+        self.model.train()
+        for _ in range(h.ttt_epochs):
+            for b in range(0, seqs, h.ttt_batch_seqs):
+                e = min(b + h.ttt_batch_seqs, seqs)
+                lo, hi = b + (e - b) * d.rank // d.world_size, b + (e - b) * (d.rank + 1) // d.world_size
+                if hi > lo:
+                    t = torch.from_numpy(val.tokens[start + lo * S : start + hi * S + 1].astype(np.int64)).to(d.device)
+                    with d.autocast():
+                        loss = self.model(t[:-1].view(-1, S), t[1:].view(-1, S), reduction="none")
+                    (loss.sum() / ((e - b) * S)).backward()
+                self.step()
+
+    def step(self):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.d.world_size > 1:  # one all-reduce of all gradients (a rank without sequences adds zeros)
+            flat = self.d.all_reduce(torch.cat([g.flatten() for g in grads]))
+            grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        if self.h.ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.h.ttt_grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1434,8 +1587,20 @@ def use_compile(h: Hyperparameters, d: Dist) -> bool:
     return h.compile == "1" or (h.compile == "auto" and d.cuda)
 
 
-def build_model(h: Hyperparameters, d: Dist, bos_id: int) -> GPT:
-    return GPT(h, bos_id, use_fa3=flash_attn_func is not None and d.cuda).to(d.device)
+def build_model(h: Hyperparameters, d: Dist, bos_id: int, qat: bool = True) -> GPT:
+    return GPT(h, bos_id, use_fa3=flash_attn_func is not None and d.cuda, qat=qat).to(d.device)
+
+
+def forward_flops_per_token(h: Hyperparameters, seq_len: int) -> tuple[float, float]:
+    """Forward FLOPs per token of a causal pass over seq_len tokens, as (matmuls, attention): 2 per weight of
+    every projection (blocks, bigram and value-embedding projections, the head), and 4 x heads x head_dim per
+    attended position (scores and mixing), (seq_len + 1) / 2 positions on average. Backward costs twice this."""
+    hd = h.model_dim // h.num_heads
+    kv, hidden = h.num_kv_heads * hd, int(h.mlp_mult * h.model_dim)
+    block = 2 * h.model_dim * h.model_dim + 2 * h.model_dim * kv + 2 * h.model_dim * hidden
+    extra = h.model_dim * h.vocab_size + (h.bigram_dim * h.model_dim if h.bigram_vocab_size else 0) + \
+        (h.ve_dim * kv if value_embed_layers(h) else 0)
+    return 2.0 * (h.num_layers * block + extra), h.num_layers * 4.0 * h.num_heads * hd * (seq_len + 1) / 2
 
 
 def describe_features(h: Hyperparameters) -> str:
@@ -1452,14 +1617,16 @@ def describe_features(h: Hyperparameters) -> str:
 @dataclass
 class TrainResult:
     steps: int
-    train_ms: float
+    train_ms: float  # the training loop, validation excluded
+    warmup_ms: float  # compile warm-up, not charged (spec section 15)
+    val_ms: float  # periodic validation, not charged
     final: EvalResult  # the raw (not averaged) weights at the last step
     loader: DistributedTokenLoader  # where training stopped reading
     averager: EMA | SWA | None
     eval_model: nn.Module  # the model as compiled for evaluation
 
 
-def train(h: Hyperparameters, d: Dist, base_model: GPT, train_files: list[str], val: ValidationData,
+def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val: ValidationData,
           log) -> TrainResult:
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile(h, d) else base_model
     model = DDP(compiled, device_ids=[d.local_rank] if d.cuda else None, broadcast_buffers=False) \
@@ -1485,9 +1652,10 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, train_files: list[str], 
         return total / d.grad_accum_steps
 
     def new_loader() -> DistributedTokenLoader:
-        return DistributedTokenLoader(train_files, d.rank, d.world_size, h.vocab_size)
+        return DistributedTokenLoader(data, d.rank, d.world_size)
 
     # Compile warm-up: real steps, then weights, optimizer state and data position go back to the start.
+    t0 = time.perf_counter()
     if h.warmup_steps > 0:
         snapshot = copy.deepcopy((base_model.state_dict(), opt.state_dict()))
         loader = new_loader()
@@ -1498,6 +1666,8 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, train_files: list[str], 
         opt.load_state_dict(snapshot[1])
         opt.zero_grad()
     loader, averager, params = new_loader(), make_averager(h, base_model, log), list(base_model.parameters())
+    d.sync()
+    warmup_ms, val_ms = 1000 * (time.perf_counter() - t0), 0.0
 
     # elapsed_ms is the slowest rank's training time, all-reduced every step: every rank takes the LR scale,
     # the stop, the QAT switch and the SWA snapshots from the same number, so the replicas stay identical.
@@ -1509,13 +1679,15 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, train_files: list[str], 
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             d.sync()
             train_ms += 1000 * (time.perf_counter() - t0)
+            t_val = time.perf_counter()
             result = eval_val(h, d, compiled, val)
             log(f"step:{step}/{h.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             d.sync()
             t0 = time.perf_counter()
+            val_ms += 1000 * (t0 - t_val)
         if last:
-            return TrainResult(step, train_ms, result, loader, averager, compiled)
+            return TrainResult(step, train_ms, warmup_ms, val_ms, result, loader, averager, compiled)
         scale = lr_scale(h, step, elapsed_ms)
         if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not qat:
             set_qat(base_model, True)
@@ -1539,14 +1711,14 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, train_files: list[str], 
 SELFGEN_TEMPERATURE = 0.8  # PR #1019's sampling temperature for self-generated calibration text
 
 
-def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader, budget_ms: float):
+def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader, budget_ms: float | None):
     """Calibration inputs from the training stream, continuing where training stopped, until this rank has its
-    share of GPTQ_CALIB_TOKENS or the next batch would overrun budget_ms (0 = no limit)."""
+    share of GPTQ_CALIB_TOKENS or the next batch would overrun budget_ms (None = no limit)."""
     seqs = max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
     t0, n, batch_ms = time.perf_counter(), 0, 0.0
     while n < h.gptq_calib_tokens / d.world_size:
         start = 1000 * (time.perf_counter() - t0)
-        if budget_ms and start + batch_ms > budget_ms:
+        if budget_ms is not None and start + batch_ms >= budget_ms:
             return
         x, _ = loader.next_batch(seqs * h.train_seq_len, h.train_seq_len, d.device)
         yield x
@@ -1607,53 +1779,104 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} " +
         " ".join(f"{k}:{sum(p.numel() for _, p in v)}" for k, v in groups.items()))
     log(describe_features(h))
+    mm, att = forward_flops_per_token(h, h.train_seq_len)
+    log(f"model_flops forward_per_token matmul:{mm:.4g} attention:{att:.4g} "
+        f"train_step:{3 * (mm + att) * h.train_batch_tokens:.4g}")
     log(f"world_size:{d.world_size} grad_accum_steps:{d.grad_accum_steps}")
     log(f"device:{d.device} compile:{int(use_compile(h, d))} autocast:{'bf16' if d.cuda else 'off'} "
         f"attention:{'fa3' if base_model.blocks[0].attn.use_fa3 else 'sdpa'}")
     log(f"seed:{h.seed}")
 
-    result = train(h, d, base_model, train_files, val, log)
+    data = TrainingData(train_files, h.vocab_size)
+    result = train(h, d, base_model, data, val, log)
     if d.cuda:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     else:  # the whole process's peak resident set (Linux reports KiB)
         log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
-    hessians = finish_training(h, d, base_model, result, log)
-    t0 = time.perf_counter()
-    r = eval_val(h, d, result.eval_model, val)
-    log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-        f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    ledger = TimeLedger(d, log)
+    ledger.add("compile_warmup", None, result.warmup_ms)
+    ledger.add("periodic_validation", None, result.val_ms)
+    ledger.add("train_loop", "train", result.train_ms)
+    hessians = finish_training(h, d, base_model, result, ledger, log)
+    data.close()  # the training clock has stopped: from here on a read of training data raises
+    log(f"training_data:closed tokens_read:{data.tokens_read}")
+    with ledger.phase("diagnostic_eval", "eval") as t:
+        r = eval_val(h, d, result.eval_model, val)
+    log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{t.ms:.0f}ms")
     if h.quant_method == "gptq" and h.gptq_calibration == "selfgen":
-        t0 = time.perf_counter()
-        hessians, n = collect_hessians(base_model, generated_batches(h, d, base_model, sp.bos_id()), d)
-        log(f"gptq:calibration source:selfgen tokens:{n} time:{1000 * (time.perf_counter() - t0):.0f}ms "
-            "(generated by the model, no data read)")
-    if d.is_main:
-        export(h, base_model, groups, hessians, len(code_bytes), log)
-    d.barrier()
-    score_artifact(h, d, val, sp.bos_id(), log)
+        with ledger.phase("gptq_calibration", "eval") as t:
+            hessians, n = collect_hessians(base_model, generated_batches(h, d, base_model, sp.bos_id()), d)
+        log(f"gptq:calibration source:selfgen tokens:{n} time:{t.ms:.0f}ms (generated by the model, no data read)")
+    with ledger.phase("export", "eval"):
+        if d.is_main:
+            export(h, base_model, groups, hessians, len(code_bytes), log)
+        d.barrier()
+    score_artifact(h, d, val, sp.bos_id(), ledger, log)
+    ledger.summary()
     d.barrier()  # no rank tears down its gloo/NCCL group while another still talks to it (gloo aborted ~2% of runs)
 
 
-def finish_training(h: Hyperparameters, d: Dist, model: GPT, result: TrainResult, log) -> dict[str, Tensor] | None:
-    """What still belongs to the training budget: load the averaged weights, then, for GPTQ calibrated on
-    training tokens, collect the Hessians in the time left before MAX_WALLCLOCK_SECONDS."""
-    log(f"averaging:{apply_average(model, result.averager)} applied")
-    if not uses_train_calibration(h):
+BUDGET_MS = 600_000  # each of training and evaluation (spec section 1.1)
+
+
+class TimeLedger:
+    """Wall time of every phase after setup, charged to the training or the evaluation budget by the rules of
+    spec section 15 (None: not charged, like compile warm-up and periodic validation). Each phase is logged as
+    it ends, the totals at the end, and a total over 600 s gets one line saying so."""
+
+    def __init__(self, d: Dist, log):
+        self.d, self.log, self.total = d, log, {"train": 0.0, "eval": 0.0, None: 0.0}
+
+    def add(self, name: str, budget: str | None, ms: float):
+        self.total[budget] += ms
+        self.log(f"time_ledger phase:{name} ms:{ms:.0f} charged_to:{budget or 'none'}")
+
+    @contextlib.contextmanager
+    def phase(self, name: str, budget: str | None):
+        span = types.SimpleNamespace(ms=0.0)
+        self.d.sync()
+        t0 = time.perf_counter()
+        yield span
+        self.d.sync()
+        span.ms = 1000 * (time.perf_counter() - t0)
+        self.add(name, budget, span.ms)
+
+    def summary(self):
+        self.log(f"time_ledger train:{self.total['train']:.0f}ms eval:{self.total['eval']:.0f}ms "
+                 f"not_charged:{self.total[None]:.0f}ms budget_each:{BUDGET_MS}ms")
+        for budget, what in (("train", "training"), ("eval", "evaluation")):
+            if self.total[budget] > BUDGET_MS:
+                self.log(f"time_ledger OVER_BUDGET: {what} took {self.total[budget] / 1000:.1f}s, more than the "
+                         f"{BUDGET_MS // 1000}s the rules allow; this run is not a valid record")
+
+
+def finish_training(h: Hyperparameters, d: Dist, model: GPT, result: TrainResult, ledger: TimeLedger,
+                    log) -> dict[str, Tensor] | None:
+    """Load the averaged weights, then, for GPTQ calibrated on training tokens, collect the Hessians in the
+    time left of MAX_WALLCLOCK_SECONDS. With that calibration both belong to the training budget (the
+    averaging must precede it); otherwise averaging is the first step of the evaluation budget."""
+    train_calib = uses_train_calibration(h)
+    with ledger.phase("averaging", "train" if train_calib else "eval"):
+        log(f"averaging:{apply_average(model, result.averager)} applied")
+    if not train_calib:
         return None
-    t0 = time.perf_counter()
-    budget = 1000 * h.max_wallclock_seconds - result.train_ms if h.max_wallclock_seconds > 0 else 0.0
-    hessians, n = collect_hessians(model, training_batches(h, d, result.loader, budget), d)
-    d.sync()
-    ms = 1000 * (time.perf_counter() - t0)
-    log(f"gptq:calibration source:train tokens:{n} time:{ms:.0f}ms train_time_total:{result.train_ms + ms:.0f}ms "
+    budget = 1000 * h.max_wallclock_seconds - ledger.total["train"] if h.max_wallclock_seconds > 0 else None
+    with ledger.phase("gptq_calibration", "train") as t:
+        hessians, n = collect_hessians(model, training_batches(h, d, result.loader, budget), d)
+    log(f"gptq:calibration source:train tokens:{n} time:{t.ms:.0f}ms train_time_total:{ledger.total['train']:.0f}ms "
         f"cap:{1000 * h.max_wallclock_seconds:.0f}ms")
+    if n == 0:
+        log("gptq:calibration read no tokens before the cap (raise GPTQ_RESERVE_SECONDS); quantizing without "
+            "Hessians (the GPTQ-lite clip search)")
+        return None
     return hessians
 
 
-def artifact_label(h: Hyperparameters) -> str:
+def quant_label(h: Hyperparameters) -> str:
+    """The records' name of the export format in score lines: int<N>, N the wider of the MLP and attention widths."""
     bits = max(h.quant_mlp_bits, h.quant_attn_bits)
-    return f"{'fp16' if bits == FP16 else f'int{bits}'}_{h.compressor}"
+    return "fp16" if bits == FP16 else f"int{bits}"
 
 
 def export(h: Hyperparameters, model: GPT, groups: dict, hessians: dict[str, Tensor] | None, code_bytes: int, log):
@@ -1664,7 +1887,7 @@ def export(h: Hyperparameters, model: GPT, groups: dict, hessians: dict[str, Ten
     write_atomic(ARTIFACT_PATH, blob)
     log(f"quantization method:{h.quant_method} bits:mlp{h.quant_mlp_bits}/attn{h.quant_attn_bits}/"
         f"embed{h.quant_embed_bits} fit:{h.fit_strategy} time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    label, total = artifact_label(h).replace("_", "+"), code_bytes + len(blob)
+    label, total = f"{quant_label(h)}+{h.compressor}", code_bytes + len(blob)
     log(f"Serialized model {label}: {len(blob)} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size {label}: {total} bytes")
@@ -1672,21 +1895,45 @@ def export(h: Hyperparameters, model: GPT, groups: dict, hessians: dict[str, Ten
         f"headroom_bytes:{CAP_BYTES - total} fits:{int(total <= CAP_BYTES)}")
 
 
-def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int, log):
-    """Score what a grader would load: the file on disk, decoded into a fresh model."""
-    with open(ARTIFACT_PATH, "rb") as f:
-        state = decode_artifact(f.read(), h, ARTIFACT_PATH)
-    model = build_model(h, d, bos_id)
-    model.load_state_dict(state, strict=True)
-    if use_compile(h, d):
-        model = torch.compile(model, dynamic=False, fullgraph=True)
-    d.sync()
-    t0 = time.perf_counter()
-    r = eval_val(h, d, model, val)
-    d.sync()
-    label = f"final_{artifact_label(h)}_roundtrip"
-    log(f"{label} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    log(f"{label}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int, ledger: TimeLedger, log):
+    """Score what a grader would load: the file on disk, decoded into a fresh model. The plain round trip, then
+    the sliding window (unless it is the same evaluation), then legal TTT when enabled; the last of these is
+    the run's score, repeated in the baseline's final_int8_zlib_roundtrip_exact line."""
+    with ledger.phase("load_artifact", "eval"):
+        with open(ARTIFACT_PATH, "rb") as f:
+            state = decode_artifact(f.read(), h, ARTIFACT_PATH)
+        base = build_model(h, d, bos_id, qat=False)
+        base.load_state_dict(state, strict=True)
+        model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(h, d) else base
+    q, L, stride = quant_label(h), eval_seq_len(h), h.eval_stride
+
+    def report(name: str, r: EvalResult, ms: float, extra: str = ""):
+        log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{ms:.0f}ms")
+        log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+        return name + "_exact", r
+
+    with ledger.phase("roundtrip_eval", "eval") as t:
+        r = eval_val(h, d, model, val)
+    score = report(f"final_{q}_roundtrip", r, t.ms)
+    if (L, stride) != (val.seq_len, val.seq_len):
+        windows = len(window_ends(val.num_targets, min(L, val.num_targets), stride))
+        log(f"final_eval_mode:sliding_window seq_len:{L} stride:{stride} batch_seqs:{h.eval_batch_seqs} "
+            f"windows:{windows}")
+        with ledger.phase("sliding_window_eval", "eval") as t:
+            r = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs)
+        score = report(f"final_{q}_sliding_window", r, t.ms, f" stride:{stride}")
+    if h.ttt_enabled:
+        ttt = ScoreFirstTTT(h, d, model, base)
+        log(f"ttt_sliding:start chunks={math.ceil(val.num_targets / h.ttt_chunk_tokens)} "
+            f"chunk_tokens={h.ttt_chunk_tokens} seq_len={L} stride={stride} optimizer={h.ttt_optimizer} "
+            f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks}")
+        log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in ttt.params)} frozen={ttt.frozen}")
+        with ledger.phase("ttt_eval", "eval") as t:
+            r = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs, ttt=ttt, log=log)
+        score = report("legal_ttt", r, t.ms)
+    name, r = score
+    log(f"official_score source:{name} (repeated below under the baseline's name)")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
 
 
 def main():

@@ -56,8 +56,8 @@ def trained(h: tg.Hyperparameters):
     torch.manual_seed(h.seed)
     val = tg.load_validation(h, sp, val_files, CPU.device)
     model = tg.build_model(h, CPU, sp.bos_id())
-    result = tg.train(h, CPU, model, train_files, val, lambda m: None)
-    hessians = tg.finish_training(h, CPU, model, result, lambda m: None)
+    result = tg.train(h, CPU, model, tg.TrainingData(train_files, h.vocab_size), val, lambda m: None)
+    hessians = tg.finish_training(h, CPU, model, result, tg.TimeLedger(CPU, lambda m: None), lambda m: None)
     return model, val, result, hessians, sp
 
 
@@ -131,7 +131,8 @@ def full_size(work: Path):
     build_shards.write_shard(shards / "fineweb_train_000000.bin", encode(texts[100:]))
     env = {**os.environ, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(TOKENIZER), "DEVICE": "cpu",
            "ITERATIONS": "2", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "16384",
-           "VAL_BATCH_SIZE": "16384", "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_CALIB_TOKENS": "8192", "RUN_ID": "full"}
+           "VAL_BATCH_SIZE": "16384", "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_CALIB_TOKENS": "8192", "RUN_ID": "full",
+           "EVAL_STRIDE": "2048"}  # the plain evaluator only: a 27M-parameter sliding window is slow on CPU
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=work, env=env, capture_output=True, text=True)
     if r.returncode:
@@ -142,13 +143,18 @@ def full_size(work: Path):
     print("\n".join(line for line in r.stdout.splitlines() if line.startswith(keep)))
 
 
+def ensure_sample():
+    """The quickstart's shards of the bundled sample, built once."""
+    if not DATA.is_dir():
+        build_shards.build([ROOT / "data" / "sample" / "fineweb_sample.jsonl"], DATA, TOKENIZER, num_val_docs=100)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--skip-full-size", action="store_true")
     a = p.parse_args(argv)
-    if not DATA.is_dir():
-        build_shards.build([ROOT / "data" / "sample" / "fineweb_sample.jsonl"], DATA, TOKENIZER, num_val_docs=100)
+    ensure_sample()
     torch.manual_seed(0)
     h, model, val, hessians, sp, before = averaging(a.steps)
     tensors, meta = quantization(h, model, val, hessians, sp, before)

@@ -57,6 +57,18 @@ def test_env_parsing_casts_by_default_type():
     ({"MAX_WALLCLOCK_SECONDS": "3"}, "GPTQ_RESERVE_SECONDS"),  # the 4 s reserve would not fit
     ({"PRUNE_FRAC": "1"}, "PRUNE_FRAC"),
     ({"COMPRESSOR": "xz"}, "COMPRESSOR"),
+    ({"EVAL_STRIDE": "0"}, "EVAL_STRIDE"),
+    ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE"),  # longer than the 2048-token window
+    ({"TRAIN_SEQ_LEN": "32"}, "EVAL_STRIDE"),  # the default stride 64 exceeds the window it would slide
+    ({"EVAL_SEQ_LEN": "-1"}, "EVAL_SEQ_LEN"),
+    ({"EVAL_BATCH_SEQS": "0"}, "EVAL_BATCH_SEQS"),
+    ({"TTT_OPTIMIZER": "lion"}, "TTT_OPTIMIZER"),
+    ({"TTT_LR": "0"}, "TTT_LR"),
+    ({"TTT_EPOCHS": "0"}, "TTT_EPOCHS"),
+    ({"TTT_CHUNK_TOKENS": "1024"}, "TTT_CHUNK_TOKENS"),  # shorter than one 2048-token sequence
+    ({"TTT_FREEZE_BLOCKS": "12"}, "TTT_FREEZE_BLOCKS"),
+    ({"TTT_MOMENTUM": "1"}, "TTT_MOMENTUM"),
+    ({"TTT_GRAD_CLIP": "-1"}, "TTT_GRAD_CLIP"),
 ])
 def test_invalid_values_are_rejected_naming_the_variable(env, var):
     with pytest.raises(ValueError, match=rf"^{var}="):

@@ -58,7 +58,7 @@ def _stream_files(tmp_path, sizes):
 
 def test_stream_crosses_shards_and_wraps_around(tmp_path):
     files, total = _stream_files(tmp_path, [5, 0, 7, 3])
-    stream = TokenStream(files, 65536)
+    stream = TokenStream(train_gpt.TrainingData(files, 65536))
     got = np.concatenate([stream.take(4) for _ in range(10)])
     assert np.array_equal(got, np.arange(40) % total) and stream.epoch == 3
 
@@ -69,7 +69,7 @@ def test_rank_slices_are_disjoint_and_cover_the_same_stream(tmp_path, world_size
     seq_len, local_tokens, steps = 8, 32, 3
     seen = []  # (position of each input token, rank)
     for rank in range(world_size):
-        loader = DistributedTokenLoader(files, rank, world_size, 65536)
+        loader = DistributedTokenLoader(train_gpt.TrainingData(files, 65536), rank, world_size)
         for _ in range(steps * MICROBATCHES // world_size):
             x, y = loader.next_batch(local_tokens, seq_len, torch.device("cpu"))
             assert x.shape == (local_tokens // seq_len, seq_len) and torch.equal(y.flatten()[:-1], x.flatten()[1:])

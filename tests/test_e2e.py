@@ -29,7 +29,8 @@ def field(text, line_start, key):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sample_shards):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    return (one, run_script(one, sample_shards)), (two, run_script(two, sample_shards, nproc=2))
+    env = dict(EVAL_STRIDE="32", TTT_ENABLED="1", TTT_CHUNK_TOKENS="8192")  # every evaluator runs
+    return (one, run_script(one, sample_shards, **env)), (two, run_script(two, sample_shards, nproc=2, **env))
 
 
 def test_single_process_run_reports_a_checked_artifact_and_score(runs):
@@ -51,15 +52,48 @@ def test_single_process_run_reports_a_checked_artifact_and_score(runs):
                  "averaging:ema decay:0.997 warmup:1 updates:6 applied"):
         assert line in out
     assert int(field(out, "gptq:calibration source:train", "tokens")) == 2048
-    final = float(field(out, "final_int6_lzma_roundtrip_exact", "val_bpb"))
+    final = float(field(out, "final_int6_roundtrip_exact", "val_bpb"))
     averaged = float(field(out, "averaged_weights", "val_bpb"))
     assert math.isfinite(final) and abs(final - averaged) < 0.02  # int6 GPTQ barely moves a tiny model
+
+
+def test_evaluators_and_the_official_score_line(runs):
+    (_, out), _ = runs
+    lines = out.splitlines()
+    assert "final_eval_mode:sliding_window seq_len:64 stride:32 batch_seqs:32 windows:" in out
+    assert re.search(r"^final_int6_sliding_window val_loss:\S+ val_bpb:\S+ stride:32 eval_time:\d+ms$", out, re.M)
+    assert "ttt_sliding:start chunks=" in out and "ttt_sliding:params unfrozen=" in out
+    scores = [l for l in lines if "val_bpb" in l and l.split()[0].endswith("_exact")]
+    assert [l.split()[0] for l in scores] == ["final_int6_roundtrip_exact", "final_int6_sliding_window_exact",
+                                              "legal_ttt_exact", "final_int8_zlib_roundtrip_exact"]
+    assert scores[-1].split()[1:] == scores[-2].split()[1:]  # the closing line carries the TTT score
+    assert lines[lines.index(scores[-1]) - 1].startswith("official_score source:legal_ttt_exact")
+
+
+def test_time_ledger_and_the_training_data_gate(runs):
+    (_, out), _ = runs
+    lines = out.splitlines()
+    phases = [re.match(r"time_ledger phase:(\w+) ms:(\d+) charged_to:(\w+)$", l) for l in lines]
+    phases = [(m[1], int(m[2]), m[3]) for m in phases if m]
+    assert [p for p, _, _ in phases] == ["compile_warmup", "periodic_validation", "train_loop", "averaging",
+                                         "gptq_calibration", "diagnostic_eval", "export", "load_artifact",
+                                         "roundtrip_eval", "sliding_window_eval", "ttt_eval"]
+    charged = {b: sum(ms for _, ms, c in phases if c == b) for b in ("train", "eval", "none")}
+    summary = next(l for l in lines if l.startswith("time_ledger train:"))
+    for budget, key in (("train", "train"), ("eval", "eval"), ("none", "not_charged")):
+        assert abs(int(field(summary, "time_ledger", key).removesuffix("ms")) - charged[budget]) <= 6
+    assert charged["train"] >= int(field(out, "gptq:calibration", "train_time_total").removesuffix("ms")) - 2
+    closed = lines.index(next(l for l in lines if l.startswith("training_data:closed tokens_read:")))
+    assert lines.index(next(l for l in lines if l.startswith("gptq:calibration"))) < closed
+    assert closed < lines.index(next(l for l in lines if l.startswith("averaged_weights")))
+    assert "OVER_BUDGET" not in out
 
 
 def test_two_processes_match_one_process(runs):
     (_, one), (cwd, two) = runs
     assert "world_size:2 grad_accum_steps:4" in two and (cwd / "logs" / "e2e.txt").exists()
-    for line in ("step:6/6 val_loss", "averaged_weights", "final_int6_lzma_roundtrip_exact"):
+    for line in ("step:6/6 val_loss", "averaged_weights", "final_int6_roundtrip_exact",
+                 "final_int6_sliding_window_exact", "legal_ttt_exact"):
         a, b = float(field(one, line, "val_loss")), float(field(two, line, "val_loss"))
         assert abs(a - b) <= 1e-5 * a  # same global batch; only float summation order differs
     assert field(one, "val_data", "bytes") == field(two, "val_data", "bytes")

@@ -317,10 +317,11 @@ def test_qat_gradient_is_straight_through():
 
 def test_training_calibration_stops_within_its_budget(sample_shards):
     h = tiny_h(gptq_calib_tokens=10**9)
-    loader = train_gpt.DistributedTokenLoader([str(sample_shards / "fineweb_train_000000.bin")], 0, 1, 1024)
-    assert len(list(train_gpt.training_batches(h, CPU, loader, budget_ms=1e-6))) <= 1
+    data = train_gpt.TrainingData([str(sample_shards / "fineweb_train_000000.bin")], 1024)
+    loader = train_gpt.DistributedTokenLoader(data, 0, 1)
+    assert list(train_gpt.training_batches(h, CPU, loader, budget_ms=0.0)) == []
     few = tiny_h(gptq_calib_tokens=300)
-    assert sum(x.numel() for x in train_gpt.training_batches(few, CPU, loader, 0.0)) == 512  # 2 batches of 256
+    assert sum(x.numel() for x in train_gpt.training_batches(few, CPU, loader, None)) == 512  # 2 batches of 256
     capped = tiny_h(max_wallclock_seconds=600.0, gptq_reserve_seconds=14.0)
     assert train_gpt.loop_cap_ms(capped) == 586_000 and train_gpt.loop_cap_ms(tiny_h(max_wallclock_seconds=600.0,
                                                                                      quant_method="rtn")) == 600_000
@@ -328,7 +329,7 @@ def test_training_calibration_stops_within_its_budget(sample_shards):
 
 def test_self_generated_calibration_reads_no_data():
     torch.manual_seed(0)
-    h = tiny_h(gptq_calib_tokens=100, train_seq_len=16)
+    h = tiny_h(gptq_calib_tokens=100, train_seq_len=16, eval_stride=16)
     model = randomized(GPT(h))
     batches = list(train_gpt.generated_batches(h, CPU, model, bos_id=1, batch=4))
     assert [b.shape for b in batches] == [(4, 16), (3, 16)]  # ceil(100 / 16) = 7 sequences

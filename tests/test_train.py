@@ -16,13 +16,14 @@ def _setup(shards, d=CPU, **overrides):
     h = tiny_h(data_path=str(shards), tokenizer_path=str(SP1024), **overrides)
     sp, train_files, val_files = train_gpt.check_inputs(h)
     torch.manual_seed(h.seed)
-    return h, train_gpt.GPT(h), train_files, train_gpt.load_validation(h, sp, val_files, d.device)
+    data = train_gpt.TrainingData(train_files, h.vocab_size)
+    return h, train_gpt.GPT(h), data, train_gpt.load_validation(h, sp, val_files, d.device)
 
 
 def _train(shards, **overrides):
-    h, model, train_files, val = _setup(shards, **overrides)
+    h, model, data, val = _setup(shards, **overrides)
     lines = []
-    result = train_gpt.train(h, CPU, model, train_files, val, lines.append)
+    result = train_gpt.train(h, CPU, model, data, val, lines.append)
     return result, lines, model
 
 
