@@ -20,11 +20,12 @@ Notable features:
 - device-agnostic: CUDA (NCCL, bf16 autocast, torch.compile, FlashAttention 3 when installed) or CPU (gloo,
   fp32, SDPA), so the whole file is testable without a GPU
 
-Budget: this file stays under 2000 lines; its bytes count toward the 16,000,000-byte artifact.
+Budget: this file stays under 2300 lines; its bytes count toward the 16,000,000-byte artifact.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import glob
@@ -37,6 +38,7 @@ import os
 import platform
 import resource
 import subprocess
+import threading
 import sys
 import time
 import types
@@ -52,7 +54,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:  # FlashAttention 3 (Hopper); optional, used only on CUDA
     from flash_attn_interface import flash_attn_func
@@ -362,7 +363,8 @@ class Dist:
 
 
 def init_dist(h: Hyperparameters) -> Dist:
-    """One process without torchrun; DDP over NCCL (CUDA) or gloo (CPU) when RANK and WORLD_SIZE are set."""
+    """One process without torchrun; a process group over NCCL (CUDA) or gloo (CPU) when RANK and WORLD_SIZE
+    are set."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -437,13 +439,15 @@ class TrainingData:
 
     def __init__(self, files: list[str], vocab_size: int):
         self.files, self.vocab_size, self.closed, self.tokens_read = files, vocab_size, False, 0
+        self.lock = threading.Lock()  # held by every read: close() waits for a read in flight (a prefetch)
 
     def check_open(self, what: str):
         if self.closed:
             raise RuntimeError(f"{what}: training data read after the training clock stopped (spec section 1.2)")
 
     def close(self):
-        self.closed = True
+        with self.lock:
+            self.closed = True
 
 
 class TokenStream:
@@ -461,31 +465,45 @@ class TokenStream:
         self.tokens, self.pos = load_data_shard(path, self.data.vocab_size), 0
 
     def take(self, n: int) -> np.ndarray:
-        self.data.check_open(self.data.files[self.file_idx])
-        self.data.tokens_read += n
-        parts = []
-        while n > 0:
-            if self.pos == len(self.tokens):
-                self._advance()
-            k = min(n, len(self.tokens) - self.pos)
-            parts.append(self.tokens[self.pos : self.pos + k])
-            self.pos, n = self.pos + k, n - k
-        return np.concatenate(parts)
+        with self.data.lock:
+            self.data.check_open(self.data.files[self.file_idx])
+            self.data.tokens_read += n
+            parts = []
+            while n > 0:
+                if self.pos == len(self.tokens):
+                    self._advance()
+                k = min(n, len(self.tokens) - self.pos)
+                parts.append(self.tokens[self.pos : self.pos + k])
+                self.pos, n = self.pos + k, n - k
+            return np.concatenate(parts)
 
 
 class DistributedTokenLoader:
     """Each call consumes world_size * (local_tokens + 1) consecutive stream tokens and hands rank r the r-th
     span, so ranks never share data, and over the MICROBATCHES micro-batches of a step the ranks together
-    cover the same stretch of the stream whatever the world size. The +1 token is the last target."""
+    cover the same stretch of the stream whatever the world size. The +1 token is the last target. While the
+    caller computes, a background thread already reads the next batch of the same size (into pinned memory and
+    a non-blocking copy on CUDA); the sequence of batches is exactly that of reading on demand."""
 
     def __init__(self, data: TrainingData, rank: int, world_size: int):
         self.stream, self.rank, self.world_size = TokenStream(data), rank, world_size
+        self.pool, self.pending = concurrent.futures.ThreadPoolExecutor(1), None
 
-    def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _read(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
-        t = torch.from_numpy(chunk.astype(np.int64)).to(device, non_blocking=True)
+        t = torch.from_numpy(chunk.astype(np.int64))
+        t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
         return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+
+    def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        self.stream.data.check_open("next_batch")
+        args, pending = (local_tokens, seq_len, device), self.pending
+        batch = pending[1].result() if pending else None  # a batch of another size is skipped, in order
+        if not pending or pending[0] != args:
+            batch = self._read(*args)
+        self.pending = (args, self.pool.submit(self._read, *args))
+        return batch
 
 
 @dataclass
@@ -874,94 +892,152 @@ def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Push G's singular values towards 1 (approximately U V^T for G = U S V^T) with a quintic Newton-Schulz
-    iteration, in G's dtype. The coefficients (3.4445, -4.7750, 2.0315), from Keller Jordan's Muon, maximise
-    the slope at zero: the result is U S' V^T with S' roughly in [0.7, 1.2], which trains as well as U V^T."""
+    """Push the singular values of each matrix in G (a matrix, or a batch of them in the last two dims) towards
+    1 (approximately U V^T for G = U S V^T) with a quintic Newton-Schulz iteration, in G's dtype. The
+    coefficients (3.4445, -4.7750, 2.0315), from Keller Jordan's Muon, maximise the slope at zero: the result
+    is U S' V^T with S' roughly in [0.7, 1.2], which trains as well as U V^T."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G / (G.norm() + eps)
-    transposed = X.size(0) > X.size(1)
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon: Nesterov momentum (buf <- m*buf + g; u = g + m*buf), orthogonalised by Newton-Schulz, scaled by
-    sqrt(max(1, rows/cols)), after decoupled weight decay p <- p*(1 - lr*wd). Matrix i is orthogonalised only
-    on rank i % world_size and the updates are summed across ranks, as in the baseline. Written here rather
-    than torch.optim.Muon because that one keeps an EMA-form buffer (different under momentum warm-up), runs
-    Newton-Schulz in bf16 only (slow on CPU) and repeats every matrix on every rank."""
+# torch 2.13 renamed the tensor collectives; older releases (FA3 wheels pin 2.9) only have the old names
+reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 d: Dist, ns_fn=zeropower_via_newtonschulz5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay))
-        self.rank, self.world_size, self.ns_fn = d.rank, d.world_size, ns_fn
+
+class ParallelMuon:
+    """Muon (Nesterov momentum buf <- m*buf + g, u = g + m*buf; Newton-Schulz; update scaled by
+    sqrt(max(1, rows/cols)); decoupled weight decay p <- p*(1 - lr*wd)) over parameter banks, sharded across
+    ranks (PR #399). The block matrices of one shape live in one bank, a (n padded to a multiple of the world
+    size, rows, cols) tensor: each Linear's weight becomes a view of its slice, and its .grad a view of the
+    bank's gradient, so backward accumulates straight into the bank. A step reduce-scatters each bank's
+    gradient (the average; each rank gets n/W whole matrices), runs momentum and a batched Newton-Schulz on
+    that shard only, and all-gathers the updates; collectives are asynchronous, so one bank's communication
+    overlaps the next bank's computation. Written by hand: torch.optim.Muon keeps an EMA-form buffer
+    (different under momentum warm-up), runs Newton-Schulz in bf16 only and repeats every matrix on every rank."""
+
+    def __init__(self, h: Hyperparameters, model: GPT, d: Dist, ns_fn=zeropower_via_newtonschulz5):
+        self.d, self.ns_fn, self.steps, self.wd = d, ns_fn, h.muon_backend_steps, h.muon_wd
+        self.lr = self.base_lr = h.matrix_lr
+        self.momentum = h.muon_momentum
         self.ns_dtype = torch.bfloat16 if d.cuda else torch.float32
+        layers = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")]
+        shapes: dict[tuple[int, int], list[nn.Linear]] = {}
+        for m in layers:
+            shapes.setdefault(tuple(m.weight.shape), []).append(m)
+        self.banks = []
+        for (rows, cols), mods in sorted(shapes.items(), key=lambda kv: -len(kv[1]) * kv[0][0] * kv[0][1]):
+            n = math.ceil(len(mods) / d.world_size) * d.world_size
+            data = torch.zeros(n, rows, cols, device=d.device)
+            grad, share = torch.zeros_like(data), n // d.world_size
+            for i, m in enumerate(mods):
+                data[i].copy_(m.weight.detach())
+                m.weight = nn.Parameter(data[i], requires_grad=m.weight.requires_grad)
+                m.weight.grad = grad[i]
+            self.banks.append(types.SimpleNamespace(
+                data=data, grad=grad, count=len(mods), scale=max(1.0, rows / cols) ** 0.5,
+                shard=torch.zeros(share, rows, cols, device=d.device), momentum=torch.zeros(share, rows, cols, device=d.device),
+                update=torch.zeros(n, rows, cols, dtype=self.ns_dtype, device=d.device), work=None))
+
+    def reduce_scatter(self):
+        """Start averaging every bank's gradient into this rank's shard (biggest bank first)."""
+        for b in self.banks:
+            if self.d.world_size > 1:
+                b.work = reduce_scatter(b.shard, b.grad, op=dist.ReduceOp.AVG, async_op=True)
+            else:
+                b.shard.copy_(b.grad)
+
+    def wait(self) -> list[Tensor]:
+        for b in self.banks:
+            if b.work is not None:
+                b.work.wait()
+                b.work = None
+        return [b.shard for b in self.banks]
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            flat = torch.zeros(sum(p.numel() for p in params), dtype=self.ns_dtype, device=params[0].device)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(m).add_(p.grad)
-                    u = self.ns_fn(p.grad.add(buf, alpha=m).to(self.ns_dtype), group["backend_steps"])
-                    flat[offset : offset + p.numel()] = u.flatten() * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                offset += p.numel()
-            if self.world_size > 1:
-                dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.mul_(1 - lr * wd).add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
-                offset += p.numel()
+        """Update every bank from the averaged (and clipped) shards: the all-gather of one bank runs while the
+        next one computes, and a bank is applied once its update has arrived."""
+        pending = []
+        for b in self.banks:
+            b.momentum.mul_(self.momentum).add_(b.shard)
+            u = self.ns_fn(b.shard.add(b.momentum, alpha=self.momentum).to(self.ns_dtype), self.steps)
+            if self.d.world_size > 1:
+                pending.append((b, all_gather(b.update, u.contiguous(), async_op=True)))
+            else:
+                b.update.copy_(u)
+                pending.append((b, None))
+        for b, work in pending:
+            if work is not None:
+                work.wait()
+            b.data.mul_(1 - self.lr * self.wd).add_(b.update.to(b.data.dtype), alpha=-self.lr * b.scale)
+
+    def zero_grad(self):
+        for b in self.banks:
+            b.grad.zero_()
+
+    def state_dict(self) -> dict:
+        return {"momentum": [b.momentum.clone() for b in self.banks]}
+
+    def load_state_dict(self, state: dict):
+        for b, m in zip(self.banks, state["momentum"]):
+            b.momentum.copy_(m)
 
 
 class Optimizers:
-    """The optimizers of one training step as one object. Each param group keeps its base_lr; step() sets
-    lr = base_lr * lr_scale and the Muon momentum of the warm-up."""
+    """The optimizer step of all ranks, replacing DDP: Parallel Muon for the banked block matrices, AdamW for
+    the replicated rest (embeddings, head, control tensors), whose gradients are all-reduced as one flat
+    buffer while the banks' reduce-scatters run. Gradient clipping uses the global norm of the averaged
+    gradients (shards plus replicated), so every world size clips identically. step() sets each group's
+    lr = base_lr * lr_scale and the Muon momentum of the warm-up. Nothing here waits on the host."""
 
     def __init__(self, h: Hyperparameters, model: GPT, d: Dist, ns_fn=zeropower_via_newtonschulz5):
         groups = param_groups(model)
         lrs = {"embed": h.tied_embed_lr if h.tie_embeddings else h.embed_lr, "head": h.head_lr, "scalar": h.scalar_lr}
-        adam_groups = [dict(params=[p for _, p in groups[k]], lr=lr) for k, lr in lrs.items() if groups[k]]
+        adam_groups = [dict(params=[p for _, p in groups[k]], lr=lr, base_lr=lr) for k, lr in lrs.items() if groups[k]]
+        self.replicated = [p for g in adam_groups for p in g["params"]]
         self.adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps,
                                       weight_decay=h.adam_wd, fused=d.cuda)
-        self.muon = Muon([p for _, p in groups["matrix"]], lr=h.matrix_lr, momentum=h.muon_momentum,
-                         backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd, d=d, ns_fn=ns_fn)
-        self.all = (self.adam, self.muon)
-        for opt in self.all:
-            for g in opt.param_groups:
-                g["base_lr"] = g["lr"]
+        self.muon, self.d, self.clip = ParallelMuon(h, model, d, ns_fn), d, h.grad_clip_norm
 
+    @torch.no_grad()
     def step(self, lr_scale: float, muon_momentum: float):
-        for opt in self.all:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_scale
-        for g in self.muon.param_groups:
-            g["momentum"] = muon_momentum
-        for opt in self.all:
-            opt.step()
+        self.muon.reduce_scatter()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
+        if self.d.world_size > 1 and grads:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+            grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in self.replicated]), self.replicated)]
+        for p, g in zip(self.replicated, grads):
+            p.grad = g
+        shards = self.muon.wait()
+        if self.clip > 0:  # shards hold each matrix on exactly one rank: their squares sum over ranks
+            sq = self.d.all_reduce(torch.stack([s.float().square().sum() for s in shards]).sum())
+            norm = (sq + sum(g.float().square().sum() for g in grads)).sqrt()
+            torch._foreach_mul_(shards + grads, (self.clip / (norm + 1e-6)).clamp(max=1.0))
+        for g in self.adam.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+        self.muon.lr, self.muon.momentum = self.muon.base_lr * lr_scale, muon_momentum
+        self.adam.step()
+        self.muon.step()
 
     def zero_grad(self):
-        for opt in self.all:
-            opt.zero_grad(set_to_none=True)
+        self.adam.zero_grad(set_to_none=True)
+        self.muon.zero_grad()
 
     def state_dict(self) -> list[dict]:
-        return [opt.state_dict() for opt in self.all]
+        return [self.adam.state_dict(), self.muon.state_dict()]
 
     def load_state_dict(self, states: list[dict]):
-        for opt, s in zip(self.all, states):
-            opt.load_state_dict(s)
+        self.adam.load_state_dict(states[0])
+        self.muon.load_state_dict(states[1])
 
 
 def uses_train_calibration(h: Hyperparameters) -> bool:
@@ -1628,25 +1704,21 @@ class TrainResult:
 
 def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val: ValidationData,
           log) -> TrainResult:
-    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile(h, d) else base_model
-    model = DDP(compiled, device_ids=[d.local_rank] if d.cuda else None, broadcast_buffers=False) \
-        if d.world_size > 1 else compiled
-    ns_fn = torch.compile(zeropower_via_newtonschulz5) if use_compile(h, d) else zeropower_via_newtonschulz5
-    opt = Optimizers(h, base_model, d, ns_fn)
+    ns_fn = torch.compile(zeropower_via_newtonschulz5, dynamic=False) if use_compile(h, d) else zeropower_via_newtonschulz5
+    opt = Optimizers(h, base_model, d, ns_fn)  # banks the block matrices: before compiling, which sees the views
+    model = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile(h, d) else base_model
     local_tokens = h.train_batch_tokens // MICROBATCHES
 
     def train_step(loader: DistributedTokenLoader, step: int, scale: float) -> Tensor:
+        """Forward and backward of this rank's micro-batches, then the optimizer step (which does all the
+        communication); no host-device synchronisation."""
         total = torch.zeros((), device=d.device)
-        for micro in range(d.grad_accum_steps):
-            if d.world_size > 1:
-                model.require_backward_grad_sync = micro == d.grad_accum_steps - 1
+        for _ in range(d.grad_accum_steps):
             x, y = loader.next_batch(local_tokens, h.train_seq_len, d.device)
             with d.autocast():
                 loss = model(x, y)
             (loss / d.grad_accum_steps).backward()
             total += loss.detach()
-        if h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(base_model.parameters(), h.grad_clip_norm)
         opt.step(scale, muon_momentum(h, step))
         opt.zero_grad()
         return total / d.grad_accum_steps
@@ -1680,14 +1752,14 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
             d.sync()
             train_ms += 1000 * (time.perf_counter() - t0)
             t_val = time.perf_counter()
-            result = eval_val(h, d, compiled, val)
+            result = eval_val(h, d, model, val)
             log(f"step:{step}/{h.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             d.sync()
             t0 = time.perf_counter()
             val_ms += 1000 * (t0 - t_val)
         if last:
-            return TrainResult(step, train_ms, warmup_ms, val_ms, result, loader, averager, compiled)
+            return TrainResult(step, train_ms, warmup_ms, val_ms, result, loader, averager, model)
         scale = lr_scale(h, step, elapsed_ms)
         if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not qat:
             set_qat(base_model, True)
@@ -1794,6 +1866,11 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     else:  # the whole process's peak resident set (Linux reports KiB)
         log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    mm, att = forward_flops_per_token(h, h.train_seq_len)
+    tokens, seconds = result.steps * h.train_batch_tokens, max(result.train_ms, 1e-9) / 1000
+    flops = 3 * (mm + att) * tokens / seconds
+    log(f"train_throughput tokens_per_s:{tokens / seconds:.0f} model_tflops_per_s:{flops / 1e12:.3f}" +
+        (f" mfu_vs_h100_bf16:{flops / (H100_BF16_FLOPS * d.world_size):.1%}" if d.cuda else ""))
     ledger = TimeLedger(d, log)
     ledger.add("compile_warmup", None, result.warmup_ms)
     ledger.add("periodic_validation", None, result.val_ms)
@@ -1818,6 +1895,7 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
 
 
 BUDGET_MS = 600_000  # each of training and evaluation (spec section 1.1)
+H100_BF16_FLOPS = 989.4e12  # dense bf16 peak of one H100 SXM, the denominator of the logged MFU
 
 
 class TimeLedger:

@@ -100,3 +100,18 @@ def test_validation_data_counts_every_scored_byte(sample_shards):
         by_hand += len(piece[spaced:].encode()) + (spaced and not (sp.is_control(int(prev)) or sp.is_unknown(int(prev))))
     assert val.byte_count == by_hand == int(train_gpt.token_bytes(luts, torch.from_numpy(
         val.tokens[:-1].astype(np.int64)), torch.from_numpy(val.tokens[1:].astype(np.int64))).sum())
+
+
+def test_prefetching_loader_yields_exactly_the_on_demand_batches(tmp_path):
+    """The background read-ahead changes nothing: same batches in the same order, also when the batch size
+    changes (the prefetched batch of the old size is skipped, as calibration after training does)."""
+    files, _ = _stream_files(tmp_path, [3000, 2000])
+    loader = DistributedTokenLoader(train_gpt.TrainingData(files, 65536), 1, 2)
+    sizes = [32, 32, 32, 64, 64, 32]
+    got = [loader.next_batch(n, 8, torch.device("cpu"))[0] for n in sizes]
+    stream, expected = TokenStream(train_gpt.TrainingData(files, 65536)), []
+    for i, n in enumerate(sizes):
+        if i and sizes[i - 1] != n:
+            stream.take(2 * (sizes[i - 1] + 1))  # the skipped prefetch of the previous size
+        expected.append(torch.from_numpy(stream.take(2 * (n + 1))[n + 1 : 2 * n + 1].astype(np.int64)).view(-1, 8))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -42,6 +42,9 @@ def test_single_process_run_reports_a_checked_artifact_and_score(runs):
     assert ("features unet_skips:1 smear_gate:1 bigram:256x32 xsa_layers:0,1 rope_dims:8/16 rope_base:10000.0 "
             "ln_scale:1 value_embed:32@1 mlp:leaky_relu2x3.0 ortho_init:1") in out
     assert int(field(out, "val_data", "tokens")) > 0 and int(field(out, "val_data", "bytes")) > 0
+    assert "device:cpu compile:0 autocast:off attention:sdpa" in out
+    assert float(field(out, "model_flops", "matmul")) > 0 and float(field(out, "train_throughput", "tokens_per_s")) > 0
+    assert "mfu_vs_h100" not in out  # MFU is printed on CUDA only
     steps = [l for l in out.splitlines() if l.startswith("step:")]
     assert len(steps) == 9 and all(STEP_LINE.match(l) for l in steps)
     code, model, total = (int(field(out, "artifact", k)) for k in ("code_bytes", "model_bytes", "total_bytes"))

@@ -1,11 +1,13 @@
-"""Muon (Newton-Schulz, momentum, weight decay, the rank split), the optimizer wiring and the LR schedule."""
+"""Parallel Muon (Newton-Schulz, momentum, weight decay, banks, the rank split), global-norm clipping, the optimizer
+wiring and the LR schedule."""
 
 import pytest
 import torch
+import torch.nn as nn
 from conftest import run_distributed, tiny_h
 
 import train_gpt
-from train_gpt import Dist, Muon, lr_scale, zeropower_via_newtonschulz5
+from train_gpt import Dist, lr_scale, zeropower_via_newtonschulz5
 
 CPU = Dist(0, 1, 0, torch.device("cpu"))
 
@@ -33,46 +35,105 @@ def _muon_reference(p0, grads, lr, momenta, wd):
     return p
 
 
-def _run_muon(params, grads_per_step, momenta, d: Dist, lr=0.02, wd=0.1):
-    opt = Muon(params, lr=lr, momentum=0.0, backend_steps=5, weight_decay=wd, d=d)
-    for grads, m in zip(grads_per_step, momenta):
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        for group in opt.param_groups:
-            group["momentum"] = m
-        opt.step()
-    return [p.detach().clone() for p in params], len(opt.state)
+SHAPES = [(32, 16), (16, 48), (32, 16), (24, 24), (32, 16), (24, 24)]  # banks of 3, 1 and 2: uneven over 2 ranks
+
+
+class _Blocks(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.blocks = nn.ModuleList(nn.Linear(c, r, bias=False) for r, c in SHAPES)
+        for m in self.blocks:
+            m.weight.data = torch.randn(m.weight.shape, generator=g)
 
 
 def _problem(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(32, 16), (16, 48), (24, 24)]
-    params = [torch.randn(s, generator=g) for s in shapes]
-    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
-    return params, grads, [0.85, 0.9, 0.95]  # momentum changing as in the warm-up
+    g = torch.Generator().manual_seed(seed + 1)
+    grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(3)]
+    return grads, [0.85, 0.9, 0.95]  # momentum changing as in the warm-up
 
 
-def test_muon_follows_the_spec_rule_under_momentum_warmup():
-    params, grads, momenta = _problem()
-    got, _ = _run_muon([p.clone() for p in params], grads, momenta, CPU)
-    for i, p0 in enumerate(params):
-        ref = _muon_reference(p0, [g[i] for g in grads], 0.02, momenta, 0.1)
+def _run_muon(d: Dist, lr=0.02, wd=0.1):
+    """Three Parallel Muon steps; rank r sees grads g + (-1)^r * noise, whose average over 2 ranks is g."""
+    model, (grads, momenta) = _Blocks(), _problem()
+    opt = train_gpt.ParallelMuon(tiny_h(matrix_lr=lr, muon_wd=wd), model, d)
+    noise = torch.Generator().manual_seed(7)
+    for step_grads, m in zip(grads, momenta):
+        for layer, g in zip(model.blocks, step_grads):
+            jitter = torch.randn(g.shape, generator=noise) if d.world_size > 1 else 0
+            layer.weight.grad.copy_(g + (-1) ** d.rank * jitter)
+        opt.momentum = m
+        opt.reduce_scatter()
+        opt.wait()
+        opt.step()
+        opt.zero_grad()
+    return [m.weight.detach().clone() for m in model.blocks], [tuple(b.momentum.shape) for b in opt.banks], opt
+
+
+def test_parallel_muon_follows_the_spec_rule_under_momentum_warmup():
+    got, shards, opt = _run_muon(CPU)
+    grads, momenta = _problem()
+    for i, p0 in enumerate(_Blocks().blocks):
+        ref = _muon_reference(p0.weight.detach(), [g[i] for g in grads], 0.02, momenta, 0.1)
         torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=1e-6)
+    assert shards == [(3, 32, 16), (2, 24, 24), (1, 16, 48)]  # banks by shape, the biggest first
+
+
+def test_bank_storage_is_shared_with_the_layers():
+    model = _Blocks()
+    opt = train_gpt.ParallelMuon(tiny_h(), model, CPU)
+    bank = opt.banks[0]
+    layers = [m for m in model.blocks if tuple(m.weight.shape) == (32, 16)]
+    for i, m in enumerate(layers):
+        assert m.weight.data_ptr() == bank.data[i].data_ptr() and m.weight.grad.data_ptr() == bank.grad[i].data_ptr()
+    x = torch.randn(5, 16)
+    layers[1](x).sum().backward()  # backward accumulates straight into the bank's gradient
+    torch.testing.assert_close(bank.grad[1], torch.ones(32, 5) @ x)
+    assert bank.grad[0].abs().sum() == 0 and bank.grad[2].abs().sum() == 0
 
 
 def _muon_rank(rank, world_size):
-    params, grads, momenta = _problem()
-    return _run_muon([p.clone() for p in params], grads, momenta, Dist(rank, world_size, 0, torch.device("cpu")))
+    got, shards, _ = _run_muon(Dist(rank, world_size, 0, torch.device("cpu")))
+    return got, shards
 
 
-def test_muon_split_across_two_ranks_equals_one_rank():
-    params, grads, momenta = _problem()
-    single, _ = _run_muon([p.clone() for p in params], grads, momenta, CPU)
+def test_parallel_muon_on_two_ranks_equals_one_rank_for_uneven_banks():
+    single, _, _ = _run_muon(CPU)
     results = run_distributed(_muon_rank, 2)
-    for rank_params, _ in results:
+    for rank_params, shards in results:
         for a, b in zip(rank_params, single):
-            assert torch.equal(a, b)  # each matrix is computed on one rank; the others add exact zeros
-    assert [n for _, n in results] == [2, 1]  # momentum buffers live only on the owning rank (i % 2)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # only the gradient averaging rounds differently
+        assert shards == [(2, 32, 16), (1, 24, 24), (1, 16, 48)]  # each rank keeps momentum for its share only
+    assert all(torch.equal(a, b) for a, b in zip(*(r[0] for r in results)))  # ranks hold identical weights
+
+
+def _clip_rank(rank, world_size, clip):
+    torch.manual_seed(0)
+    h = tiny_h(grad_clip_norm=clip)
+    model = train_gpt.GPT(h)
+    opt = train_gpt.Optimizers(h, model, Dist(rank, world_size, 0, torch.device("cpu")))
+    x = torch.randint(0, 1024, (4, 64), generator=torch.Generator().manual_seed(rank))
+    model(x, x.roll(-1, 1)).backward()
+    opt.step(1.0, 0.95)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_gradient_clipping_uses_the_global_norm_on_any_world_size():
+    """2 ranks with different batches clip the averaged gradient exactly as 1 rank with a summed batch would."""
+    torch.manual_seed(0)
+    h = tiny_h(grad_clip_norm=0.3)
+    model = train_gpt.GPT(h)
+    opt = train_gpt.Optimizers(h, model, CPU)
+    for rank in range(2):
+        x = torch.randint(0, 1024, (4, 64), generator=torch.Generator().manual_seed(rank))
+        (model(x, x.roll(-1, 1)) / 2).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    total = torch.sqrt(sum(g.square().sum() for g in grads))
+    assert total > 0.3  # clipping acts
+    opt.step(1.0, 0.95)
+    one = torch.cat([p.detach().flatten() for p in model.parameters()])
+    for two in run_distributed(_clip_rank, 2, 0.3):
+        torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-6)
 
 
 def test_optimizers_set_lr_and_momentum_per_step():
@@ -80,7 +141,7 @@ def test_optimizers_set_lr_and_momentum_per_step():
     opt = train_gpt.Optimizers(h, train_gpt.GPT(h), CPU)
     opt.step(0.5, 0.9)
     assert sorted(g["lr"] for g in opt.adam.param_groups) == [0.015, 0.025]
-    assert [(g["lr"], g["momentum"]) for g in opt.muon.param_groups] == [(0.02, 0.9)]
+    assert (opt.muon.lr, opt.muon.momentum) == (0.02, 0.9)
 
 
 def test_momentum_warmup():

@@ -1,0 +1,134 @@
+"""The 8xH100 speed path exercised on CPU: the FlashAttention 3 call through a stand-in module of the same name
+and signature, torch.compile without graph breaks or per-step recompiles (model, banked training step,
+Newton-Schulz), and the model FLOP counts behind the step budget."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, tiny_h
+from torch._dynamo.testing import CompileCounter
+
+import train_gpt
+from train_gpt import GPT, Dist
+
+CPU = Dist(0, 1, 0, torch.device("cpu"))
+
+FA3_STANDIN = '''
+import sys, types, torch, torch.nn.functional as F
+calls = []
+def flash_attn_func(q, k, v, causal=False, softmax_scale=None):
+    """FA3's convention: (B, T, H, D) bf16 tensors, native GQA (k, v with fewer heads), causal flag."""
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16 and causal and softmax_scale is None
+    calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                         v.float().transpose(1, 2), is_causal=True, enable_gqa=True)
+    out = out.transpose(1, 2).bfloat16()
+    return (out, None) if RETURNS_TUPLE else out
+module = types.ModuleType("flash_attn_interface")
+module.flash_attn_func = flash_attn_func
+sys.modules["flash_attn_interface"] = module
+'''
+
+
+@pytest.mark.parametrize("returns_tuple", [False, True])
+def test_flash_attention_3_standin_is_called_with_its_real_convention(returns_tuple):
+    """Installed as the module train_gpt imports, the stand-in is picked up at import, receives (B, T, H, D)
+    with the 2 KV heads undoubled, and the model output equals the SDPA path's up to bf16 rounding."""
+    code = f"RETURNS_TUPLE = {returns_tuple}\n" + FA3_STANDIN + f'''
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+import train_gpt
+from conftest import tiny_h
+assert train_gpt.flash_attn_func is flash_attn_func
+torch.manual_seed(0)
+h = tiny_h()
+sdpa = train_gpt.GPT(h, use_fa3=False)
+for p in sdpa.parameters():
+    torch.nn.init.normal_(p, std=0.1)
+fa3 = train_gpt.GPT(h, use_fa3=True)
+fa3.load_state_dict(sdpa.state_dict())
+x = torch.randint(0, 1024, (2, 24))
+torch.testing.assert_close(fa3.forward_logits(x), sdpa.forward_logits(x), atol=0.15, rtol=0.05)
+assert calls == [((2, 24, 4, 16), (2, 24, 2, 16), (2, 24, 2, 16))] * h.num_layers, calls
+print("ok")
+'''
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_the_model_forward_has_no_graph_breaks():
+    h = tiny_h()
+    model = GPT(h)
+    x = torch.randint(0, 1024, (2, 32))
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        explanation = torch._dynamo.explain(model)(x, x.roll(-1, 1))
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+def test_qat_and_mode_switches_recompile_at_most_once():
+    """Steps with fixed shapes compile once; switching late QAT on (a buffer) compiles nothing new; eval mode
+    under inference_mode is one more graph, and going back to training reuses the first."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    h = tiny_h(late_qat_threshold=0.5)
+    model = GPT(h)
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    x = torch.randint(0, 1024, (2, 32))
+    for _ in range(3):
+        compiled(x, x.roll(-1, 1)).backward()
+    assert counter.frame_count == 1
+    train_gpt.set_qat(model, True)
+    for _ in range(3):
+        compiled(x, x.roll(-1, 1)).backward()
+    assert counter.frame_count == 1
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(3):
+            compiled(x, x.roll(-1, 1), reduction="none")
+    assert counter.frame_count == 2
+    model.train()
+    compiled(x, x.roll(-1, 1)).backward()
+    assert counter.frame_count == 2
+
+
+def test_banked_training_step_compiled_matches_eager():
+    """AOTAutograd (the compiled backward) accumulates into the bank gradients exactly as eager does."""
+    runs = []
+    for backend in (None, "aot_eager"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        h = tiny_h()
+        model = GPT(h)
+        opt = train_gpt.Optimizers(h, model, CPU)
+        fwd = torch.compile(model, backend=backend, fullgraph=True, dynamic=False) if backend else model
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x = torch.randint(0, 1024, (4, 32), generator=g)
+            for _ in range(2):  # two micro-batches accumulate
+                (fwd(x, x.roll(-1, 1)) / 2).backward()
+            opt.step(1.0, 0.95)
+            opt.zero_grad()
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_newton_schulz_compiles_once_per_bank_shape_and_batches_exactly():
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    ns = torch.compile(train_gpt.zeropower_via_newtonschulz5, backend=counter, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    banks = [torch.randn(3, 32, 16, generator=g), torch.randn(2, 24, 24, generator=g)]
+    for _ in range(3):
+        for b in banks:
+            out = ns(b, 5)
+            per_matrix = torch.stack([train_gpt.zeropower_via_newtonschulz5(m, 5) for m in b])
+            torch.testing.assert_close(out, per_matrix, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == len(banks)
+
+
+def test_default_model_flops():
+    mm, att = train_gpt.forward_flops_per_token(train_gpt.Hyperparameters(), 2048)
+    assert (mm, att) == (2 * 26_566_656, 11 * 4 * 512 * 2049 / 2)  # the record's model, 2048-token sequences
