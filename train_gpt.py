@@ -1831,13 +1831,18 @@ def log_run_header(h: Hyperparameters, d: Dist, log, code: str):
 
 
 def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list[str]):
-    code_path = os.path.abspath(__file__)
-    with open(code_path, "rb") as f:
+    # The file that ran is what counts toward the cap: this source, or the packed (self-extracting) form of it
+    # made by records/pack.py, which hands the source over as PACKED_SOURCE.
+    with open(os.path.abspath(__file__), "rb") as f:
         code_bytes = f.read()
+    source = globals().get("PACKED_SOURCE", code_bytes)
     log = Logger(f"logs/{h.run_id}.txt" if d.is_main else None)
     if d.is_main:
         print(f"logs/{h.run_id}.txt", flush=True)
-    log_run_header(h, d, log, code_bytes.decode("utf-8"))
+    log_run_header(h, d, log, source.decode("utf-8"))
+    counted = "packed" if "PACKED_SOURCE" in globals() else "source"
+    log(f"code source_bytes:{len(source)} packed_bytes:{len(code_bytes) if counted == 'packed' else 'none'} "
+        f"counted:{counted} counted_bytes:{len(code_bytes)}")
     torch.manual_seed(h.seed)
 
     val = load_validation(h, sp, val_files, d.device)
@@ -1889,8 +1894,11 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
         if d.is_main:
             export(h, base_model, groups, hessians, len(code_bytes), log)
         d.barrier()
-    score_artifact(h, d, val, sp.bos_id(), ledger, log)
+    stages = {"pre_quant_raw": result.final, "averaged": r}
+    stages.update(score_artifact(h, d, val, sp.bos_id(), ledger, log))
     ledger.summary()
+    if d.is_main:
+        write_summary(h, d, stages, ledger, result.steps, code_bytes, source, counted)
     d.barrier()  # no rank tears down its gloo/NCCL group while another still talks to it (gloo aborted ~2% of runs)
 
 
@@ -1973,7 +1981,7 @@ def export(h: Hyperparameters, model: GPT, groups: dict, hessians: dict[str, Ten
         f"headroom_bytes:{CAP_BYTES - total} fits:{int(total <= CAP_BYTES)}")
 
 
-def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int, ledger: TimeLedger, log):
+def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int, ledger: TimeLedger, log) -> dict:
     """Score what a grader would load: the file on disk, decoded into a fresh model. The plain round trip, then
     the sliding window (unless it is the same evaluation), then legal TTT when enabled; the last of these is
     the run's score, repeated in the baseline's final_int8_zlib_roundtrip_exact line."""
@@ -1990,15 +1998,16 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
         log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
         return name + "_exact", r
 
+    results = [None, None, None]  # round trip, sliding window, legal TTT
     with ledger.phase("roundtrip_eval", "eval") as t:
-        r = eval_val(h, d, model, val)
+        r = results[0] = eval_val(h, d, model, val)
     score = report(f"final_{q}_roundtrip", r, t.ms)
     if (L, stride) != (val.seq_len, val.seq_len):
         windows = len(window_ends(val.num_targets, min(L, val.num_targets), stride))
         log(f"final_eval_mode:sliding_window seq_len:{L} stride:{stride} batch_seqs:{h.eval_batch_seqs} "
             f"windows:{windows}")
         with ledger.phase("sliding_window_eval", "eval") as t:
-            r = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs)
+            r = results[1] = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs)
         score = report(f"final_{q}_sliding_window", r, t.ms, f" stride:{stride}")
     if h.ttt_enabled:
         ttt = ScoreFirstTTT(h, d, model, base)
@@ -2007,11 +2016,44 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
             f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks}")
         log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in ttt.params)} frozen={ttt.frozen}")
         with ledger.phase("ttt_eval", "eval") as t:
-            r = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs, ttt=ttt, log=log)
+            r = results[2] = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs, ttt=ttt, log=log)
         score = report("legal_ttt", r, t.ms)
     name, r = score
     log(f"official_score source:{name} (repeated below under the baseline's name)")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+    return {"roundtrip": results[0], "sliding_window": results[1], "legal_ttt": results[2], "score": (name, r)}
+
+
+def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger, steps: int, code: bytes,
+                  source: bytes, counted: str):
+    """logs/<RUN_ID>.json, next to the log, written atomically: what records/make_record.py reads."""
+    def result(r):
+        return None if r is None else {"val_loss": r.val_loss, "val_bpb": r.val_bpb}
+
+    config = {f.name: getattr(h, f.name) for f in fields(h)}
+    defaults = Hyperparameters()
+    fingerprint = {k: v for k, v in config.items() if k not in ("seed", "run_id")}
+    name, score = stages.pop("score")
+    model_bytes = os.path.getsize(ARTIFACT_PATH)
+    summary = {
+        "format": "parameter-golf-run-summary/1", "run_id": h.run_id, "seed": h.seed, "world_size": d.world_size,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": torch.cuda.get_device_name(d.device) if d.cuda else "cpu",
+        "config": config, "env": {k.upper(): str(v) for k, v in config.items()
+                                  if v != getattr(defaults, k) and k not in ("run_id", "seed")},
+        "config_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
+        "code": {"sha256": hashlib.sha256(code).hexdigest(), "source_sha256": hashlib.sha256(source).hexdigest(),
+                 "source_bytes": len(source), "counted": counted, "counted_bytes": len(code)},
+        "steps": steps, "train_ms": ledger.total["train"], "eval_ms": ledger.total["eval"],
+        "not_charged_ms": ledger.total[None], "budget_ms": BUDGET_MS,
+        "stages": {k: result(v) for k, v in stages.items()},
+        "score": {"source": name, "val_loss": score.val_loss, "val_bpb": score.val_bpb},
+        "artifact": {"code_bytes": len(code), "model_bytes": model_bytes, "total_bytes": len(code) + model_bytes,
+                     "cap_bytes": CAP_BYTES},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "sentencepiece": spm.__version__, "cuda": torch.version.cuda if d.cuda else None},
+    }
+    write_atomic(f"logs/{h.run_id}.json", (json.dumps(summary, indent=1) + "\n").encode())
 
 
 def main():
