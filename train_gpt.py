@@ -1145,6 +1145,7 @@ def apply_average(model: nn.Module, averager) -> str:
 # Quantization and serialization
 # ---------------------------------------------------------------------------------------------------------
 
+PRUNE_THREADS = 4  # concurrent trial encodes of the pruning search (lzma 9e needs ~0.7 GB each)
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # row-clip candidates of the GPTQ-lite search (PR #414)
 FP16 = 16  # the policy's "bit width" of tensors stored in fp16
 ARTIFACT_MAGIC, ARTIFACT_FORMAT = b"PGART", 2
@@ -1421,7 +1422,7 @@ def fit_artifact(h: Hyperparameters, sd: dict[str, Tensor], kinds: dict[str, str
         narrow_to_fit(h, sd, hessians, tensors, meta, len(blob) - target, log)
         blob = encode_artifact(tensors, meta, h.compressor)
     if len(blob) > target and h.fit_strategy != "none":
-        blob = prune_to_fit(h, tensors, meta, hessians, target, log)
+        blob = prune_to_fit(h, tensors, meta, hessians, target, log, blob)
     return blob
 
 
@@ -1460,12 +1461,14 @@ def narrow_to_fit(h: Hyperparameters, sd: dict[str, Tensor], hessians: dict[str,
 
 
 def prune_to_fit(h: Hyperparameters, tensors: dict[str, Tensor], meta: dict, hessians: dict[str, Tensor] | None,
-                 target: int, log) -> bytes:
+                 target: int, log, blob: bytes | None = None) -> bytes:
     """Selective +-1 pruning (PR #609/#1019, with a decimal-byte target): zero the int-N values of magnitude 1
     whose removal costs least (scale^2 times the input's second moment H_jj when a Hessian is known) until
-    the artifact is at most `target` bytes; the search brackets the count and interpolates between the sizes
-    it has compressed, ending only on a size that fits. Returns the artifact."""
-    blob = encode_artifact(tensors, meta, h.compressor)
+    the artifact is at most `target` bytes. The search brackets the count; each round compresses several
+    counts at once in threads (the compressors release the GIL; a full-size lzma encode takes seconds), one
+    where the sizes seen so far interpolate the target and the others spread over the bracket, and it ends
+    only on a size that fits. `blob` is the unpruned artifact if already encoded. Returns the artifact."""
+    blob = blob or encode_artifact(tensors, meta, h.compressor)
     if len(blob) <= target:
         return blob
     names = [n for n, i in meta["tensors"].items() if 0 < i["bits"] < FP16]
@@ -1494,17 +1497,20 @@ def prune_to_fit(h: Hyperparameters, tensors: dict[str, Tensor], meta: dict, hes
     if len(best) > target:
         log("selective_prune: even pruning every candidate does not reach the target")
         return best
-    hi_size = len(best)
-    while hi - lo > max(1, len(order) // 500):  # within 0.2% of the fewest candidates that fit
-        span = hi - lo
-        k = lo + round(span * (lo_size - target) / max(lo_size - hi_size, 1))  # where the sizes say the target is
-        k = min(max(k, lo + max(1, span // 4)), hi - max(1, span // 4))  # shrink the bracket by a quarter at least
-        trial = encoded(k)
-        if len(trial) <= target:
-            hi, hi_size, best = k, len(trial), trial
-        else:
-            lo, lo_size = k, len(trial)
-    log(f"selective_prune: zeroed {hi}/{len(order)} +-1 values, {len(best)}B")
+    hi_size, workers, rounds = len(best), min(PRUNE_THREADS, os.cpu_count() or 1), 0
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        while hi - lo > max(1, len(order) // 500):  # within 0.2% of the fewest candidates that fit
+            span, rounds = hi - lo, rounds + 1
+            guess = lo + round(span * (lo_size - target) / max(lo_size - hi_size, 1))  # where the sizes point
+            guess = min(max(guess, lo + max(1, span // 4)), hi - max(1, span // 4))  # at least a quarter off
+            ks = sorted({guess, *(lo + span * i // workers for i in range(1, workers))} - {lo, hi})
+            for k, trial in zip(ks, pool.map(encoded, ks)):
+                if len(trial) <= target:
+                    hi, hi_size, best = k, len(trial), trial
+                    break
+                lo, lo_size = k, len(trial)
+    log(f"selective_prune: zeroed {hi}/{len(order)} +-1 values, {len(best)}B, {rounds} rounds of up to "
+        f"{workers} parallel encodes")
     return best
 
 
