@@ -1,0 +1,265 @@
+"""The record tooling: the t distribution and significance test of records/stats.py, every refusal of
+records/make_record.py, and a record folder built end to end from three real tiny runs."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SP1024, TINY_ENV
+
+sys.path.insert(0, str(ROOT / "records"))
+import make_record  # noqa: E402
+import stats  # noqa: E402
+
+SEEDS = (1, 2, 3)
+
+
+# ---------------------------------------------------------------------------------------------- stats.py
+
+@pytest.mark.parametrize("t, df, p, tol", [
+    (1.886, 2, 0.10, 1e-4), (6.965, 2, 0.01, 1e-5), (2.015, 5, 0.05, 1e-5), (2.998, 7, 0.01, 1e-5),
+    (1.645, 1e9, 0.05, 1e-4), (0.0, 3, 0.5, 1e-15), (12.706, 1, 0.025, 1e-5),
+])
+def test_t_tail_matches_table_values(t, df, p, tol):
+    assert stats.student_t_sf(t, df) == pytest.approx(p, abs=tol)
+
+
+@pytest.mark.parametrize("t", [-40.0, -3.0, -1.0, -0.2, 0.0, 1e-6, 0.5, 1.0, 2.5, 7.0, 80.0, 1e5])
+def test_t_cdf_matches_closed_forms_to_1e_12(t):
+    """Small df have closed forms: df=1 is the Cauchy, then df=2, 3 and 4."""
+    closed = {
+        1: 0.5 + math.atan(t) / math.pi,
+        2: 0.5 + t / (2 * math.sqrt(t * t + 2)),
+        3: 0.5 + (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3))) / math.pi,
+        4: 0.5 + 0.375 * t / math.sqrt(1 + t * t / 4) * (1 - t * t / (12 * (1 + t * t / 4))),
+    }
+    for df, cdf in closed.items():
+        assert abs(stats.student_t_cdf(t, df) - cdf) < 1e-12, df
+        assert abs(stats.student_t_sf(t, df) - (1 - cdf)) < 1e-12, df
+    assert stats.student_t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-14)
+
+
+@pytest.mark.parametrize("df", [5, 9.5, 30, 250])
+def test_t_tail_matches_numerical_integration_of_the_density(df):
+    """An independent check at larger df: Simpson's rule on the density, 0 to t, 20000 intervals."""
+    const = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    for t in (0.3, 1.7, 4.0):
+        n, h = 20_000, t / 20_000
+        f = [const * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        area = h / 3 * (f[0] + f[-1] + 4 * math.fsum(f[1:-1:2]) + 2 * math.fsum(f[2:-1:2]))
+        assert abs(stats.student_t_sf(t, df) - (0.5 - area)) < 1e-11, (df, t)
+
+
+def test_t_tail_is_accurate_far_out_and_tends_to_the_normal():
+    # relative accuracy where 1 - cdf would cancel: the df=1 tail at t is 1/(pi t) (1 - 1/(3t^2) + ...)
+    assert stats.student_t_sf(1e4, 1) == pytest.approx(math.atan(1e-4) / math.pi, rel=1e-10)
+    for z in (-2.0, 0.7, 3.0):  # at df=1e7 the t and normal tails differ by ~1e-8
+        assert stats.student_t_sf(z, 1e7) == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)), abs=5e-8)
+    assert stats.student_t_sf(math.inf, 3) == 0.0 and stats.student_t_sf(-math.inf, 3) == 1.0
+
+
+def test_mean_std_and_the_improvement_test():
+    xs = [1.100, 1.110, 1.105]
+    assert stats.mean(xs) == pytest.approx(1.105) and stats.sample_std(xs) == pytest.approx(0.005)
+    r = stats.improvement_test(xs, sota=1.1194)
+    assert r.df == 2 and r.t == pytest.approx((1.1194 - 0.005 - 1.105) / (0.005 / math.sqrt(3)))
+    assert r.p == pytest.approx(stats.student_t_sf(r.t, 2)) and not r.significant
+    text = r.statement()
+    assert "One-sided one-sample t-test, df=n-1=2" in text and "H0: mean(val_loss) >= SOTA - 0.005" in text
+    assert "H1: mean(val_loss) < 1.114400" in text and "not significant at p < 0.01" in text
+    tight = stats.improvement_test([1.100, 1.1001, 1.0999], sota=1.1194)
+    assert tight.p < 1e-4 and tight.significant and "significant at p < 0.01" in tight.statement()
+
+
+def test_one_seed_gives_no_test_and_equal_seeds_a_degenerate_one():
+    one = stats.improvement_test([1.10], sota=1.12)
+    assert one.p is None and one.t is None and stats.sample_std([1.10]) is None
+    assert "No test possible" in one.statement() and not one.significant
+    better = stats.improvement_test([1.10, 1.10, 1.10], sota=1.12)
+    assert better.std == 0 and better.t == math.inf and better.p == 0.0 and "s = 0" in better.statement()
+    worse = stats.improvement_test([1.118, 1.118], sota=1.12)
+    assert worse.t == -math.inf and worse.p == 1.0 and not worse.significant
+
+
+# ---------------------------------------------------------------------------------------------- real runs
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sample_shards):
+    """Three tiny real runs, seeds 1, 2, 3, of a private copy of train_gpt.py (so edits to the working tree
+    during the session cannot change the code under the runs). Returns (script, [summary paths])."""
+    work = tmp_path_factory.mktemp("runs")
+    script = work / "train_gpt.py"
+    shutil.copyfile(ROOT / "train_gpt.py", script)
+    base = {**os.environ, **TINY_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024)}
+    for seed in SEEDS:
+        r = subprocess.run([sys.executable, str(script)], cwd=work, capture_output=True, text=True, timeout=300,
+                           env={**base, "RUN_ID": f"seed{seed}", "SEED": str(seed)})
+        assert r.returncode == 0, r.stderr[-3000:]
+    return script, [work / "logs" / f"seed{seed}.json" for seed in SEEDS]
+
+
+def make(out, script, summaries, *extra):
+    argv = ["--name", "TinyTest", "--author", "Test Author", "--github-id", "tester", "--blurb", "A tiny test.",
+            "--date", "2026-01-02", "--script", str(script), "--out", str(out), *extra, *map(str, summaries)]
+    return make_record.main(argv)
+
+
+def crafted(tmp_path, runs, edit=None):
+    """Copies of the three runs' summaries and logs in tmp_path/logs; edit(seed, summary) may change them."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    paths = []
+    for src in runs[1]:
+        s = json.loads(src.read_text())
+        if edit:
+            edit(s["seed"], s)
+        dst = logs / src.name
+        dst.write_text(json.dumps(s))
+        shutil.copyfile(src.with_suffix(".txt"), dst.with_suffix(".txt"))
+        paths.append(dst)
+    return paths
+
+
+def on_seed(seed, key, value):
+    """An edit for crafted(): set the dotted key of one seed's summary to value."""
+    def edit(s_seed, s):
+        if s_seed == seed:
+            *path, last = key.split(".")
+            d = s
+            for k in path:
+                d = d[k]
+            d[last] = value
+    return edit
+
+
+def refused(capsys, out, code, *needles):
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("make_record.py: refused: ") and len(err.strip().splitlines()) == 1
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists()  # refused before anything was created, not even the parent folder
+
+
+REFUSALS = {
+    "over_size": (on_seed(2, "artifact.total_bytes", 16_000_001), "seed2.json", "over the 16,000,000-byte cap"),
+    "train_over_time": (on_seed(3, "train_ms", 600_001.0), "seed3.json", "training took 600.0s"),
+    "eval_over_time": (on_seed(1, "eval_ms", 612_345.0), "seed1.json", "evaluation took 612.3s"),
+    "different_code": (on_seed(2, "code.sha256", "0" * 64), "seed2.json", "ran different code"),
+    "different_config": (on_seed(3, "config_sha256", "f" * 64), "seed3.json", "different configuration"),
+    "duplicate_seed": (on_seed(2, "seed", 1), "seed2.json", "seed 1 appears twice (also in"),
+    "wrong_format": (on_seed(1, "format", "something-else/2"), "seed1.json", "not a run summary of format"),
+    "missing_key": (lambda seed, s: s["artifact"].pop("total_bytes") if seed == 2 else None, "seed2.json",
+                    "'artifact.total_bytes' is missing"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refuses_runs_that_break_a_rule(case, runs, tmp_path, capsys):
+    edit, *needles = REFUSALS[case]
+    out = tmp_path / "out"
+    refused(capsys, out, make(out, runs[0], crafted(tmp_path, runs, edit)), *needles)
+
+
+def test_refuses_missing_or_unreadable_summaries_and_missing_logs(runs, tmp_path, capsys):
+    paths, out = crafted(tmp_path, runs), tmp_path / "out"
+    refused(capsys, out, make(out, runs[0], [*paths, tmp_path / "logs" / "nope.json"]), "nope.json", "not found")
+    paths[1].write_text("{not json")
+    refused(capsys, out, make(out, runs[0], paths), "seed2.json", "invalid JSON")
+    paths[1].write_bytes(b"\xff\xfe\x00")
+    refused(capsys, out, make(out, runs[0], paths), "seed2.json", "cannot read")
+    shutil.copyfile(runs[1][1], paths[1])
+    paths[2].with_suffix(".txt").unlink()
+    refused(capsys, out, make(out, runs[0], paths), "seed3.json", "seed3.txt is missing")
+
+
+def test_command_line_exit_codes(tmp_path):
+    """Run as a script: a refusal and a bad --name both exit 2, with a message on stderr."""
+    base = [sys.executable, str(ROOT / "records" / "make_record.py"), "--author", "a", "--github-id", "g",
+            "--blurb", "b", "--out", str(tmp_path / "out")]
+    r = subprocess.run([*base, "--name", "x", str(tmp_path / "gone.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "refused:" in r.stderr and "gone.json: run summary not found" in r.stderr
+    r = subprocess.run([*base, "--name", "../escape", str(tmp_path / "gone.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--name '../escape'" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_script_that_is_not_the_code_that_ran(runs, tmp_path, capsys):
+    other, out = tmp_path / "train_gpt.py", tmp_path / "out"
+    other.write_bytes(runs[0].read_bytes() + b"\n")
+    refused(capsys, out, make(out, other, runs[1]), str(other), "is not the code the runs ran")
+    refused(capsys, out, make(out, tmp_path / "missing.py", runs[1]), "missing.py", "cannot read the script")
+
+
+def test_refuses_an_existing_target_and_leaves_nothing_behind_on_failure(runs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    (out / "2026-01-02_TinyTest").mkdir(parents=True)
+    assert make(out, runs[0], runs[1]) == 2 and "already exists" in capsys.readouterr().err
+    (out / "2026-01-02_TinyTest").rmdir()
+
+    def broken_copy(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(make_record.shutil, "copyfile", broken_copy)
+    with pytest.raises(OSError, match="disk full"):
+        make(out, runs[0], runs[1])
+    assert list(out.iterdir()) == []  # no record folder, no temporary folder
+
+
+def test_non_record_allows_over_time_but_not_over_size(runs, tmp_path, capsys):
+    slow = crafted(tmp_path, runs, on_seed(2, "train_ms", 700_000.0))
+    out = tmp_path / "out"
+    assert make(out, runs[0], slow) == 2
+    capsys.readouterr()
+    assert make(out, runs[0], slow, "--non-record") == 0
+    sub = json.loads((out / "2026-01-02_TinyTest" / "submission.json").read_text())
+    assert sub["non_record"] is True and sub["seeds"][1]["train_ms"] == 700_000.0
+    assert "Non-record submission" in (out / "2026-01-02_TinyTest" / "README.md").read_text()
+
+    big = tmp_path / "big"
+    big.mkdir()
+    huge = crafted(big, runs, on_seed(1, "artifact.total_bytes", 16_000_001))
+    code = make(big / "out", runs[0], huge, "--non-record")
+    refused(capsys, big / "out", code, "seed1.json", "over the 16,000,000-byte cap")
+
+
+def test_builds_a_record_folder_from_three_real_runs(runs, tmp_path, capsys):
+    script, summaries = runs
+    out = tmp_path / "records" / "track_10min_16mb"
+    assert make(out, script, summaries[::-1], "--sota-val-loss", "9.0") == 0
+    folder = out / "2026-01-02_TinyTest"
+    assert f"wrote {folder}/" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["2026-01-02_TinyTest"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["README.md", "submission.json", "train_gpt.py", "requirements.txt"] + [f"train_seed{s}.log" for s in SEEDS])
+    assert (folder / "train_gpt.py").read_bytes() == script.read_bytes()
+    assert (folder / "requirements.txt").read_bytes() == (ROOT / "requirements.txt").read_bytes()
+    summ = [json.loads(p.read_text()) for p in summaries]
+    for s, p in zip(summ, summaries):
+        assert (folder / f"train_seed{s['seed']}.log").read_bytes() == p.with_suffix(".txt").read_bytes()
+        assert s["code"]["sha256"] == hashlib.sha256(script.read_bytes()).hexdigest()
+
+    sub = json.loads((folder / "submission.json").read_text())
+    losses = [s["score"]["val_loss"] for s in summ]
+    assert sub["val_loss"] == pytest.approx(sum(losses) / 3, rel=1e-15, abs=0)
+    assert sub["val_bpb"] == pytest.approx(sum(s["score"]["val_bpb"] for s in summ) / 3, rel=1e-15, abs=0)
+    assert sub["val_loss_std"] == pytest.approx(stats.sample_std(losses))
+    assert sub["bytes_total"] == max(s["artifact"]["total_bytes"] for s in summ)
+    assert sub["bytes_code"] == script.stat().st_size and sub["non_record"] is False
+    assert [x["seed"] for x in sub["seeds"]] == list(SEEDS)
+    assert {k: sub[k] for k in ("author", "github_id", "name", "blurb", "date")} == dict(
+        author="Test Author", github_id="tester", name="TinyTest", blurb="A tiny test.", date="2026-01-02")
+
+    readme = (folder / "README.md").read_text()
+    env = " ".join(f"{k}={v}" for k, v in summ[0]["env"].items())
+    for s in summ:
+        row = f"| {s['seed']} | {s['steps']} | {s['train_ms'] / 1000:.1f} | {s['eval_ms'] / 1000:.1f} | "
+        assert row + f"{s['score']['val_loss']:.5f} | {s['score']['val_bpb']:.5f} |" in readme
+        assert f"{s['artifact']['total_bytes']:,} |" in readme
+        assert f"{env} SEED={s['seed']} torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
+    assert "One-sided one-sample t-test, df=n-1=2" in readme and "| roundtrip val_loss |" in readme
+    assert f"val_loss {sub['val_loss']:.6f} (sample std {sub['val_loss_std']:.6f})" in readme
