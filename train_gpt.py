@@ -942,7 +942,7 @@ class ParallelMuon:
                 m.weight = nn.Parameter(data[i], requires_grad=m.weight.requires_grad)
                 m.weight.grad = grad[i]
             self.banks.append(types.SimpleNamespace(
-                data=data, grad=grad, count=len(mods), scale=max(1.0, rows / cols) ** 0.5,
+                data=data, grad=grad, scale=max(1.0, rows / cols) ** 0.5,
                 shard=torch.zeros(share, rows, cols, device=d.device), momentum=torch.zeros(share, rows, cols, device=d.device),
                 update=torch.zeros(n, rows, cols, dtype=self.ns_dtype, device=d.device), work=None))
 
@@ -2045,8 +2045,8 @@ def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger,
         "format": "parameter-golf-run-summary/1", "run_id": h.run_id, "seed": h.seed, "world_size": d.world_size,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": torch.cuda.get_device_name(d.device) if d.cuda else "cpu",
-        "config": config, "env": {k.upper(): str(v) for k, v in config.items()
-                                  if v != getattr(defaults, k) and k not in ("run_id", "seed")},
+        "config": config, "env": {k.upper(): str(int(v) if isinstance(v, bool) else v) for k, v in config.items()
+                                  if v != getattr(defaults, k) and k not in ("run_id", "seed")},  # as they parse
         "config_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
         "code": {"sha256": hashlib.sha256(code).hexdigest(), "source_sha256": hashlib.sha256(source).hexdigest(),
                  "source_bytes": len(source), "counted": counted, "counted_bytes": len(code)},

@@ -1,5 +1,6 @@
 """The script as users run it: `python3 train_gpt.py` and `torchrun --nproc_per_node=2` (gloo on CPU)."""
 
+import json
 import math
 import os
 import re
@@ -8,6 +9,8 @@ import sys
 
 import pytest
 from conftest import ROOT, SP1024, STEP_LINE, TINY_ENV
+
+import train_gpt
 
 SCRIPT = ROOT / "train_gpt.py"
 
@@ -100,3 +103,17 @@ def test_two_processes_match_one_process(runs):
         a, b = float(field(one, line, "val_loss")), float(field(two, line, "val_loss"))
         assert abs(a - b) <= 1e-5 * a  # same global batch; only float summation order differs
     assert field(one, "val_data", "bytes") == field(two, "val_data", "bytes")
+
+
+def test_run_summary_reproduces_the_configuration_and_the_score(runs):
+    (cwd, out), _ = runs
+    s = json.loads((cwd / "logs" / "e2e.json").read_text())
+    h = train_gpt.Hyperparameters.from_env({**s["env"], "SEED": str(s["seed"]), "RUN_ID": s["run_id"]})
+    assert vars(h) == s["config"]  # the env of the summary parses back into exactly the configuration
+    assert s["env"]["TTT_ENABLED"] == "1" and s["seed"] == 1234 and s["world_size"] == 1
+    assert s["score"]["source"] == "legal_ttt_exact"
+    assert f"{s['score']['val_bpb']:.8f}" == field(out, "final_int8_zlib_roundtrip_exact", "val_bpb")
+    assert s["artifact"]["model_bytes"] == (cwd / "final_model.ptz").stat().st_size
+    assert s["code"]["counted"] == "source" and s["code"]["counted_bytes"] == SCRIPT.stat().st_size
+    assert set(s["stages"]) == {"pre_quant_raw", "averaged", "roundtrip", "sliding_window", "legal_ttt"}
+    assert abs(s["train_ms"] - float(field(out, "time_ledger train", "train").removesuffix("ms"))) < 1
