@@ -45,6 +45,10 @@ def _readme_env(marker: str) -> dict[str, str]:
 # The official baseline's settings, as the README documents them.
 BASELINE_ENV = _readme_env("baseline-env")
 
+# quickstart.sh's configuration (its `: "${VAR:=default}"` lines), cut to 3 steps for tests that need whole runs.
+QUICKSTART_ENV = {**dict(re.findall(r'"\$\{([A-Z0-9_]+):=([^}]*)\}"', (ROOT / "quickstart.sh").read_text())),
+                  "ITERATIONS": "3", "VAL_LOSS_EVERY": "0"}
+
 
 def tiny_h(**overrides):
     """Hyperparameters of TINY_ENV (plus overrides), built in-process."""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SP1024, TINY_ENV
+from conftest import QUICKSTART_ENV, ROOT, SP1024
 
 sys.path.insert(0, str(ROOT / "records"))
 import make_record  # noqa: E402
@@ -90,17 +90,18 @@ def test_one_seed_gives_no_test_and_equal_seeds_a_degenerate_one():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sample_shards):
-    """Three tiny real runs, seeds 1, 2, 3, of a private copy of train_gpt.py (so edits to the working tree
-    during the session cannot change the code under the runs). Returns (script, [summary paths])."""
+    """Three real runs of the quickstart configuration (3 steps each), seeds 1, 2, 3, launched as users do, by
+    records/run_seeds.sh, of a private copy of train_gpt.py (so edits to the working tree during the session
+    cannot change the code under the runs). Returns (script, [summary paths])."""
     work = tmp_path_factory.mktemp("runs")
     script = work / "train_gpt.py"
     shutil.copyfile(ROOT / "train_gpt.py", script)
-    base = {**os.environ, **TINY_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024)}
-    for seed in SEEDS:
-        r = subprocess.run([sys.executable, str(script)], cwd=work, capture_output=True, text=True, timeout=300,
-                           env={**base, "RUN_ID": f"seed{seed}", "SEED": str(seed)})
-        assert r.returncode == 0, r.stderr[-3000:]
-    return script, [work / "logs" / f"seed{seed}.json" for seed in SEEDS]
+    env = {**os.environ, **QUICKSTART_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024),
+           "SEEDS": " ".join(map(str, SEEDS)), "NAME": "qs"}
+    r = subprocess.run([str(ROOT / "records" / "run_seeds.sh"), sys.executable, str(script)], cwd=work,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return script, [work / "logs" / f"qs_seed{seed}.json" for seed in SEEDS]
 
 
 def make(out, script, summaries, *extra):
