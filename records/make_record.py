@@ -41,6 +41,7 @@ NUMBER = (int, float)
 SCHEMA = {
     "seed": int, "world_size": int, "config": dict, "env": dict, "config_sha256": str, "steps": int,
     "train_ms": NUMBER, "eval_ms": NUMBER, "stages": dict, "code.sha256": str, "code.counted": str,
+    "code.source_sha256": str, "code.source_bytes": int,
     "score.source": str, "score.val_loss": NUMBER, "score.val_bpb": NUMBER,
     "artifact.code_bytes": int, "artifact.model_bytes": int, "artifact.total_bytes": int,
 }
@@ -93,6 +94,11 @@ def load_run(path: Path) -> Run:
     log = path.with_suffix(".txt")
     if not log.is_file():
         raise Refusal(f"{path}: its log {log} is missing")
+    with open(log, "rb") as f:  # train_gpt.py starts its log with the source it ran
+        head = f.read(s["code"]["source_bytes"])
+    if hashlib.sha256(head).hexdigest() != s["code"]["source_sha256"]:
+        raise Refusal(f"{log}: does not start with the source its summary names (code.source_sha256): "
+                      "not the log of this run")
     return Run(path, log, s)
 
 

@@ -174,6 +174,10 @@ def test_refuses_missing_or_unreadable_summaries_and_missing_logs(runs, tmp_path
     paths[1].write_bytes(b"\xff\xfe\x00")
     refused(capsys, out, make(out, runs[0], paths), "seed2.json", "cannot read")
     shutil.copyfile(runs[1][1], paths[1])
+    log = paths[0].with_suffix(".txt")
+    log.write_bytes(b"#" + log.read_bytes()[1:])  # a log whose source is not the code the summary names
+    refused(capsys, out, make(out, runs[0], paths), "seed1.txt", "not the log of this run")
+    shutil.copyfile(runs[1][0].with_suffix(".txt"), log)
     paths[2].with_suffix(".txt").unlink()
     refused(capsys, out, make(out, runs[0], paths), "seed3.json", "seed3.txt is missing")
 
