@@ -1790,15 +1790,17 @@ SELFGEN_TEMPERATURE = 0.8  # PR #1019's sampling temperature for self-generated 
 
 
 def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader, budget_ms: float | None):
-    """Calibration inputs from the training stream, continuing where training stopped, until this rank has its
-    share of GPTQ_CALIB_TOKENS or the next batch would overrun budget_ms (None = no limit)."""
-    seqs = max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
+    """Calibration inputs from the training stream, continuing where training stopped, in micro-batches of at
+    most the training size, until this rank has its share of GPTQ_CALIB_TOKENS (rounded up to whole
+    sequences) or the next batch would overrun budget_ms (None = no limit)."""
+    T, seqs = h.train_seq_len, max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
+    share = math.ceil(h.gptq_calib_tokens / d.world_size / T) * T
     t0, n, batch_ms = time.perf_counter(), 0, 0.0
-    while n < h.gptq_calib_tokens / d.world_size:
+    while n < share:
         start = 1000 * (time.perf_counter() - t0)
         if budget_ms is not None and start + batch_ms >= budget_ms:
             return
-        x, _ = loader.next_batch(seqs * h.train_seq_len, h.train_seq_len, d.device)
+        x, _ = loader.next_batch(min(seqs * T, share - n), T, d.device)
         yield x
         n, batch_ms = n + x.numel(), 1000 * (time.perf_counter() - t0) - start
 
