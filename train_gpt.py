@@ -353,6 +353,17 @@ class Dist:
             dist.all_reduce(t, op=op)
         return t
 
+    def all_reduce_grads(self, params: list[Tensor], op=dist.ReduceOp.SUM) -> list[Tensor]:
+        """Every param's gradient (zeros where it has none), reduced over ranks as one flat buffer and set back
+        as its .grad (a view of the buffer); returns them."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.world_size > 1 and grads:
+            flat = self.all_reduce(torch.cat([g.flatten() for g in grads]), op)
+            grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
+        for p, g in zip(params, grads):
+            p.grad = g
+        return grads
+
     def barrier(self):
         if self.world_size > 1:
             dist.barrier()
@@ -1010,13 +1021,7 @@ class Optimizers:
     @torch.no_grad()
     def step(self, lr_scale: float, muon_momentum: float):
         self.muon.reduce_scatter()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
-        if self.d.world_size > 1 and grads:
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-            grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in self.replicated]), self.replicated)]
-        for p, g in zip(self.replicated, grads):
-            p.grad = g
+        grads = self.d.all_reduce_grads(self.replicated, dist.ReduceOp.AVG)
         shards = self.muon.wait()
         if self.clip > 0:  # shards hold each matrix on exactly one rank: their squares sum over ranks
             sq = self.d.all_reduce(torch.stack([s.float().square().sum() for s in shards]).sum())
@@ -1648,12 +1653,7 @@ class ScoreFirstTTT:
                 self.step()
 
     def step(self):
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if self.d.world_size > 1:  # one all-reduce of all gradients (a rank without sequences adds zeros)
-            flat = self.d.all_reduce(torch.cat([g.flatten() for g in grads]))
-            grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
-        for p, g in zip(self.params, grads):
-            p.grad = g
+        self.d.all_reduce_grads(self.params)  # summed: a rank without sequences adds zeros
         if self.h.ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.h.ttt_grad_clip)
         self.opt.step()
@@ -1879,7 +1879,6 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     else:  # the whole process's peak resident set (Linux reports KiB)
         log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
-    mm, att = forward_flops_per_token(h, h.train_seq_len)
     tokens, seconds = result.steps * h.train_batch_tokens, max(result.train_ms, 1e-9) / 1000
     flops = 3 * (mm + att) * tokens / seconds
     log(f"train_throughput tokens_per_s:{tokens / seconds:.0f} model_tflops_per_s:{flops / 1e12:.3f}" +
@@ -2006,16 +2005,16 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
         log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
         return name + "_exact", r
 
-    results = [None, None, None]  # round trip, sliding window, legal TTT
+    stages = dict.fromkeys(("roundtrip", "sliding_window", "legal_ttt"))  # None: the evaluator did not run
     with ledger.phase("roundtrip_eval", "eval") as t:
-        r = results[0] = eval_val(h, d, model, val)
+        r = stages["roundtrip"] = eval_val(h, d, model, val)
     score = report(f"final_{q}_roundtrip", r, t.ms)
     if (L, stride) != (val.seq_len, val.seq_len):
         windows = len(window_ends(val.num_targets, min(L, val.num_targets), stride))
         log(f"final_eval_mode:sliding_window seq_len:{L} stride:{stride} batch_seqs:{h.eval_batch_seqs} "
             f"windows:{windows}")
         with ledger.phase("sliding_window_eval", "eval") as t:
-            r = results[1] = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs)
+            r = stages["sliding_window"] = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs)
         score = report(f"final_{q}_sliding_window", r, t.ms, f" stride:{stride}")
     if h.ttt_enabled:
         ttt = ScoreFirstTTT(h, d, model, base)
@@ -2024,12 +2023,12 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
             f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks}")
         log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in ttt.params)} frozen={ttt.frozen}")
         with ledger.phase("ttt_eval", "eval") as t:
-            r = results[2] = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs, ttt=ttt, log=log)
+            r = stages["legal_ttt"] = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs, ttt=ttt, log=log)
         score = report("legal_ttt", r, t.ms)
     name, r = score
     log(f"official_score source:{name} (repeated below under the baseline's name)")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
-    return {"roundtrip": results[0], "sliding_window": results[1], "legal_ttt": results[2], "score": (name, r)}
+    return {**stages, "score": (name, r)}
 
 
 def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger, steps: int, code: bytes,
