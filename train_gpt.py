@@ -30,7 +30,6 @@ import contextlib
 import copy
 import glob
 import hashlib
-import io
 import json
 import lzma
 import math
@@ -44,7 +43,7 @@ import time
 import types
 import uuid
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import sentencepiece as spm
@@ -64,20 +63,44 @@ try:  # optional compressor (COMPRESSOR=brotli)
 except ImportError:
     brotli = None
 
+
 MICROBATCHES = 8  # micro-batches per optimizer step over all ranks: the batch layout is the same for any world size
 CAP_BYTES = 16_000_000  # challenge cap on code bytes + compressed model bytes (decimal)
 ARTIFACT_PATH = "final_model.ptz"
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Hyperparameters
 # ---------------------------------------------------------------------------------------------------------
 
 
+def knob(default, within: str = "", choices: tuple = (), model: bool = False):
+    """A Hyperparameters field with its allowed values beside it: `within` an interval such as "[0, 1)" or
+    "[1, inf)", `choices` the accepted values; `model` marks what an artifact must agree on with the run that
+    loads it. Hyperparameters.errors checks every field against this in one loop."""
+    return field(default=default, metadata={"within": within, "choices": choices, "model": model})
+
+
+def _within(value, interval: str) -> str | None:
+    """None if value lies in the interval, else what was expected ('must be >= 1', 'must be in [0, 1)')."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    ok = (value >= lo if interval[0] == "[" else value > lo) and (value <= hi if interval[-1] == "]" else value < hi)
+    if ok:
+        return None
+    if hi == math.inf:
+        return f"must be {'>=' if interval[0] == '[' else '>'} {interval[1:].split(',')[0]}"
+    return f"must be in {interval}"
+
+
+BITS = (4, 5, 6, 7, 8, 16)  # per-row int-N widths of the export, 16 = fp16
+RENAMED = {"PRUNE_MARGIN_BYTES": "FIT_MARGIN_BYTES"}  # old knob name -> new one (the old name is an error)
+
+
 @dataclass
 class Hyperparameters:
     """Every knob of a run. The environment variable is the field name upper-cased; the default's type
-    decides the parsing (bools are 0/1). Defaults are the best legal seed-era record (PR #1019, spec section
-    13.6); README.md gives the settings that reproduce the official baseline."""
+    decides the parsing (bools are 0/1). Defaults are the best legal seed-era record (PR #1019); README.md
+    gives the settings that reproduce the official baseline."""
 
     # data and run
     data_path: str = "./data/datasets/fineweb10B_sp1024"
@@ -86,193 +109,215 @@ class Hyperparameters:
     seed: int = 1337
     # validation and logging
     val_batch_size: int = 524_288  # tokens per validation batch, all ranks together
-    val_loss_every: int = 4000  # validate every N steps (and at step 0); 0 = only after training
-    train_log_every: int = 500  # log train_loss every N steps (and steps 1-10 and the last); 0 = never
+    val_loss_every: int = knob(4000, "[0, inf)")  # validate every N steps (and at step 0); 0 = only after training
+    train_log_every: int = knob(500, "[0, inf)")  # log train_loss every N steps (and steps 1-10, the last); 0 = never
     # length and batch
-    iterations: int = 20_000
-    warmdown_iters: int = 4000  # linear LR warmdown over about the last N steps (wall-clock predicted)
-    warmup_steps: int = 20  # compile warm-up steps, run and then undone; not counted in train_time
+    iterations: int = knob(20_000, "[0, inf)")
+    warmdown_iters: int = knob(4000, "[0, inf)")  # linear LR warmdown over about the last N steps (wall-clock predicted)
+    warmup_steps: int = knob(20, "[0, inf)")  # compile warm-up steps, run and then undone; not counted in train_time
     train_batch_tokens: int = 786_432  # tokens per optimizer step, all ranks together
-    train_seq_len: int = 2048
-    max_wallclock_seconds: float = 600.0  # training-time cap; 0 = none
+    max_wallclock_seconds: float = knob(600.0, "[0, inf)")  # training-time cap; 0 = none
     # model shape
-    vocab_size: int = 1024
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 3.0  # MLP hidden = int(mlp_mult * model_dim)
-    mlp_act: str = "leaky_relu2"  # relu2 = relu(x)^2 | leaky_relu2 = leaky_relu(x, 0.5)^2
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    rope_dims: int = 16  # rotated dims per head (partial RoPE); 0 = all
-    rope_ntk_len: int = 1024  # NTK base scaling for TRAIN_SEQ_LEN above this length; 0 = none
-    logit_softcap: float = 30.0
+    vocab_size: int = knob(1024, "[1, 65536]", model=True)  # shards store uint16 tokens
+    num_layers: int = knob(11, "[1, inf)", model=True)
+    model_dim: int = knob(512, model=True)
+    num_heads: int = knob(8, "[1, inf)", model=True)
+    num_kv_heads: int = knob(4, model=True)
+    mlp_mult: float = knob(3.0, model=True)  # MLP hidden = int(mlp_mult * model_dim)
+    mlp_act: str = knob("leaky_relu2", choices=("relu2", "leaky_relu2"), model=True)  # relu(x)^2 | leaky_relu(x, 0.5)^2
+    tie_embeddings: bool = knob(True, model=True)
+    rope_base: float = knob(10000.0, "(0, inf)", model=True)
+    rope_dims: int = knob(16, model=True)  # rotated dims per head (partial RoPE); 0 = all
+    rope_ntk_len: int = knob(1024, model=True)  # NTK base scaling for TRAIN_SEQ_LEN above this length; 0 = none
+    train_seq_len: int = knob(2048, "[1, inf)", model=True)  # training and validation length; fixes the RoPE base
+    logit_softcap: float = knob(30.0, "(0, inf)", model=True)
     qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
+    tied_embed_init_std: float = knob(0.005, "[0, inf)")
     # seed-stack techniques
-    unet_skips: bool = True  # encoder-half outputs added to the decoder half with learned weights
-    smear_gate: bool = True  # blend the previous position's embedding in (never across a BOS)
-    bigram_vocab_size: int = 3072  # buckets of the hashed (previous, current) token embedding; 0 = off
-    bigram_dim: int = 112
-    xsa_last_n: int = -1  # exclusive self-attention on the last N layers; -1 = all, 0 = off
-    ln_scale: bool = True  # scale the block's normed inputs by 1/sqrt(layer + 1)
-    ve_enabled: bool = True  # shared value embedding added to c_v's output on VE_LAYERS
-    ve_dim: int = 128
-    ve_layers: str = "9,10"  # comma-separated layer indices
+    unet_skips: bool = knob(True, model=True)  # encoder-half outputs added to the decoder half with learned weights
+    smear_gate: bool = knob(True, model=True)  # blend the previous position's embedding in (never across a BOS)
+    bigram_vocab_size: int = knob(3072, model=True)  # buckets of the hashed (previous, current) token embedding; 0 = off
+    bigram_dim: int = knob(112, "[1, inf)", model=True)
+    xsa_last_n: int = knob(-1, model=True)  # exclusive self-attention on the last N layers; -1 = all, 0 = off
+    ln_scale: bool = knob(True, model=True)  # scale the block's normed inputs by 1/sqrt(layer + 1)
+    ve_enabled: bool = knob(True, model=True)  # shared value embedding added to c_v's output on VE_LAYERS
+    ve_dim: int = knob(128, "[1, inf)", model=True)
+    ve_layers: str = knob("9,10", model=True)  # comma-separated layer indices
     ortho_init: bool = True  # orthogonal init of the matrices, projections into the stream scaled 1/sqrt(2L)
     # learning rates
-    embed_lr: float = 0.6  # untied input embedding (and the bigram and value embedding tables)
-    head_lr: float = 0.008  # untied output head
-    tied_embed_lr: float = 0.035  # tied embedding and the bigram and value embedding tables
-    matrix_lr: float = 0.025  # Muon
-    scalar_lr: float = 0.025  # control tensors, gates, skip weights, the bigram and value-embedding projections
+    embed_lr: float = knob(0.6, "[0, inf)")  # untied input embedding (and the bigram and value embedding tables)
+    head_lr: float = knob(0.008, "[0, inf)")  # untied output head
+    tied_embed_lr: float = knob(0.035, "[0, inf)")  # tied embedding and the bigram and value embedding tables
+    matrix_lr: float = knob(0.025, "[0, inf)")  # Muon
+    scalar_lr: float = knob(0.025, "[0, inf)")  # control tensors, gates, skip weights, bigram/value-embedding projections
     # Muon
-    muon_momentum: float = 0.99
-    muon_backend_steps: int = 5
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_wd: float = 0.04  # decoupled: p <- p * (1 - lr * wd) before the update
+    muon_momentum: float = knob(0.99, "[0, 1)")
+    muon_backend_steps: int = knob(5, "[1, inf)")
+    muon_momentum_warmup_start: float = knob(0.92, "[0, 1)")
+    muon_momentum_warmup_steps: int = knob(1500, "[0, inf)")
+    muon_wd: float = knob(0.04, "[0, inf)")  # decoupled: p <- p * (1 - lr * wd) before the update
     # AdamW and clipping
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    adam_wd: float = 0.04
-    grad_clip_norm: float = 0.3  # global L2 norm; 0 = off
+    beta1: float = knob(0.9, "[0, 1)")
+    beta2: float = knob(0.95, "[0, 1)")
+    adam_eps: float = knob(1e-8, "(0, inf)")
+    adam_wd: float = knob(0.04, "[0, inf)")
+    grad_clip_norm: float = knob(0.3, "[0, inf)")  # global L2 norm; 0 = off
     # weight averaging (what gets exported)
-    weight_averaging: str = "ema"  # ema | swa | none
-    ema_decay: float = 0.997
+    weight_averaging: str = knob("ema", choices=("ema", "swa", "none"))
+    ema_decay: float = knob(0.997, "[0, 1)")
     ema_warmup: bool = True  # decay min(EMA_DECAY, (1+n)/(10+n)) after n updates, so short runs average too
-    swa_every: int = 50  # SWA snapshot every N steps ...
-    swa_start_frac: float = 0.2  # ... once the LR scale is below this
-    late_qat_threshold: float = 0.15  # fake-quantize the block matrices once the LR scale is below this; 0 = off
+    swa_every: int = knob(50, "[1, inf)")  # SWA snapshot every N steps ...
+    swa_start_frac: float = knob(0.2, "(0, 1]")  # ... once the LR scale is below this
+    late_qat_threshold: float = knob(0.15, "[0, 1]")  # fake-quantize the block matrices below this LR scale; 0 = off
     # export: quantization, calibration, pruning, compression
-    quant_method: str = "gptq"  # gptq (Hessian) | gptq_lite (clip search) | rtn (round to nearest)
-    quant_mlp_bits: int = 6  # per-row int-N of the MLP matrices, 4-8, or 16 = fp16
-    quant_attn_bits: int = 6  # attention matrices
-    quant_embed_bits: int = 8  # embedding tables and an untied head
-    fp16_max_numel: int = 65_536  # tensors up to this many elements are stored in fp16
-    gptq_calibration: str = "train"  # train (tokens read inside the training budget) | selfgen (model samples)
-    gptq_calib_tokens: int = 262_144  # calibration tokens, all ranks together
-    gptq_reserve_seconds: float = 4.0  # with train calibration: taken off MAX_WALLCLOCK_SECONDS for it
-    gptq_block_size: int = 128
-    gptq_damp: float = 0.01  # Hessian damping, a fraction of its mean diagonal
-    prune_frac: float = 0.0  # magnitude pruning of each int-N tensor before quantization
-    fit_strategy: str = "bits"  # over the byte target: bits (narrow tensors, then prune) | prune (+-1 only) | none
-    prune_margin_bytes: int = 1000  # byte target = 16,000,000 - code bytes - this
-    compressor: str = "lzma"  # lzma | zstd | brotli | zlib
+    quant_method: str = knob("gptq", choices=("gptq", "gptq_lite", "rtn"))  # Hessian | clip search | round to nearest
+    quant_mlp_bits: int = knob(6, choices=BITS)  # per-row int-N of the MLP matrices, 4-8, or 16 = fp16
+    quant_attn_bits: int = knob(6, choices=BITS)  # attention matrices
+    quant_embed_bits: int = knob(8, choices=BITS)  # embedding tables and an untied head
+    fp16_max_numel: int = knob(65_536, "[0, inf)")  # tensors up to this many elements are stored in fp16
+    gptq_calibration: str = knob("train", choices=("train", "selfgen"))  # training tokens in the budget | model samples
+    gptq_calib_tokens: int = knob(262_144, "[1, inf)")  # calibration tokens, all ranks together
+    gptq_reserve_seconds: float = knob(4.0, "[0, inf)")  # with train calibration: taken off MAX_WALLCLOCK_SECONDS
+    gptq_block_size: int = knob(128, "[1, inf)")
+    gptq_damp: float = knob(0.01, "(0, inf)")  # Hessian damping, a fraction of its mean diagonal
+    prune_frac: float = knob(0.0, "[0, 1)")  # magnitude pruning of each int-N tensor before quantization
+    fit_strategy: str = knob("bits", choices=("bits", "prune", "none"))  # over the byte target: narrow, then prune
+    fit_margin_bytes: int = knob(1000, "[0, inf)")  # byte target = 16,000,000 - code bytes - this
+    compressor: str = knob("lzma", choices=("lzma", "zstd", "brotli", "zlib"))
     # final evaluation of the artifact
-    eval_seq_len: int = 0  # sliding-window length; 0 = TRAIN_SEQ_LEN
+    eval_seq_len: int = knob(0, "[0, inf)")  # sliding-window length; 0 = TRAIN_SEQ_LEN
     eval_stride: int = 64  # window advance; = the window length is the plain evaluator
-    eval_batch_seqs: int = 32  # windows per forward pass on each rank
-    # legal score-first test-time training (spec section 11.2)
+    eval_batch_seqs: int = knob(32, "[1, inf)")  # windows per forward pass on each rank
+    # legal score-first test-time training (PR #549's recipe)
     ttt_enabled: bool = False
-    ttt_optimizer: str = "sgd"  # sgd | adamw
-    ttt_lr: float = 0.002  # cosine-decayed over the chunks
-    ttt_momentum: float = 0.9  # SGD momentum, or AdamW beta1
-    ttt_epochs: int = 3
+    ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"))
+    ttt_lr: float = knob(0.002, "(0, inf)")  # cosine-decayed over the chunks
+    ttt_momentum: float = knob(0.9, "[0, 1)")  # SGD momentum, or AdamW beta1
+    ttt_epochs: int = knob(3, "[1, inf)")
     ttt_chunk_tokens: int = 32_768
     ttt_freeze_blocks: int = 0  # the first N blocks keep their weights
-    ttt_batch_seqs: int = 32  # EVAL_SEQ_LEN sequences per TTT step, all ranks together
-    ttt_grad_clip: float = 1.0  # global L2 norm; 0 = off
+    ttt_batch_seqs: int = knob(32, "[1, inf)")  # EVAL_SEQ_LEN sequences per TTT step, all ranks together
+    ttt_grad_clip: float = knob(1.0, "[0, inf)")  # global L2 norm; 0 = off
     # system
-    device: str = "auto"  # auto | cpu | cuda
-    compile: str = "auto"  # auto (on for CUDA) | 0 | 1
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"))
+    compile: str = knob("auto", choices=("auto", "0", "1"))  # auto = on for CUDA
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Hyperparameters:
-        kw = {}
-        for f in fields(cls):
-            raw = environ.get(f.name.upper())
-            if raw is not None:
-                kw[f.name] = _parse_knob(f.name.upper(), raw, f.default)
-        return cls(**kw)
+        for old, new in RENAMED.items():
+            if old in environ:
+                raise ValueError(f"{old}={environ[old]!r}: renamed to {new}")
+        return cls(**{f.name: _parse_knob(f.name.upper(), environ[f.name.upper()], f.default)
+                      for f in fields(cls) if f.name.upper() in environ})
 
     def __post_init__(self):
-        hd, _ = divmod(self.model_dim, max(self.num_heads, 1))
-        rules = [
-            ("NUM_LAYERS", self.num_layers >= 1, "must be >= 1"),
-            ("NUM_HEADS", self.num_heads >= 1, "must be >= 1"),
-            ("NUM_KV_HEADS", self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
-             f"must be >= 1 and divide NUM_HEADS={self.num_heads}"),
-            ("MODEL_DIM", self.num_heads >= 1 and self.model_dim % self.num_heads == 0 and hd % 2 == 0,
-             f"must be divisible by NUM_HEADS={self.num_heads} into an even head dimension (RoPE rotates pairs)"),
-            ("VOCAB_SIZE", 1 <= self.vocab_size <= 65536, "must be in [1, 65536] (shards store uint16 tokens)"),
-            ("MLP_MULT", int(self.mlp_mult * self.model_dim) >= 1, "must give an MLP hidden size >= 1"),
-            ("TRAIN_SEQ_LEN", self.train_seq_len >= 1, "must be >= 1"),
+        errors = self.errors()
+        if errors:
+            raise ValueError(errors[0])
+
+    def errors(self) -> list[str]:
+        """Every violated rule as 'VAR=value: what was expected': the per-field ones declared with knob(),
+        then the rules between fields."""
+        found = []
+        for f in fields(self):
+            v, spec = getattr(self, f.name), f.metadata
+            what = spec.get("within") and _within(v, spec["within"])
+            if spec.get("choices") and v not in spec["choices"]:
+                what = f"must be one of {', '.join(map(str, spec['choices']))}"
+            if what:
+                found.append(f"{f.name.upper()}={v!r}: {what}")
+        return found + [f"{name}={getattr(self, name.lower())!r}: {what}" for name, ok, what in self._rules() if not ok]
+
+    def _rules(self) -> list[tuple[str, bool, str]]:
+        """The rules that relate fields to each other: (variable, holds, what was expected)."""
+        hd, nh, L = self.head_dim, self.num_heads, self.eval_len
+        return [
+            ("NUM_KV_HEADS", self.num_kv_heads >= 1 and nh % self.num_kv_heads == 0,
+             f"must be >= 1 and divide NUM_HEADS={nh}"),
+            ("MODEL_DIM", nh >= 1 and self.model_dim % nh == 0 and hd % 2 == 0,
+             f"must be divisible by NUM_HEADS={nh} into an even head dimension (RoPE rotates pairs)"),
+            ("MLP_MULT", self.mlp_hidden >= 1, "must give an MLP hidden size >= 1"),
             ("TRAIN_BATCH_TOKENS", self.train_batch_tokens > 0 and self.train_seq_len >= 1
              and self.train_batch_tokens % (MICROBATCHES * self.train_seq_len) == 0,
              f"must be a positive multiple of {MICROBATCHES} micro-batches x TRAIN_SEQ_LEN={self.train_seq_len}"),
             ("VAL_BATCH_SIZE", self.val_batch_size >= MICROBATCHES * self.train_seq_len,
              f"must be >= {MICROBATCHES} x TRAIN_SEQ_LEN={self.train_seq_len} tokens"),
-            ("MUON_BACKEND_STEPS", self.muon_backend_steps >= 1, "must be >= 1"),
-            ("LOGIT_SOFTCAP", self.logit_softcap > 0, "must be > 0"),
-            ("ROPE_BASE", self.rope_base > 0, "must be > 0"),
-            ("ADAM_EPS", self.adam_eps > 0, "must be > 0"),
-            ("DEVICE", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
-            ("COMPILE", self.compile in ("auto", "0", "1"), "must be auto, 0 or 1"),
-            ("MLP_ACT", self.mlp_act in MLP_ACTIVATIONS, f"must be one of {', '.join(MLP_ACTIVATIONS)}"),
             ("ROPE_DIMS", self.rope_dims == 0 or (self.rope_dims % 2 == 0 and 2 <= self.rope_dims <= hd),
              f"must be 0 (all) or even and in [2, head dimension {hd}]"),
             ("ROPE_NTK_LEN", self.rope_ntk_len >= 0 and (self.rope_ntk_len == 0 or (self.rope_dims or hd) > 2),
              "must be >= 0, and needs more than 2 rotated dims"),
             ("BIGRAM_VOCAB_SIZE", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2,
              "must be 0 (off) or >= 2 (one bucket is reserved)"),
-            ("BIGRAM_DIM", self.bigram_dim >= 1, "must be >= 1"),
-            ("XSA_LAST_N", -1 <= self.xsa_last_n <= self.num_layers, f"must be -1 (all), 0 (off) or at most "
-             f"NUM_LAYERS={self.num_layers}"),
-            ("VE_DIM", self.ve_dim >= 1, "must be >= 1"),
+            ("XSA_LAST_N", -1 <= self.xsa_last_n <= self.num_layers,
+             f"must be -1 (all), 0 (off) or at most NUM_LAYERS={self.num_layers}"),
             ("VE_LAYERS", not self.ve_enabled or _layer_list(self.ve_layers, self.num_layers) is not None,
              f"must be distinct comma-separated layer indices below NUM_LAYERS={self.num_layers}"),
-        ]
-        bits_ok = [4, 5, 6, 7, 8, 16]
-        rules += [
-            ("WEIGHT_AVERAGING", self.weight_averaging in ("ema", "swa", "none"), "must be ema, swa or none"),
-            ("SWA_EVERY", self.swa_every >= 1, "must be >= 1"),
-            ("SWA_START_FRAC", 0 < self.swa_start_frac <= 1, "must be in (0, 1]"),
-            ("LATE_QAT_THRESHOLD", 0 <= self.late_qat_threshold <= 1, "must be in [0, 1]"),
-            ("QUANT_METHOD", self.quant_method in ("gptq", "gptq_lite", "rtn"), "must be gptq, gptq_lite or rtn"),
-            ("QUANT_MLP_BITS", self.quant_mlp_bits in bits_ok, "must be 4-8 or 16 (fp16)"),
-            ("QUANT_ATTN_BITS", self.quant_attn_bits in bits_ok, "must be 4-8 or 16 (fp16)"),
-            ("QUANT_EMBED_BITS", self.quant_embed_bits in bits_ok, "must be 4-8 or 16 (fp16)"),
-            ("GPTQ_CALIBRATION", self.gptq_calibration in ("train", "selfgen"), "must be train or selfgen"),
-            ("GPTQ_CALIB_TOKENS", self.gptq_calib_tokens >= 1, "must be >= 1"),
-            ("GPTQ_RESERVE_SECONDS", self.max_wallclock_seconds == 0 or not uses_train_calibration(self) or
-             self.gptq_reserve_seconds < self.max_wallclock_seconds,
+            ("GPTQ_RESERVE_SECONDS", self.max_wallclock_seconds == 0 or not self.uses_train_calibration
+             or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} (GPTQ calibrates on training tokens)"),
-            ("GPTQ_BLOCK_SIZE", self.gptq_block_size >= 1, "must be >= 1"),
-            ("GPTQ_DAMP", self.gptq_damp > 0, "must be > 0"),
-            ("PRUNE_FRAC", 0 <= self.prune_frac < 1, "must be in [0, 1)"),
-            ("FIT_STRATEGY", self.fit_strategy in ("bits", "prune", "none"), "must be bits, prune or none"),
-            ("COMPRESSOR", self.compressor in COMPRESSORS and (self.compressor != "brotli" or brotli is not None),
-             f"must be one of {', '.join(COMPRESSORS)} (brotli only when the brotli package is installed)"),
-        ]
-        L = eval_seq_len(self)
-        rules += [
-            ("EVAL_SEQ_LEN", self.eval_seq_len >= 0, "must be >= 0 (0 = TRAIN_SEQ_LEN)"),
+            ("COMPRESSOR", self.compressor != "brotli" or brotli is not None, "brotli needs the brotli package"),
             ("EVAL_STRIDE", 1 <= self.eval_stride <= L, f"must be in [1, EVAL_SEQ_LEN={L}]"),
-            ("EVAL_BATCH_SEQS", self.eval_batch_seqs >= 1, "must be >= 1"),
-            ("TTT_OPTIMIZER", self.ttt_optimizer in ("sgd", "adamw"), "must be sgd or adamw"),
-            ("TTT_LR", self.ttt_lr > 0, "must be > 0"),
-            ("TTT_EPOCHS", self.ttt_epochs >= 1, "must be >= 1"),
             ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens >= L, f"must be >= EVAL_SEQ_LEN={L} (one TTT sequence)"),
             ("TTT_FREEZE_BLOCKS", 0 <= self.ttt_freeze_blocks <= self.num_layers,
              f"must be in [0, NUM_LAYERS={self.num_layers}]"),
-            ("TTT_BATCH_SEQS", self.ttt_batch_seqs >= 1, "must be >= 1"),
         ]
-        rules += [(n.upper(), getattr(self, n) >= 0, "must be >= 0") for n in (
-            "gptq_reserve_seconds", "prune_margin_bytes", "fp16_max_numel", "ttt_grad_clip",
-            "iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
-            "max_wallclock_seconds", "muon_momentum_warmup_steps", "tied_embed_init_std", "embed_lr", "head_lr",
-            "tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm")]
-        rules += [(n.upper(), 0 <= getattr(self, n) < 1, "must be in [0, 1)") for n in (
-            "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_momentum")]
-        for name, ok, what in rules:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name.lower())!r}: {what}")
 
+    # Derived values: computed here once, read everywhere as h.<name>.
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // max(self.num_heads, 1)
 
-MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    @property
+    def rope(self) -> tuple[int, float]:
+        """(rotated dims per head, RoPE base). The base is fixed by the configuration, not by the length a
+        forward pass happens to see (the records scaled it by the runtime length, so passes of other lengths used
+        other bases): NTK scaling multiplies it by (TRAIN_SEQ_LEN / ROPE_NTK_LEN)^(rd / (rd - 2)) when
+        TRAIN_SEQ_LEN exceeds ROPE_NTK_LEN."""
+        rd, T = self.rope_dims or self.head_dim, self.train_seq_len
+        return rd, self.rope_base * ((T / self.rope_ntk_len) ** (rd / (rd - 2)) if 0 < self.rope_ntk_len < T else 1.0)
+
+    @property
+    def xsa_layers(self) -> list[int]:
+        n = self.num_layers if self.xsa_last_n == -1 else self.xsa_last_n
+        return list(range(self.num_layers - n, self.num_layers))
+
+    @property
+    def value_embed_layers(self) -> list[int]:
+        return _layer_list(self.ve_layers, self.num_layers) if self.ve_enabled else []
+
+    @property
+    def eval_len(self) -> int:
+        """The final evaluation's window length: EVAL_SEQ_LEN, or TRAIN_SEQ_LEN when that is 0."""
+        return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def uses_hessians(self) -> bool:
+        return self.quant_method == "gptq"
+
+    @property
+    def uses_train_calibration(self) -> bool:
+        return self.uses_hessians and self.gptq_calibration == "train"
+
+    @property
+    def loop_cap_ms(self) -> float:
+        """The training loop's wall-clock cap (0 = none): MAX_WALLCLOCK_SECONDS, less GPTQ_RESERVE_SECONDS when GPTQ
+        calibrates on training tokens, which must be read inside the training budget (ruling on PR #609)."""
+        if self.max_wallclock_seconds <= 0:
+            return 0.0
+        return 1000 * (self.max_wallclock_seconds - (self.gptq_reserve_seconds if self.uses_train_calibration else 0.0))
+
+    @classmethod
+    def model_knobs(cls) -> list[str]:
+        """What an artifact must agree on with the run that loads it (the fields declared with model=True)."""
+        return [f.name for f in fields(cls) if f.metadata.get("model")]
 
 
 def _layer_list(text: str, num_layers: int) -> list[int] | None:
@@ -283,27 +328,6 @@ def _layer_list(text: str, num_layers: int) -> list[int] | None:
         return None
     ok = layers and len(set(layers)) == len(layers) and all(0 <= i < num_layers for i in layers)
     return layers if ok else None
-
-
-def rope_layout(h: Hyperparameters) -> tuple[int, float]:
-    """(rotated dims per head, RoPE base). The base is fixed by the configuration, not by the length a forward
-    pass happens to see (the records' pitfall, spec section 16.8): NTK scaling multiplies it by
-    (TRAIN_SEQ_LEN / ROPE_NTK_LEN)^(rd / (rd - 2)) when TRAIN_SEQ_LEN exceeds ROPE_NTK_LEN."""
-    rd, T = h.rope_dims or h.model_dim // h.num_heads, h.train_seq_len
-    return rd, h.rope_base * ((T / h.rope_ntk_len) ** (rd / (rd - 2)) if 0 < h.rope_ntk_len < T else 1.0)
-
-
-def xsa_layers(h: Hyperparameters) -> list[int]:
-    n = h.num_layers if h.xsa_last_n == -1 else h.xsa_last_n
-    return list(range(h.num_layers - n, h.num_layers))
-
-
-def eval_seq_len(h: Hyperparameters) -> int:
-    return h.eval_seq_len or h.train_seq_len
-
-
-def value_embed_layers(h: Hyperparameters) -> list[int]:
-    return _layer_list(h.ve_layers, h.num_layers) if h.ve_enabled else []
 
 
 def _parse_knob(name: str, raw: str, default):
@@ -319,7 +343,7 @@ def _parse_knob(name: str, raw: str, default):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Distributed setup and logging
+# Distributed setup, logging, timing and files
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -412,9 +436,54 @@ class Logger:
             f.write(msg + "\n")
 
 
+BUDGET_MS = 600_000  # each of training and evaluation (the challenge README)
+
+
+class TimeLedger:
+    """Wall time of every phase after setup, charged to the training or the evaluation budget by the rules of
+    README.md ("Evaluation and the time budget"; None: not charged, like compile warm-up and periodic validation). Each phase is logged as
+    it ends, the totals at the end, and a total over 600 s gets one line saying so."""
+
+    def __init__(self, d: Dist, log):
+        self.d, self.log, self.total = d, log, {"train": 0.0, "eval": 0.0, None: 0.0}
+
+    def add(self, name: str, budget: str | None, ms: float):
+        self.total[budget] += ms
+        self.log(f"time_ledger phase:{name} ms:{ms:.0f} charged_to:{budget or 'none'}")
+
+    @contextlib.contextmanager
+    def phase(self, name: str, budget: str | None):
+        span = types.SimpleNamespace(ms=0.0)
+        self.d.sync()
+        t0 = time.perf_counter()
+        yield span
+        self.d.sync()
+        span.ms = 1000 * (time.perf_counter() - t0)
+        self.add(name, budget, span.ms)
+
+    def summary(self):
+        self.log(f"time_ledger train:{self.total['train']:.0f}ms eval:{self.total['eval']:.0f}ms "
+                 f"not_charged:{self.total[None]:.0f}ms budget_each:{BUDGET_MS}ms")
+        for budget, what in (("train", "training"), ("eval", "evaluation")):
+            if self.total[budget] > BUDGET_MS:
+                self.log(f"time_ledger OVER_BUDGET: {what} took {self.total[budget] / 1000:.1f}s, more than the "
+                         f"{BUDGET_MS // 1000}s the rules allow; this run is not a valid record")
+
+
+def write_atomic(path: str, data: bytes):
+    """Write to a temporary file, fsync, then rename: the path holds either the old or the new content."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data: shards, the training stream, validation tokens and the byte lookup tables of val_bpb
 # ---------------------------------------------------------------------------------------------------------
+
 
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 SHARD_HEADER_INTS = 256  # little-endian int32: magic, version, token count, zeros
@@ -454,7 +523,7 @@ class TrainingData:
 
     def check_open(self, what: str):
         if self.closed:
-            raise RuntimeError(f"{what}: training data read after the training clock stopped (spec section 1.2)")
+            raise RuntimeError(f"{what}: training data read after the training clock stopped (the challenge README)")
 
     def close(self):
         with self.lock:
@@ -519,7 +588,7 @@ class DistributedTokenLoader:
 
 @dataclass
 class ByteLUTs:
-    """Per-token-id tables of val_bpb (spec section 3.1): UTF-8 bytes of the piece without its leading
+    """Per-token-id tables of val_bpb (the official train_gpt.py's): UTF-8 bytes of the piece without its leading
     '\u2581', whether it has that leading space, and whether the id is a boundary (control, unknown, unused)."""
 
     base_bytes: Tensor  # int16
@@ -660,10 +729,48 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * n).sum(-1, keepdim=True) * n).view(B, T, H, D)
 
 
+# The int-N grid shared by late QAT (the model) and the export (quantization below): a per-row fp16 scale and
+# symmetric integers in [-qmax, qmax].
+FP16 = 16  # the policy's "bit width" of tensors stored in fp16
+
+
+def quant_bits(h: Hyperparameters, name: str, kind: str, shape: torch.Size) -> int:
+    """The export treatment of a float tensor (kind from param_groups): 4-8 = per-row int-N, 16 = fp16.
+    Small tensors and the scalar group (control tensors, gates, the bigram and value-embedding projections)
+    stay fp16; block matrices take the MLP or attention width; embedding tables and an untied head the
+    embedding width."""
+    if math.prod(shape) <= h.fp16_max_numel or kind == "scalar" or len(shape) != 2:
+        return FP16
+    if kind == "matrix":
+        return h.quant_mlp_bits if ".mlp." in name else h.quant_attn_bits
+    return h.quant_embed_bits
+
+
+def row_scale(clip: Tensor, qmax: int) -> Tensor:
+    """fp16 per-row scale mapping |w| = clip to at most qmax: rounded up to the next fp16, so no value within
+    the clip is clamped, and floored only at the smallest fp16 subnormal (an all-zero row); the records' floor
+    of 1/qmax coarsened every row whose largest weight was below 1."""
+    s = (clip.float() / qmax).clamp_min(2.0**-24)
+    s16 = s.half()
+    return torch.where(s16.float() < s, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
+
+
+def to_grid(w: Tensor, s: Tensor, qmax: int) -> Tensor:
+    """The integer of each w on the grid of step s (round to nearest, clamped to [-qmax, qmax])."""
+    return torch.clamp(torch.round(w / s), -qmax, qmax)
+
+
+def fake_quantize(w: Tensor, bits: int) -> Tensor:
+    """Per-row int-N round to nearest at the row maximum, in w's dtype (the QAT forward)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = row_scale(w.detach().abs().amax(dim=1).float(), qmax).to(w.dtype)[:, None]
+    return to_grid(w, s, qmax) * s
+
+
 class QATLinear(nn.Linear):
     """Bias-free Linear that can fake-quantize its weight to its export width (straight-through estimator) in
     training mode. The switch is a tensor the compiled graph reads, not a Python flag: the records' class flag
-    was constant-folded by torch.compile, so their late QAT never ran (spec section 9)."""
+    was constant-folded by torch.compile, so their late QAT never ran (README.md, "Where this differs")."""
 
     def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
         super().__init__(fan_in, fan_out, bias=False)
@@ -697,9 +804,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, h: Hyperparameters, use_fa3: bool, xsa: bool):
         super().__init__()
         dim, self.num_heads, self.num_kv_heads = h.model_dim, h.num_heads, h.num_kv_heads
-        self.head_dim, self.use_fa3, self.xsa = dim // h.num_heads, use_fa3, xsa
-        kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q, self.c_k, self.c_v = QATLinear(dim, dim), QATLinear(dim, kv_dim), QATLinear(dim, kv_dim)
+        self.head_dim, self.use_fa3, self.xsa = h.head_dim, use_fa3, xsa
+        self.c_q, self.c_k, self.c_v = QATLinear(dim, dim), QATLinear(dim, h.kv_dim), QATLinear(dim, h.kv_dim)
         self.proj = QATLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
 
@@ -720,9 +826,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
-        hidden = int(h.mlp_mult * h.model_dim)
-        self.fc = QATLinear(h.model_dim, hidden)
-        self.proj = QATLinear(hidden, h.model_dim, zero_init=True)
+        self.fc = QATLinear(h.model_dim, h.mlp_hidden)
+        self.proj = QATLinear(h.mlp_hidden, h.model_dim, zero_init=True)
         self.negative_slope = 0.5 if h.mlp_act == "leaky_relu2" else 0.0  # leaky: no dead units (0.25 x^2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -736,7 +841,7 @@ class Block(nn.Module):
 
     def __init__(self, h: Hyperparameters, layer: int, use_fa3: bool):
         super().__init__()
-        self.attn = CausalSelfAttention(h, use_fa3, xsa=layer in xsa_layers(h))
+        self.attn = CausalSelfAttention(h, use_fa3, xsa=layer in h.xsa_layers)
         self.mlp = MLP(h)
         self.ln_scale = (layer + 1) ** -0.5 if h.ln_scale else 1.0
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
@@ -751,7 +856,7 @@ class Block(nn.Module):
 
 
 def bigram_hash(ids: Tensor, buckets: int) -> Tensor:
-    """Bucket of each (previous, current) token pair, per sequence row (spec section 6.7): position 0 has no
+    """Bucket of each (previous, current) token pair, per sequence row (PR #1019's BigramHash): position 0 has no
     previous token and gets the reserved bucket buckets-1; position i >= 1 gets
     ((36313 * t_i) XOR (27191 * t_{i-1})) mod (buckets - 1). Computed in int64, which equals the records' int32
     arithmetic wherever that does not overflow (every vocabulary up to 59,139 ids)."""
@@ -796,7 +901,7 @@ class ValueEmbedding(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(h.vocab_size, h.ve_dim)
         nn.init.normal_(self.embed.weight, std=0.01)
-        self.proj = nn.Linear(h.ve_dim, h.num_kv_heads * (h.model_dim // h.num_heads), bias=False)
+        self.proj = nn.Linear(h.ve_dim, h.kv_dim, bias=False)
         self.scale = nn.Parameter(torch.tensor(0.1))
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -821,12 +926,12 @@ class GPT(nn.Module):
         self.num_encoder = h.num_layers // 2 if h.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, h.num_layers - self.num_encoder),
                                                     h.model_dim)) if h.unet_skips else None
-        ve_layers = value_embed_layers(h)
+        ve_layers = h.value_embed_layers
         self.ve_shared = ValueEmbedding(h) if ve_layers else None
         self.ve_layer_scales = nn.Parameter(torch.ones(len(ve_layers))) if ve_layers else None
         self.ve_index = {layer: k for k, layer in enumerate(ve_layers)}
         self.lm_head = None if h.tie_embeddings else QATLinear(h.model_dim, h.vocab_size, zero_init=True)
-        rd, base = rope_layout(h)
+        rd, base = h.rope
         self.register_buffer("inv_freq", base ** (-torch.arange(0, rd, 2, dtype=torch.float32) / rd),
                              persistent=False)
         if h.ortho_init:
@@ -868,7 +973,7 @@ def init_orthogonal(model: GPT, num_layers: int):
     """Orthogonal init (gain 1) of every Linear whose both dims are >= 64, except the zero-initialised ones
     (the blocks' output projections, an untied head); the projections that write into the residual stream
     from outside the blocks (bigram and value-embedding .proj) are further scaled by 1/sqrt(2L), the
-    non-banked records' rule (spec section 6.5)."""
+    non-banked records' rule (PR #162's lineage)."""
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and not getattr(m, "zero_init", False) and min(m.weight.shape) >= 64:
             nn.init.orthogonal_(m.weight)
@@ -897,6 +1002,36 @@ def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return groups
 
 
+def use_compile(h: Hyperparameters, d: Dist) -> bool:
+    return h.compile == "1" or (h.compile == "auto" and d.cuda)
+
+
+def build_model(h: Hyperparameters, d: Dist, bos_id: int, qat: bool = True) -> GPT:
+    return GPT(h, bos_id, use_fa3=flash_attn_func is not None and d.cuda, qat=qat).to(d.device)
+
+
+def forward_flops_per_token(h: Hyperparameters, seq_len: int) -> tuple[float, float]:
+    """Forward FLOPs per token of a causal pass over seq_len tokens, as (matmuls, attention): 2 per weight of
+    every projection (blocks, bigram and value-embedding projections, the head), and 4 x heads x head_dim per
+    attended position (scores and mixing), (seq_len + 1) / 2 positions on average. Backward costs twice this."""
+    hd, kv, hidden = h.head_dim, h.kv_dim, h.mlp_hidden
+    block = 2 * h.model_dim * h.model_dim + 2 * h.model_dim * kv + 2 * h.model_dim * hidden
+    extra = h.model_dim * h.vocab_size + (h.bigram_dim * h.model_dim if h.bigram_vocab_size else 0) + \
+        (h.ve_dim * kv if h.value_embed_layers else 0)
+    return 2.0 * (h.num_layers * block + extra), h.num_layers * 4.0 * h.num_heads * hd * (seq_len + 1) / 2
+
+
+def describe_features(h: Hyperparameters) -> str:
+    rd, base = h.rope
+    xsa, ve = h.xsa_layers, h.value_embed_layers
+    return (f"features unet_skips:{int(h.unet_skips)} smear_gate:{int(h.smear_gate)} "
+            f"bigram:{f'{h.bigram_vocab_size}x{h.bigram_dim}' if h.bigram_vocab_size else 'off'} "
+            f"xsa_layers:{','.join(map(str, xsa)) or 'none'} rope_dims:{rd}/{h.head_dim} "
+            f"rope_base:{base:.1f} ln_scale:{int(h.ln_scale)} "
+            f"value_embed:{f'{h.ve_dim}@' + ','.join(map(str, ve)) if ve else 'off'} "
+            f"mlp:{h.mlp_act}x{h.mlp_mult} ortho_init:{int(h.ortho_init)}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Optimizers
 # ---------------------------------------------------------------------------------------------------------
@@ -923,39 +1058,49 @@ reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sca
 all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def bank_block_matrices(model: nn.Module, d: Dist) -> list[types.SimpleNamespace]:
+    """Parameter banking (PR #399): the block matrices of one shape move into one (n padded to a multiple of the
+    world size, rows, cols) tensor, biggest bank first. Each Linear's weight becomes a view of its slice and its
+    .grad a view of the bank's gradient, so backward accumulates straight into the bank while names, hooks, QAT
+    and export see ordinary Linear layers. Done once, before the optimizer is built and the model compiled."""
+    shapes: dict[tuple[int, int], list[nn.Linear]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.startswith("blocks."):
+            shapes.setdefault(tuple(m.weight.shape), []).append(m)
+    banks = []
+    for (rows, cols), mods in sorted(shapes.items(), key=lambda kv: -len(kv[1]) * kv[0][0] * kv[0][1]):
+        n = math.ceil(len(mods) / d.world_size) * d.world_size
+        data = torch.zeros(n, rows, cols, device=d.device)
+        grad = torch.zeros_like(data)
+        for i, m in enumerate(mods):
+            data[i].copy_(m.weight.detach())
+            m.weight = nn.Parameter(data[i], requires_grad=m.weight.requires_grad)
+            m.weight.grad = grad[i]
+        banks.append(types.SimpleNamespace(data=data, grad=grad, rows=rows, cols=cols))
+    return banks
+
+
 class ParallelMuon:
     """Muon (Nesterov momentum buf <- m*buf + g, u = g + m*buf; Newton-Schulz; update scaled by
     sqrt(max(1, rows/cols)); decoupled weight decay p <- p*(1 - lr*wd)) over parameter banks, sharded across
-    ranks (PR #399). The block matrices of one shape live in one bank, a (n padded to a multiple of the world
-    size, rows, cols) tensor: each Linear's weight becomes a view of its slice, and its .grad a view of the
-    bank's gradient, so backward accumulates straight into the bank. A step reduce-scatters each bank's
+    ranks (PR #399), over the banks of bank_block_matrices. A step reduce-scatters each bank's
     gradient (the average; each rank gets n/W whole matrices), runs momentum and a batched Newton-Schulz on
     that shard only, and all-gathers the updates; collectives are asynchronous, so one bank's communication
     overlaps the next bank's computation. Written by hand: torch.optim.Muon keeps an EMA-form buffer
     (different under momentum warm-up), runs Newton-Schulz in bf16 only and repeats every matrix on every rank."""
 
-    def __init__(self, h: Hyperparameters, model: GPT, d: Dist, ns_fn=zeropower_via_newtonschulz5):
-        self.d, self.ns_fn, self.steps, self.wd = d, ns_fn, h.muon_backend_steps, h.muon_wd
+    def __init__(self, h: Hyperparameters, banks: list[types.SimpleNamespace], d: Dist,
+                 ns_fn=zeropower_via_newtonschulz5):
+        self.d, self.ns_fn, self.steps, self.wd, self.banks = d, ns_fn, h.muon_backend_steps, h.muon_wd, banks
         self.lr = self.base_lr = h.matrix_lr
         self.momentum = h.muon_momentum
         self.ns_dtype = torch.bfloat16 if d.cuda else torch.float32
-        layers = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")]
-        shapes: dict[tuple[int, int], list[nn.Linear]] = {}
-        for m in layers:
-            shapes.setdefault(tuple(m.weight.shape), []).append(m)
-        self.banks = []
-        for (rows, cols), mods in sorted(shapes.items(), key=lambda kv: -len(kv[1]) * kv[0][0] * kv[0][1]):
-            n = math.ceil(len(mods) / d.world_size) * d.world_size
-            data = torch.zeros(n, rows, cols, device=d.device)
-            grad, share = torch.zeros_like(data), n // d.world_size
-            for i, m in enumerate(mods):
-                data[i].copy_(m.weight.detach())
-                m.weight = nn.Parameter(data[i], requires_grad=m.weight.requires_grad)
-                m.weight.grad = grad[i]
-            self.banks.append(types.SimpleNamespace(
-                data=data, grad=grad, scale=max(1.0, rows / cols) ** 0.5,
-                shard=torch.zeros(share, rows, cols, device=d.device), momentum=torch.zeros(share, rows, cols, device=d.device),
-                update=torch.zeros(n, rows, cols, dtype=self.ns_dtype, device=d.device), work=None))
+        for b in banks:
+            n, rows, cols = b.data.shape
+            b.scale, b.work = max(1.0, rows / cols) ** 0.5, None
+            b.shard = torch.zeros(n // d.world_size, rows, cols, device=d.device)
+            b.momentum = torch.zeros_like(b.shard)
+            b.update = torch.zeros(n, rows, cols, dtype=self.ns_dtype, device=d.device)
 
     def reduce_scatter(self):
         """Start averaging every bank's gradient into this rank's shard (biggest bank first)."""
@@ -1009,14 +1154,15 @@ class Optimizers:
     gradients (shards plus replicated), so every world size clips identically. step() sets each group's
     lr = base_lr * lr_scale and the Muon momentum of the warm-up. Nothing here waits on the host."""
 
-    def __init__(self, h: Hyperparameters, model: GPT, d: Dist, ns_fn=zeropower_via_newtonschulz5):
+    def __init__(self, h: Hyperparameters, model: GPT, banks: list[types.SimpleNamespace], d: Dist,
+                 ns_fn=zeropower_via_newtonschulz5):
         groups = param_groups(model)
         lrs = {"embed": h.tied_embed_lr if h.tie_embeddings else h.embed_lr, "head": h.head_lr, "scalar": h.scalar_lr}
         adam_groups = [dict(params=[p for _, p in groups[k]], lr=lr, base_lr=lr) for k, lr in lrs.items() if groups[k]]
         self.replicated = [p for g in adam_groups for p in g["params"]]
         self.adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps,
                                       weight_decay=h.adam_wd, fused=d.cuda)
-        self.muon, self.d, self.clip = ParallelMuon(h, model, d, ns_fn), d, h.grad_clip_norm
+        self.muon, self.d, self.clip = ParallelMuon(h, banks, d, ns_fn), d, h.grad_clip_norm
 
     @torch.no_grad()
     def step(self, lr_scale: float, muon_momentum: float):
@@ -1045,18 +1191,6 @@ class Optimizers:
         self.muon.load_state_dict(states[1])
 
 
-def uses_train_calibration(h: Hyperparameters) -> bool:
-    return h.quant_method == "gptq" and h.gptq_calibration == "train"
-
-
-def loop_cap_ms(h: Hyperparameters) -> float:
-    """The training loop's wall-clock cap (0 = none): MAX_WALLCLOCK_SECONDS, less GPTQ_RESERVE_SECONDS when GPTQ
-    calibrates on training tokens, which must be read inside the training budget (ruling on PR #609)."""
-    if h.max_wallclock_seconds <= 0:
-        return 0.0
-    return 1000 * (h.max_wallclock_seconds - (h.gptq_reserve_seconds if uses_train_calibration(h) else 0.0))
-
-
 def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """LR multiplier: 1, then a linear warmdown to 0. With a wall-clock cap the warmdown starts when the
     remaining time is WARMDOWN_ITERS steps at the average step time so far (the baseline rule); the
@@ -1064,9 +1198,9 @@ def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     if h.warmdown_iters == 0:
         return 1.0
     scale = min(max((h.iterations - step) / h.warmdown_iters, 0.0), 1.0)
-    if loop_cap_ms(h) > 0:
+    if h.loop_cap_ms > 0:
         warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
-        remaining_ms = max(loop_cap_ms(h) - elapsed_ms, 0.0)
+        remaining_ms = max(h.loop_cap_ms - elapsed_ms, 0.0)
         if remaining_ms <= warmdown_ms:
             scale = min(scale, remaining_ms / max(warmdown_ms, 1e-9))
     return scale
@@ -1150,31 +1284,15 @@ def apply_average(model: nn.Module, averager) -> str:
 # Quantization and serialization
 # ---------------------------------------------------------------------------------------------------------
 
+
 PRUNE_THREADS = 4  # concurrent trial encodes of the pruning search (lzma 9e needs ~0.7 GB each)
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # row-clip candidates of the GPTQ-lite search (PR #414)
-FP16 = 16  # the policy's "bit width" of tensors stored in fp16
 ARTIFACT_MAGIC, ARTIFACT_FORMAT = b"PGART", 2
 COMPRESSORS = ("lzma", "zstd", "brotli", "zlib")
-MODEL_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act",
-               "tie_embeddings", "rope_base", "rope_dims", "rope_ntk_len", "train_seq_len", "logit_softcap",
-               "unet_skips", "smear_gate", "bigram_vocab_size", "bigram_dim", "xsa_last_n", "ln_scale",
-               "ve_enabled", "ve_dim", "ve_layers")  # what an artifact must agree on with the run that loads it
 CONTAINER_MAGIC = b"PGTENSORS1"
 CONTAINER_DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
     torch.float32, torch.float64, torch.bool)}
-
-
-def quant_bits(h: Hyperparameters, name: str, kind: str, shape: torch.Size) -> int:
-    """The export treatment of a float tensor (kind from param_groups): 4-8 = per-row int-N, 16 = fp16.
-    Small tensors and the scalar group (control tensors, gates, the bigram and value-embedding projections)
-    stay fp16; block matrices take the MLP or attention width; embedding tables and an untied head the
-    embedding width."""
-    if math.prod(shape) <= h.fp16_max_numel or kind == "scalar" or len(shape) != 2:
-        return FP16
-    if kind == "matrix":
-        return h.quant_mlp_bits if ".mlp." in name else h.quant_attn_bits
-    return h.quant_embed_bits
 
 
 def abs_quantile(w: Tensor, q: float) -> Tensor:
@@ -1184,22 +1302,6 @@ def abs_quantile(w: Tensor, q: float) -> Tensor:
     pos = q * (s.size(-1) - 1)
     lo = int(pos)
     return torch.lerp(s[..., lo], s[..., min(lo + 1, s.size(-1) - 1)], pos - lo)
-
-
-def row_scale(clip: Tensor, qmax: int) -> Tensor:
-    """fp16 per-row scale mapping |w| = clip to at most qmax: rounded up to the next fp16, so no value within
-    the clip is clamped, and floored only at the smallest fp16 subnormal (an all-zero row); the records' floor
-    of 1/qmax coarsened every row whose largest weight was below 1."""
-    s = (clip.float() / qmax).clamp_min(2.0**-24)
-    s16 = s.half()
-    return torch.where(s16.float() < s, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
-
-
-def fake_quantize(w: Tensor, bits: int) -> Tensor:
-    """Per-row int-N round to nearest at the row maximum, in w's dtype (the QAT forward)."""
-    qmax = 2 ** (bits - 1) - 1
-    s = row_scale(w.detach().abs().amax(dim=1).float(), qmax).to(w.dtype)[:, None]
-    return torch.clamp(torch.round(w / s), -qmax, qmax) * s
 
 
 def _gptq(W: Tensor, S: Tensor, H: Tensor, qmax: int, block: int, damp: float, keep: Tensor | None) -> Tensor:
@@ -1226,7 +1328,7 @@ def _gptq(W: Tensor, S: Tensor, H: Tensor, qmax: int, block: int, damp: float, k
         i2 = min(i1 + block, W.size(1))
         Wb, Eb = W[:, i1:i2].clone(), torch.zeros(W.size(0), i2 - i1, device=W.device)
         for j in range(i2 - i1):
-            q = torch.clamp(torch.round(Wb[:, j] / S), -qmax, qmax)
+            q = to_grid(Wb[:, j], S, qmax)
             if keep is not None:
                 q = q * keep[:, i1 + j]
             Q[:, i1 + j] = q
@@ -1248,7 +1350,7 @@ def quantize_rows(w: Tensor, bits: int, H: Tensor | None = None, clips: tuple[fl
     W, S = w.repeat(len(clips), 1), scales.flatten()
     K = keep.repeat(len(clips), 1) if keep is not None else None
     if H is None:
-        Q = torch.clamp(torch.round(W / S[:, None]), -qmax, qmax) * (K if K is not None else 1)
+        Q = to_grid(W, S[:, None], qmax) * (K if K is not None else 1)
     else:
         Q = _gptq(W, S, H.float(), qmax, block, damp, K)
     err = quant_error(W, Q, S, H)
@@ -1298,12 +1400,75 @@ def collect_hessians(model: GPT, batches, d: Dist) -> tuple[dict[str, Tensor], i
     return {k: d.all_reduce(v) / max(n, 1) for k, v in sums.items()}, n
 
 
+SELFGEN_TEMPERATURE = 0.8  # PR #1019's sampling temperature for self-generated calibration text
+
+
+def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader, budget_ms: float | None):
+    """Calibration inputs from the training stream, continuing where training stopped, in micro-batches of at
+    most the training size, until this rank has its share of GPTQ_CALIB_TOKENS (rounded up to whole
+    sequences) or the next batch would overrun budget_ms (None = no limit)."""
+    T, seqs = h.train_seq_len, max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
+    share = math.ceil(h.gptq_calib_tokens / d.world_size / T) * T
+    t0, n, batch_ms = time.perf_counter(), 0, 0.0
+    while n < share:
+        start = 1000 * (time.perf_counter() - t0)
+        if budget_ms is not None and start + batch_ms >= budget_ms:
+            return
+        x, _ = loader.next_batch(min(seqs * T, share - n), T, d.device)
+        yield x
+        n, batch_ms = n + x.numel(), 1000 * (time.perf_counter() - t0) - start
+
+
+@torch.no_grad()
+def generated_batches(h: Hyperparameters, d: Dist, model: GPT, bos_id: int, batch: int = 8):
+    """Calibration inputs the model writes itself, reading no data (PR #1019): this rank's share of
+    GPTQ_CALIB_TOKENS as TRAIN_SEQ_LEN-token sequences sampled from BOS, recomputing the prefix each token."""
+    g = torch.Generator(device=d.device).manual_seed(h.seed + d.rank)
+    left = math.ceil(h.gptq_calib_tokens / d.world_size / h.train_seq_len)
+    model.eval()
+    while left > 0:
+        x = torch.full((min(batch, left), 1), bos_id, dtype=torch.long, device=d.device)
+        for _ in range(h.train_seq_len - 1):
+            with d.autocast():
+                logits = model.forward_logits(x)[:, -1].float()
+            x = torch.cat((x, torch.multinomial(torch.softmax(logits / SELFGEN_TEMPERATURE, -1), 1, generator=g)), 1)
+        left -= len(x)
+        yield x
+
+
+def calibrate(h: Hyperparameters, d: Dist, model: GPT, loader: DistributedTokenLoader, ledger: TimeLedger, bos_id: int,
+              log) -> dict[str, Tensor] | None:
+    """GPTQ's Hessians from the one configured source: training tokens, continuing where training stopped and
+    charged to the training budget, read only until MAX_WALLCLOCK_SECONDS (ruling on PR #609); or text the model
+    samples itself, which reads no data and is charged to evaluation. None when the quantizer needs no Hessians,
+    or when the training budget left no time for a single batch."""
+    if not h.uses_hessians:
+        return None
+    if h.uses_train_calibration:
+        budget = 1000 * h.max_wallclock_seconds - ledger.total["train"] if h.max_wallclock_seconds > 0 else None
+        batches, charged = training_batches(h, d, loader, budget), "train"
+    else:
+        batches, charged = generated_batches(h, d, model, bos_id), "eval"
+    with ledger.phase("gptq_calibration", charged) as t:
+        hessians, n = collect_hessians(model, batches, d)
+    if not h.uses_train_calibration:
+        log(f"gptq:calibration source:selfgen tokens:{n} time:{t.ms:.0f}ms (generated by the model, no data read)")
+        return hessians
+    log(f"gptq:calibration source:train tokens:{n} time:{t.ms:.0f}ms train_time_total:{ledger.total['train']:.0f}ms "
+        f"cap:{1000 * h.max_wallclock_seconds:.0f}ms")
+    if n == 0:
+        log("gptq:calibration read no tokens before the cap (raise GPTQ_RESERVE_SECONDS); quantizing without "
+            "Hessians (the GPTQ-lite clip search)")
+        return None
+    return hessians
+
+
 def quantize_state(h: Hyperparameters, sd: dict[str, Tensor], kinds: dict[str, str],
                    hessians: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict]:
     """The tensors to store and the metadata that alone drives dequantization. QUANT_METHOD picks the clip
     candidates and whether block matrices use their Hessians; PRUNE_FRAC zeroes the smallest weights of every
     int-N tensor first (GPTQ then compensates for them in the other weights)."""
-    out, meta = {}, {"config": {k: getattr(h, k) for k in MODEL_KNOBS}, "tensors": {}}
+    out, meta = {}, {"config": {k: getattr(h, k) for k in h.model_knobs()}, "tensors": {}}
     for name, t in sd.items():
         info = {"dtype": str(t.dtype).removeprefix("torch."), "bits": 0}
         if t.is_floating_point():
@@ -1465,17 +1630,9 @@ def narrow_to_fit(h: Hyperparameters, sd: dict[str, Tensor], hessians: dict[str,
         + " ".join(f"{n}:int{b}" for n, b in narrowed.items()))
 
 
-def prune_to_fit(h: Hyperparameters, tensors: dict[str, Tensor], meta: dict, hessians: dict[str, Tensor] | None,
-                 target: int, log, blob: bytes | None = None) -> bytes:
-    """Selective +-1 pruning (PR #609/#1019, with a decimal-byte target): zero the int-N values of magnitude 1
-    whose removal costs least (scale^2 times the input's second moment H_jj when a Hessian is known) until
-    the artifact is at most `target` bytes. The search brackets the count; each round compresses several
-    counts at once in threads (the compressors release the GIL; a full-size lzma encode takes seconds), one
-    where the sizes seen so far interpolate the target and the others spread over the bracket, and it ends
-    only on a size that fits. `blob` is the unpruned artifact if already encoded. Returns the artifact."""
-    blob = blob or encode_artifact(tensors, meta, h.compressor)
-    if len(blob) <= target:
-        return blob
+def prune_candidates(tensors: dict[str, Tensor], meta: dict, hessians: dict[str, Tensor] | None):
+    """The +-1 values of every int-N tensor, cheapest first (scale^2 times the input's second moment H_jj when a
+    Hessian is known), and pruned(k): the tensors with the k cheapest of them set to 0."""
     names = [n for n, i in meta["tensors"].items() if 0 < i["bits"] < FP16]
     flat, costs = [], []
     for n in names:
@@ -1488,23 +1645,42 @@ def prune_to_fit(h: Hyperparameters, tensors: dict[str, Tensor], meta: dict, hes
     owner = torch.cat([torch.full((len(i),), k) for k, (_, i) in enumerate(flat)])[order]
     index = torch.cat([i for _, i in flat])[order]
 
-    def encoded(k: int) -> bytes:
-        pruned = dict(tensors)
+    def pruned(k: int) -> dict[str, Tensor]:
+        out = dict(tensors)
         for j, (n, _) in enumerate(flat):
             q = tensors[n + ".q"].clone().flatten()
             q[index[:k][owner[:k] == j]] = 0
-            pruned[n + ".q"] = q.view_as(tensors[n + ".q"])
-        return encode_artifact(pruned, meta, h.compressor)
+            out[n + ".q"] = q.view_as(tensors[n + ".q"])
+        return out
 
-    lo, lo_size, hi, best = 0, len(blob), len(order), encoded(len(order))
-    log(f"selective_prune: {len(order)} +-1 candidates, unpruned:{len(blob)}B target:{target}B "
+    return len(order), pruned
+
+
+def prune_to_fit(h: Hyperparameters, tensors: dict[str, Tensor], meta: dict, hessians: dict[str, Tensor] | None,
+                 target: int, log, blob: bytes | None = None) -> bytes:
+    """Selective +-1 pruning (PR #609/#1019, with a decimal-byte target): zero the cheapest int-N values of
+    magnitude 1 (prune_candidates) until the artifact is at most `target` bytes. The search brackets the count;
+    each round compresses several counts at once in threads (the compressors release the GIL; a full-size lzma
+    encode takes seconds), one where the sizes seen so far interpolate the target and the others spread over
+    the bracket, and it ends only on a size that fits. `blob` is the unpruned artifact if already encoded.
+    Returns the artifact."""
+    blob = blob or encode_artifact(tensors, meta, h.compressor)
+    if len(blob) <= target:
+        return blob
+    n, pruned = prune_candidates(tensors, meta, hessians)
+
+    def encoded(k: int) -> bytes:
+        return encode_artifact(pruned(k), meta, h.compressor)
+
+    lo, lo_size, hi, best = 0, len(blob), n, encoded(n)
+    log(f"selective_prune: {n} +-1 candidates, unpruned:{len(blob)}B target:{target}B "
         f"full_prune:{len(best)}B")
     if len(best) > target:
         log("selective_prune: even pruning every candidate does not reach the target")
         return best
     hi_size, workers, rounds = len(best), min(PRUNE_THREADS, os.cpu_count() or 1), 0
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        while hi - lo > max(1, len(order) // 500):  # within 0.2% of the fewest candidates that fit
+        while hi - lo > max(1, n // 500):  # within 0.2% of the fewest candidates that fit
             span, rounds = hi - lo, rounds + 1
             guess = lo + round(span * (lo_size - target) / max(lo_size - hi_size, 1))  # where the sizes point
             guess = min(max(guess, lo + max(1, span // 4)), hi - max(1, span // 4))  # at least a quarter off
@@ -1514,19 +1690,31 @@ def prune_to_fit(h: Hyperparameters, tensors: dict[str, Tensor], meta: dict, hes
                     hi, hi_size, best = k, len(trial), trial
                     break
                 lo, lo_size = k, len(trial)
-    log(f"selective_prune: zeroed {hi}/{len(order)} +-1 values, {len(best)}B, {rounds} rounds of up to "
+    log(f"selective_prune: zeroed {hi}/{n} +-1 values, {len(best)}B, {rounds} rounds of up to "
         f"{workers} parallel encodes")
     return best
 
 
-def write_atomic(path: str, data: bytes):
-    """Write to a temporary file, fsync, then rename: the path holds either the old or the new content."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def quant_label(h: Hyperparameters) -> str:
+    """The records' name of the export format in score lines: int<N>, N the wider of the MLP and attention widths."""
+    bits = max(h.quant_mlp_bits, h.quant_attn_bits)
+    return "fp16" if bits == FP16 else f"int{bits}"
+
+
+def export(h: Hyperparameters, model: GPT, hessians: dict[str, Tensor] | None, code_bytes: int, log):
+    """Quantize, prune to the byte cap if needed, compress and write the artifact atomically (rank 0)."""
+    kinds = {name: kind for kind, members in param_groups(model).items() for name, _ in members}
+    t0 = time.perf_counter()
+    blob = fit_artifact(h, model.state_dict(), kinds, hessians, CAP_BYTES - code_bytes - h.fit_margin_bytes, log)
+    write_atomic(ARTIFACT_PATH, blob)
+    log(f"quantization method:{h.quant_method} bits:mlp{h.quant_mlp_bits}/attn{h.quant_attn_bits}/"
+        f"embed{h.quant_embed_bits} fit:{h.fit_strategy} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    label, total = f"{quant_label(h)}+{h.compressor}", code_bytes + len(blob)
+    log(f"Serialized model {label}: {len(blob)} bytes")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Total submission size {label}: {total} bytes")
+    log(f"artifact code_bytes:{code_bytes} model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{CAP_BYTES} "
+        f"headroom_bytes:{CAP_BYTES - total} fits:{int(total <= CAP_BYTES)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1542,12 +1730,27 @@ class EvalResult:
     bytes: int
 
 
+@dataclass(frozen=True)
+class Windows:
+    """The geometry of an evaluation pass: windows of seq_len inputs advancing by stride (window_ends), batch
+    windows per forward pass on each rank."""
+
+    seq_len: int
+    stride: int
+    batch: int
+
+
+def rank_share(lo: int, hi: int, d: Dist) -> tuple[int, int]:
+    """This rank's contiguous share of the interval [lo, hi): the ranks' shares tile it in rank order."""
+    return lo + (hi - lo) * d.rank // d.world_size, lo + (hi - lo) * (d.rank + 1) // d.world_size
+
+
 def window_ends(n: int, seq_len: int, stride: int) -> np.ndarray:
     """The evaluation windows over n targets, as their exclusive ends: window k scores the targets
     [ends[k-1], ends[k]) (ends[-1] = 0) and reads the min(seq_len, n) inputs before ends[k]. So every target is
     scored exactly once, after the first window with at least seq_len - stride tokens of context, and the last
-    window ends at n with full context (the records instead let 31 tail windows re-score the final 64 targets,
-    spec section 16.1). stride = seq_len gives non-overlapping windows: the plain evaluator."""
+    window ends at n with full context (the records instead let 31 tail windows re-score the final 64
+    targets). stride = seq_len gives non-overlapping windows: the plain evaluator."""
     first = min(seq_len, n)
     return np.minimum(first + stride * np.arange(math.ceil((n - first) / stride) + 1), n)
 
@@ -1576,16 +1779,16 @@ def score_windows(d: Dist, model: nn.Module, val: ValidationData, ends: np.ndarr
             trace[1].index_add_(0, target, loss[mask].double())
 
 
-def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData, seq_len: int, stride: int,
-             batch: int, ttt: ScoreFirstTTT | None = None, trace: Tensor | None = None, log=None) -> EvalResult:
-    """val_bpb over windows of seq_len inputs advancing by `stride` (window_ends), `batch` windows per pass. Each rank scores a
+def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData, win: Windows,
+             ttt: ScoreFirstTTT | None = None, trace: Tensor | None = None, log=None) -> EvalResult:
+    """val_bpb over the windows `win` describes. Each rank scores a
     contiguous share of the windows; loss, token and byte sums are float64 and all-reduced, so every
     validation target counts exactly once. With ttt, the stream is cut into TTT_CHUNK_TOKENS-target chunks,
     each window belongs to the chunk of its first scored target, and after a chunk is scored (and counted)
     the weights train on it: chunk c is scored by weights that have seen only chunks before c."""
     n = val.num_targets
-    L = min(seq_len, n)
-    ends = window_ends(n, L, stride)
+    L = min(win.seq_len, n)
+    ends = window_ends(n, L, win.stride)
     starts = np.concatenate(([0], ends[:-1]))
     chunk = h.ttt_chunk_tokens if ttt else n
     n_chunks = math.ceil(n / chunk)
@@ -1596,8 +1799,7 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
         a, b = bounds[c], bounds[c + 1]
         model.eval()
         with torch.inference_mode():
-            score_windows(d, model, val, ends, L, a + (b - a) * d.rank // d.world_size,
-                          a + (b - a) * (d.rank + 1) // d.world_size, batch, sums, trace)
+            score_windows(d, model, val, ends, L, *rank_share(a, b, d), win.batch, sums, trace)
         if ttt and c < n_chunks - 1:
             ttt.adapt(val, c, n_chunks)
         if ttt and log and (c % 10 == 0 or c == n_chunks - 1):
@@ -1614,11 +1816,11 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
 def eval_val(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData) -> EvalResult:
     """The plain evaluator: non-overlapping windows, VAL_BATCH_SIZE tokens per pass over all ranks."""
     T = val.seq_len
-    return evaluate(h, d, model, val, T, T, max(1, h.val_batch_size // (MICROBATCHES * T)))
+    return evaluate(h, d, model, val, Windows(T, T, max(1, h.val_batch_size // (MICROBATCHES * T))))
 
 
 class ScoreFirstTTT:
-    """Legal score-first test-time training (spec section 11.2): evaluate() calls adapt(c) only after chunk c
+    """Legal score-first test-time training (PR #549's recipe): evaluate() calls adapt(c) only after chunk c
     has been scored, and its targets are the only ones trained on. A step is TTT_BATCH_SEQS sequences of the
     chunk over all ranks; each rank backpropagates its share of their mean loss and the gradients are summed
     over ranks, so every rank applies the same update to the same weights, whatever the world size. The
@@ -1635,7 +1837,7 @@ class ScoreFirstTTT:
             else torch.optim.AdamW(self.params, lr=h.ttt_lr, betas=(h.ttt_momentum, 0.999), weight_decay=0.0)
 
     def adapt(self, val: ValidationData, c: int, n_chunks: int):
-        h, d, S = self.h, self.d, eval_seq_len(self.h)
+        h, d, S = self.h, self.d, self.h.eval_len
         for g in self.opt.param_groups:
             g["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
         start = c * h.ttt_chunk_tokens
@@ -1644,7 +1846,7 @@ class ScoreFirstTTT:
         for _ in range(h.ttt_epochs):
             for b in range(0, seqs, h.ttt_batch_seqs):
                 e = min(b + h.ttt_batch_seqs, seqs)
-                lo, hi = b + (e - b) * d.rank // d.world_size, b + (e - b) * (d.rank + 1) // d.world_size
+                lo, hi = rank_share(b, e, d)
                 if hi > lo:
                     t = torch.from_numpy(val.tokens[start + lo * S : start + hi * S + 1].astype(np.int64)).to(d.device)
                     with d.autocast():
@@ -1660,47 +1862,60 @@ class ScoreFirstTTT:
         self.opt.zero_grad(set_to_none=True)
 
 
+def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int, ledger: TimeLedger, log) -> dict:
+    """Score what a grader would load: the file on disk, decoded into a fresh model. The plain round trip, then
+    the sliding window (unless it is the same evaluation), then legal TTT when enabled; the last of these is
+    the run's score, repeated in the baseline's final_int8_zlib_roundtrip_exact line."""
+    with ledger.phase("load_artifact", "eval"):
+        with open(ARTIFACT_PATH, "rb") as f:
+            state = decode_artifact(f.read(), h, ARTIFACT_PATH)
+        base = build_model(h, d, bos_id, qat=False)
+        base.load_state_dict(state, strict=True)
+        model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(h, d) else base
+    q, win = quant_label(h), Windows(h.eval_len, h.eval_stride, h.eval_batch_seqs)
+    L, stride = win.seq_len, win.stride
+
+    def report(name: str, r: EvalResult, ms: float, extra: str = ""):
+        log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{ms:.0f}ms")
+        log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+        return name + "_exact", r
+
+    stages = dict.fromkeys(("roundtrip", "sliding_window", "legal_ttt"))  # None: the evaluator did not run
+    with ledger.phase("roundtrip_eval", "eval") as t:
+        r = stages["roundtrip"] = eval_val(h, d, model, val)
+    score = report(f"final_{q}_roundtrip", r, t.ms)
+    if (L, stride) != (val.seq_len, val.seq_len):
+        windows = len(window_ends(val.num_targets, min(L, val.num_targets), stride))
+        log(f"final_eval_mode:sliding_window seq_len:{L} stride:{stride} batch_seqs:{h.eval_batch_seqs} "
+            f"windows:{windows}")
+        with ledger.phase("sliding_window_eval", "eval") as t:
+            r = stages["sliding_window"] = evaluate(h, d, model, val, win)
+        score = report(f"final_{q}_sliding_window", r, t.ms, f" stride:{stride}")
+    if h.ttt_enabled:
+        ttt = ScoreFirstTTT(h, d, model, base)
+        log(f"ttt_sliding:start chunks={math.ceil(val.num_targets / h.ttt_chunk_tokens)} "
+            f"chunk_tokens={h.ttt_chunk_tokens} seq_len={L} stride={stride} optimizer={h.ttt_optimizer} "
+            f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks}")
+        log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in ttt.params)} frozen={ttt.frozen}")
+        with ledger.phase("ttt_eval", "eval") as t:
+            r = stages["legal_ttt"] = evaluate(h, d, model, val, win, ttt=ttt, log=log)
+        score = report("legal_ttt", r, t.ms)
+    name, r = score
+    log(f"official_score source:{name} (repeated below under the baseline's name)")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+    return {**stages, "score": (name, r)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
-
-
-def use_compile(h: Hyperparameters, d: Dist) -> bool:
-    return h.compile == "1" or (h.compile == "auto" and d.cuda)
-
-
-def build_model(h: Hyperparameters, d: Dist, bos_id: int, qat: bool = True) -> GPT:
-    return GPT(h, bos_id, use_fa3=flash_attn_func is not None and d.cuda, qat=qat).to(d.device)
-
-
-def forward_flops_per_token(h: Hyperparameters, seq_len: int) -> tuple[float, float]:
-    """Forward FLOPs per token of a causal pass over seq_len tokens, as (matmuls, attention): 2 per weight of
-    every projection (blocks, bigram and value-embedding projections, the head), and 4 x heads x head_dim per
-    attended position (scores and mixing), (seq_len + 1) / 2 positions on average. Backward costs twice this."""
-    hd = h.model_dim // h.num_heads
-    kv, hidden = h.num_kv_heads * hd, int(h.mlp_mult * h.model_dim)
-    block = 2 * h.model_dim * h.model_dim + 2 * h.model_dim * kv + 2 * h.model_dim * hidden
-    extra = h.model_dim * h.vocab_size + (h.bigram_dim * h.model_dim if h.bigram_vocab_size else 0) + \
-        (h.ve_dim * kv if value_embed_layers(h) else 0)
-    return 2.0 * (h.num_layers * block + extra), h.num_layers * 4.0 * h.num_heads * hd * (seq_len + 1) / 2
-
-
-def describe_features(h: Hyperparameters) -> str:
-    rd, base = rope_layout(h)
-    xsa, ve = xsa_layers(h), value_embed_layers(h)
-    return (f"features unet_skips:{int(h.unet_skips)} smear_gate:{int(h.smear_gate)} "
-            f"bigram:{f'{h.bigram_vocab_size}x{h.bigram_dim}' if h.bigram_vocab_size else 'off'} "
-            f"xsa_layers:{','.join(map(str, xsa)) or 'none'} rope_dims:{rd}/{h.model_dim // h.num_heads} "
-            f"rope_base:{base:.1f} ln_scale:{int(h.ln_scale)} "
-            f"value_embed:{f'{h.ve_dim}@' + ','.join(map(str, ve)) if ve else 'off'} "
-            f"mlp:{h.mlp_act}x{h.mlp_mult} ortho_init:{int(h.ortho_init)}")
 
 
 @dataclass
 class TrainResult:
     steps: int
     train_ms: float  # the training loop, validation excluded
-    warmup_ms: float  # compile warm-up, not charged (spec section 15)
+    warmup_ms: float  # compile warm-up, not charged (as in the records)
     val_ms: float  # periodic validation, not charged
     final: EvalResult  # the raw (not averaged) weights at the last step
     loader: DistributedTokenLoader  # where training stopped reading
@@ -1711,7 +1926,7 @@ class TrainResult:
 def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val: ValidationData,
           log) -> TrainResult:
     ns_fn = torch.compile(zeropower_via_newtonschulz5, dynamic=False) if use_compile(h, d) else zeropower_via_newtonschulz5
-    opt = Optimizers(h, base_model, d, ns_fn)  # banks the block matrices: before compiling, which sees the views
+    opt = Optimizers(h, base_model, bank_block_matrices(base_model, d), d, ns_fn)  # banked before compiling
     model = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile(h, d) else base_model
     local_tokens = h.train_batch_tokens // MICROBATCHES
 
@@ -1777,7 +1992,7 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
             averager.step(params, step, scale)
         local_ms = torch.tensor(train_ms + 1000 * (time.perf_counter() - t0), dtype=torch.float64, device=d.device)
         elapsed_ms = d.all_reduce(local_ms, dist.ReduceOp.MAX).item()
-        if stop_after is None and 0 < loop_cap_ms(h) <= elapsed_ms:
+        if stop_after is None and 0 < h.loop_cap_ms <= elapsed_ms:
             stop_after = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
         if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0 or step in (h.iterations, stop_after)):
@@ -1786,40 +2001,14 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
                 f"step_avg:{elapsed_ms / step:.2f}ms")
 
 
-SELFGEN_TEMPERATURE = 0.8  # PR #1019's sampling temperature for self-generated calibration text
-
-
-def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader, budget_ms: float | None):
-    """Calibration inputs from the training stream, continuing where training stopped, in micro-batches of at
-    most the training size, until this rank has its share of GPTQ_CALIB_TOKENS (rounded up to whole
-    sequences) or the next batch would overrun budget_ms (None = no limit)."""
-    T, seqs = h.train_seq_len, max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
-    share = math.ceil(h.gptq_calib_tokens / d.world_size / T) * T
-    t0, n, batch_ms = time.perf_counter(), 0, 0.0
-    while n < share:
-        start = 1000 * (time.perf_counter() - t0)
-        if budget_ms is not None and start + batch_ms >= budget_ms:
-            return
-        x, _ = loader.next_batch(min(seqs * T, share - n), T, d.device)
-        yield x
-        n, batch_ms = n + x.numel(), 1000 * (time.perf_counter() - t0) - start
-
-
-@torch.no_grad()
-def generated_batches(h: Hyperparameters, d: Dist, model: GPT, bos_id: int, batch: int = 8):
-    """Calibration inputs the model writes itself, reading no data (PR #1019): this rank's share of
-    GPTQ_CALIB_TOKENS as TRAIN_SEQ_LEN-token sequences sampled from BOS, recomputing the prefix each token."""
-    g = torch.Generator(device=d.device).manual_seed(h.seed + d.rank)
-    left = math.ceil(h.gptq_calib_tokens / d.world_size / h.train_seq_len)
-    model.eval()
-    while left > 0:
-        x = torch.full((min(batch, left), 1), bos_id, dtype=torch.long, device=d.device)
-        for _ in range(h.train_seq_len - 1):
-            with d.autocast():
-                logits = model.forward_logits(x)[:, -1].float()
-            x = torch.cat((x, torch.multinomial(torch.softmax(logits / SELFGEN_TEMPERATURE, -1), 1, generator=g)), 1)
-        left -= len(x)
-        yield x
+def finish_training(h: Hyperparameters, d: Dist, model: GPT, result: TrainResult, ledger: TimeLedger, bos_id: int,
+                    log) -> dict[str, Tensor] | None:
+    """Load the averaged weights and calibrate GPTQ (calibrate). With calibration on training tokens both belong
+    to the training budget (the averaging must precede it); otherwise averaging is the first step of the
+    evaluation budget. Returns the Hessians, if any."""
+    with ledger.phase("averaging", "train" if h.uses_train_calibration else "eval"):
+        log(f"averaging:{apply_average(model, result.averager)} applied")
+    return calibrate(h, d, model, result.loader, ledger, bos_id, log)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1827,8 +2016,9 @@ def generated_batches(h: Hyperparameters, d: Dist, model: GPT, bos_id: int, batc
 # ---------------------------------------------------------------------------------------------------------
 
 
-def log_run_header(h: Hyperparameters, d: Dist, log, code: str):
-    log(code, console=False)
+def log_run_header(h: Hyperparameters, d: Dist, log, source: bytes, code: bytes, counted: str):
+    """The source (to the file only), versions, the counted code size and every knob's value."""
+    log(source.decode("utf-8"), console=False)
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
         f"sentencepiece:{spm.__version__} cuda:{torch.version.cuda if d.cuda else 'none'}")
     if d.cuda:
@@ -1836,204 +2026,92 @@ def log_run_header(h: Hyperparameters, d: Dist, log, code: str):
         log(smi.stdout, console=False)
     for f in fields(h):
         log(f"hparam {f.name}:{getattr(h, f.name)}")
+    log(f"code source_bytes:{len(source)} packed_bytes:{len(code) if counted == 'packed' else 'none'} "
+        f"counted:{counted} counted_bytes:{len(code)}")
 
 
-def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list[str]):
-    # The file that ran is what counts toward the cap: this source, or the packed (self-extracting) form of it
-    # made by records/pack.py, which hands the source over as PACKED_SOURCE.
+H100_BF16_FLOPS = 989.4e12  # dense bf16 peak of one H100 SXM, the denominator of the logged MFU
+
+
+def read_code() -> tuple[bytes, bytes, str]:
+    """(the bytes of the file that ran, which count toward the cap; the source; 'source' or 'packed'). The file
+    is this source, or the packed (self-extracting) form of it made by tools/pack.py, which hands the source
+    over as PACKED_SOURCE."""
     with open(os.path.abspath(__file__), "rb") as f:
-        code_bytes = f.read()
-    source = globals().get("PACKED_SOURCE", code_bytes)
-    log = Logger(f"logs/{h.run_id}.txt" if d.is_main else None)
-    if d.is_main:
-        print(f"logs/{h.run_id}.txt", flush=True)
-    log_run_header(h, d, log, source.decode("utf-8"))
-    counted = "packed" if "PACKED_SOURCE" in globals() else "source"
-    log(f"code source_bytes:{len(source)} packed_bytes:{len(code_bytes) if counted == 'packed' else 'none'} "
-        f"counted:{counted} counted_bytes:{len(code_bytes)}")
-    torch.manual_seed(h.seed)
+        code = f.read()
+    packed = "PACKED_SOURCE" in globals()
+    return code, globals()["PACKED_SOURCE"] if packed else code, "packed" if packed else "source"
 
-    val = load_validation(h, sp, val_files, d.device)
+
+def describe_run(h: Hyperparameters, d: Dist, sp, model: GPT, val: ValidationData, n_train: int, n_val: int, log):
+    """The log lines that say what this run is: tokenizer, data, model size and features, FLOPs, devices."""
     log(f"tokenizer path:{h.tokenizer_path} pieces:{sp.vocab_size()} "
         f"byte_pieces:{sum(map(sp.is_byte, range(sp.vocab_size())))} unk_id:{sp.unk_id()}")
-    log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{len(train_files)}")
-    log(f"val_data tokens:{val.num_targets} bytes:{val.byte_count} shards:{len(val_files)}")
-
-    base_model = build_model(h, d, sp.bos_id())
-    groups = param_groups(base_model)
-    log(f"model_params:{sum(p.numel() for p in base_model.parameters())} " +
-        " ".join(f"{k}:{sum(p.numel() for _, p in v)}" for k, v in groups.items()))
+    log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{n_train}")
+    log(f"val_data tokens:{val.num_targets} bytes:{val.byte_count} shards:{n_val}")
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} " +
+        " ".join(f"{k}:{sum(p.numel() for _, p in v)}" for k, v in param_groups(model).items()))
     log(describe_features(h))
     mm, att = forward_flops_per_token(h, h.train_seq_len)
     log(f"model_flops forward_per_token matmul:{mm:.4g} attention:{att:.4g} "
         f"train_step:{3 * (mm + att) * h.train_batch_tokens:.4g}")
     log(f"world_size:{d.world_size} grad_accum_steps:{d.grad_accum_steps}")
     log(f"device:{d.device} compile:{int(use_compile(h, d))} autocast:{'bf16' if d.cuda else 'off'} "
-        f"attention:{'fa3' if base_model.blocks[0].attn.use_fa3 else 'sdpa'}")
+        f"attention:{'fa3' if model.blocks[0].attn.use_fa3 else 'sdpa'}")
     log(f"seed:{h.seed}")
 
-    data = TrainingData(train_files, h.vocab_size)
-    result = train(h, d, base_model, data, val, log)
+
+def log_training(h: Hyperparameters, d: Dist, result: TrainResult, ledger: TimeLedger, log):
+    """Peak memory and throughput of the training loop, and its phases in the time ledger."""
     if d.cuda:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     else:  # the whole process's peak resident set (Linux reports KiB)
         log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    mm, att = forward_flops_per_token(h, h.train_seq_len)
     tokens, seconds = result.steps * h.train_batch_tokens, max(result.train_ms, 1e-9) / 1000
     flops = 3 * (mm + att) * tokens / seconds
     log(f"train_throughput tokens_per_s:{tokens / seconds:.0f} model_tflops_per_s:{flops / 1e12:.3f}" +
         (f" mfu_vs_h100_bf16:{flops / (H100_BF16_FLOPS * d.world_size):.1%}" if d.cuda else ""))
-    ledger = TimeLedger(d, log)
     ledger.add("compile_warmup", None, result.warmup_ms)
     ledger.add("periodic_validation", None, result.val_ms)
     ledger.add("train_loop", "train", result.train_ms)
-    hessians = finish_training(h, d, base_model, result, ledger, log)
+
+
+def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list[str]):
+    code, source, counted = read_code()
+    log = Logger(f"logs/{h.run_id}.txt" if d.is_main else None)
+    if d.is_main:
+        print(f"logs/{h.run_id}.txt", flush=True)
+    log_run_header(h, d, log, source, code, counted)
+    torch.manual_seed(h.seed)
+    val = load_validation(h, sp, val_files, d.device)
+    base_model = build_model(h, d, sp.bos_id())
+    describe_run(h, d, sp, base_model, val, len(train_files), len(val_files), log)
+    data = TrainingData(train_files, h.vocab_size)
+    result = train(h, d, base_model, data, val, log)
+    ledger = TimeLedger(d, log)
+    log_training(h, d, result, ledger, log)
+    hessians = finish_training(h, d, base_model, result, ledger, sp.bos_id(), log)
     data.close()  # the training clock has stopped: from here on a read of training data raises
     log(f"training_data:closed tokens_read:{data.tokens_read}")
     with ledger.phase("diagnostic_eval", "eval") as t:
         r = eval_val(h, d, result.eval_model, val)
     log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{t.ms:.0f}ms")
-    if h.quant_method == "gptq" and h.gptq_calibration == "selfgen":
-        with ledger.phase("gptq_calibration", "eval") as t:
-            hessians, n = collect_hessians(base_model, generated_batches(h, d, base_model, sp.bos_id()), d)
-        log(f"gptq:calibration source:selfgen tokens:{n} time:{t.ms:.0f}ms (generated by the model, no data read)")
     with ledger.phase("export", "eval"):
         if d.is_main:
-            export(h, base_model, groups, hessians, len(code_bytes), log)
+            export(h, base_model, hessians, len(code), log)
         d.barrier()
-    stages = {"pre_quant_raw": result.final, "averaged": r}
-    stages.update(score_artifact(h, d, val, sp.bos_id(), ledger, log))
+    stages = {"pre_quant_raw": result.final, "averaged": r, **score_artifact(h, d, val, sp.bos_id(), ledger, log)}
     ledger.summary()
     if d.is_main:
-        write_summary(h, d, stages, ledger, result.steps, code_bytes, source, counted)
+        write_summary(h, d, stages, ledger, result.steps, code, source, counted)
     d.barrier()  # no rank tears down its gloo/NCCL group while another still talks to it (gloo aborted ~2% of runs)
-
-
-BUDGET_MS = 600_000  # each of training and evaluation (spec section 1.1)
-H100_BF16_FLOPS = 989.4e12  # dense bf16 peak of one H100 SXM, the denominator of the logged MFU
-
-
-class TimeLedger:
-    """Wall time of every phase after setup, charged to the training or the evaluation budget by the rules of
-    spec section 15 (None: not charged, like compile warm-up and periodic validation). Each phase is logged as
-    it ends, the totals at the end, and a total over 600 s gets one line saying so."""
-
-    def __init__(self, d: Dist, log):
-        self.d, self.log, self.total = d, log, {"train": 0.0, "eval": 0.0, None: 0.0}
-
-    def add(self, name: str, budget: str | None, ms: float):
-        self.total[budget] += ms
-        self.log(f"time_ledger phase:{name} ms:{ms:.0f} charged_to:{budget or 'none'}")
-
-    @contextlib.contextmanager
-    def phase(self, name: str, budget: str | None):
-        span = types.SimpleNamespace(ms=0.0)
-        self.d.sync()
-        t0 = time.perf_counter()
-        yield span
-        self.d.sync()
-        span.ms = 1000 * (time.perf_counter() - t0)
-        self.add(name, budget, span.ms)
-
-    def summary(self):
-        self.log(f"time_ledger train:{self.total['train']:.0f}ms eval:{self.total['eval']:.0f}ms "
-                 f"not_charged:{self.total[None]:.0f}ms budget_each:{BUDGET_MS}ms")
-        for budget, what in (("train", "training"), ("eval", "evaluation")):
-            if self.total[budget] > BUDGET_MS:
-                self.log(f"time_ledger OVER_BUDGET: {what} took {self.total[budget] / 1000:.1f}s, more than the "
-                         f"{BUDGET_MS // 1000}s the rules allow; this run is not a valid record")
-
-
-def finish_training(h: Hyperparameters, d: Dist, model: GPT, result: TrainResult, ledger: TimeLedger,
-                    log) -> dict[str, Tensor] | None:
-    """Load the averaged weights, then, for GPTQ calibrated on training tokens, collect the Hessians in the
-    time left of MAX_WALLCLOCK_SECONDS. With that calibration both belong to the training budget (the
-    averaging must precede it); otherwise averaging is the first step of the evaluation budget."""
-    train_calib = uses_train_calibration(h)
-    with ledger.phase("averaging", "train" if train_calib else "eval"):
-        log(f"averaging:{apply_average(model, result.averager)} applied")
-    if not train_calib:
-        return None
-    budget = 1000 * h.max_wallclock_seconds - ledger.total["train"] if h.max_wallclock_seconds > 0 else None
-    with ledger.phase("gptq_calibration", "train") as t:
-        hessians, n = collect_hessians(model, training_batches(h, d, result.loader, budget), d)
-    log(f"gptq:calibration source:train tokens:{n} time:{t.ms:.0f}ms train_time_total:{ledger.total['train']:.0f}ms "
-        f"cap:{1000 * h.max_wallclock_seconds:.0f}ms")
-    if n == 0:
-        log("gptq:calibration read no tokens before the cap (raise GPTQ_RESERVE_SECONDS); quantizing without "
-            "Hessians (the GPTQ-lite clip search)")
-        return None
-    return hessians
-
-
-def quant_label(h: Hyperparameters) -> str:
-    """The records' name of the export format in score lines: int<N>, N the wider of the MLP and attention widths."""
-    bits = max(h.quant_mlp_bits, h.quant_attn_bits)
-    return "fp16" if bits == FP16 else f"int{bits}"
-
-
-def export(h: Hyperparameters, model: GPT, groups: dict, hessians: dict[str, Tensor] | None, code_bytes: int, log):
-    """Quantize, prune to the byte cap if needed, compress and write the artifact atomically (rank 0)."""
-    kinds = {name: kind for kind, members in groups.items() for name, _ in members}
-    t0 = time.perf_counter()
-    blob = fit_artifact(h, model.state_dict(), kinds, hessians, CAP_BYTES - code_bytes - h.prune_margin_bytes, log)
-    write_atomic(ARTIFACT_PATH, blob)
-    log(f"quantization method:{h.quant_method} bits:mlp{h.quant_mlp_bits}/attn{h.quant_attn_bits}/"
-        f"embed{h.quant_embed_bits} fit:{h.fit_strategy} time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    label, total = f"{quant_label(h)}+{h.compressor}", code_bytes + len(blob)
-    log(f"Serialized model {label}: {len(blob)} bytes")
-    log(f"Code size: {code_bytes} bytes")
-    log(f"Total submission size {label}: {total} bytes")
-    log(f"artifact code_bytes:{code_bytes} model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{CAP_BYTES} "
-        f"headroom_bytes:{CAP_BYTES - total} fits:{int(total <= CAP_BYTES)}")
-
-
-def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int, ledger: TimeLedger, log) -> dict:
-    """Score what a grader would load: the file on disk, decoded into a fresh model. The plain round trip, then
-    the sliding window (unless it is the same evaluation), then legal TTT when enabled; the last of these is
-    the run's score, repeated in the baseline's final_int8_zlib_roundtrip_exact line."""
-    with ledger.phase("load_artifact", "eval"):
-        with open(ARTIFACT_PATH, "rb") as f:
-            state = decode_artifact(f.read(), h, ARTIFACT_PATH)
-        base = build_model(h, d, bos_id, qat=False)
-        base.load_state_dict(state, strict=True)
-        model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(h, d) else base
-    q, L, stride = quant_label(h), eval_seq_len(h), h.eval_stride
-
-    def report(name: str, r: EvalResult, ms: float, extra: str = ""):
-        log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{ms:.0f}ms")
-        log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
-        return name + "_exact", r
-
-    stages = dict.fromkeys(("roundtrip", "sliding_window", "legal_ttt"))  # None: the evaluator did not run
-    with ledger.phase("roundtrip_eval", "eval") as t:
-        r = stages["roundtrip"] = eval_val(h, d, model, val)
-    score = report(f"final_{q}_roundtrip", r, t.ms)
-    if (L, stride) != (val.seq_len, val.seq_len):
-        windows = len(window_ends(val.num_targets, min(L, val.num_targets), stride))
-        log(f"final_eval_mode:sliding_window seq_len:{L} stride:{stride} batch_seqs:{h.eval_batch_seqs} "
-            f"windows:{windows}")
-        with ledger.phase("sliding_window_eval", "eval") as t:
-            r = stages["sliding_window"] = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs)
-        score = report(f"final_{q}_sliding_window", r, t.ms, f" stride:{stride}")
-    if h.ttt_enabled:
-        ttt = ScoreFirstTTT(h, d, model, base)
-        log(f"ttt_sliding:start chunks={math.ceil(val.num_targets / h.ttt_chunk_tokens)} "
-            f"chunk_tokens={h.ttt_chunk_tokens} seq_len={L} stride={stride} optimizer={h.ttt_optimizer} "
-            f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks}")
-        log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in ttt.params)} frozen={ttt.frozen}")
-        with ledger.phase("ttt_eval", "eval") as t:
-            r = stages["legal_ttt"] = evaluate(h, d, model, val, L, stride, h.eval_batch_seqs, ttt=ttt, log=log)
-        score = report("legal_ttt", r, t.ms)
-    name, r = score
-    log(f"official_score source:{name} (repeated below under the baseline's name)")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
-    return {**stages, "score": (name, r)}
 
 
 def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger, steps: int, code: bytes,
                   source: bytes, counted: str):
-    """logs/<RUN_ID>.json, next to the log, written atomically: what records/make_record.py reads."""
+    """logs/<RUN_ID>.json, next to the log, written atomically: what tools/make_record.py reads."""
     def result(r):
         return None if r is None else {"val_loss": r.val_loss, "val_bpb": r.val_bpb}
 

@@ -144,3 +144,26 @@ def test_import_has_no_side_effects(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "ok" and list(tmp_path.iterdir()) == []
+
+
+def test_renamed_knob_is_an_error_naming_the_new_one():
+    with pytest.raises(ValueError, match="^PRUNE_MARGIN_BYTES='500': renamed to FIT_MARGIN_BYTES"):
+        Hyperparameters.from_env({"PRUNE_MARGIN_BYTES": "500"})
+    assert Hyperparameters.from_env({"FIT_MARGIN_BYTES": "500"}).fit_margin_bytes == 500
+
+
+def test_knob_rules_live_beside_their_fields_and_variants_revalidate():
+    import dataclasses
+
+    h = Hyperparameters()
+    assert h.errors() == [] and dataclasses.replace(h, num_layers=12).num_layers == 12
+    with pytest.raises(ValueError, match="^BETA2=1.0: must be in \\[0, 1\\)"):
+        dataclasses.replace(h, beta2=1.0)  # checked by the one generic loop, from the field's declaration
+    # what an artifact must agree on is declared on the fields, not kept in a list by hand
+    assert set(Hyperparameters.model_knobs()) == {
+        "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings",
+        "rope_base", "rope_dims", "rope_ntk_len", "train_seq_len", "logit_softcap", "unet_skips", "smear_gate",
+        "bigram_vocab_size", "bigram_dim", "xsa_last_n", "ln_scale", "ve_enabled", "ve_dim", "ve_layers"}
+    # derived values are computed once, as properties
+    assert (h.head_dim, h.kv_dim, h.mlp_hidden, h.eval_len) == (64, 256, 1536, 2048)
+    assert h.uses_hessians and h.uses_train_calibration and h.loop_cap_ms == 596_000

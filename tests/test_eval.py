@@ -58,7 +58,7 @@ def test_stride_equal_to_the_window_is_the_plain_evaluator(sample_shards):
         t = torch.from_numpy(val.tokens.astype(np.int64))
         x, y = t[:-1].view(-1, SEQ), t[1:].view(-1, SEQ)
         loss = sum(model(x[i : i + 7], y[i : i + 7], reduction="none").double().sum() for i in range(0, len(x), 7))
-    r = train_gpt.evaluate(h, CPU, model, val, SEQ, SEQ, 5)
+    r = train_gpt.evaluate(h, CPU, model, val, train_gpt.Windows(SEQ, SEQ, 5))
     assert r.tokens == val.num_targets and r.bytes == val.byte_count
     assert math.isclose(r.val_loss, float(loss) / val.num_targets, rel_tol=1e-12)
     plain = train_gpt.eval_val(h, CPU, model, val)
@@ -70,7 +70,7 @@ def test_each_scored_loss_is_the_model_on_its_window(sample_shards):
     h, model = _model()
     val, trace = _val(sample_shards, 700), None
     trace = _trace(val)
-    r = train_gpt.evaluate(h, CPU, model, val, SEQ, 24, 3, trace=trace)
+    r = train_gpt.evaluate(h, CPU, model, val, train_gpt.Windows(SEQ, 24, 3), trace=trace)
     assert torch.equal(trace[0], torch.ones(val.num_targets)) and r.bytes == val.byte_count
     ends = train_gpt.window_ends(val.num_targets, SEQ, 24)
     model.eval()
@@ -89,7 +89,7 @@ def _sliding_rank(rank, world_size, shards, stride, batch):
     h, model = _model()
     val = _val(shards, 6000)
     trace = _trace(val)
-    r = train_gpt.evaluate(h, d, model, val, SEQ, stride, batch, trace=trace)
+    r = train_gpt.evaluate(h, d, model, val, train_gpt.Windows(SEQ, stride, batch), trace=trace)
     return r, trace, val.num_targets, val.byte_count
 
 
@@ -110,7 +110,7 @@ TTT = dict(ttt_enabled=True, ttt_chunk_tokens=512, ttt_lr=0.05, ttt_epochs=2, tt
 def _ttt_eval(val, seed=0, stride=32, trace=None, d=CPU, **overrides):
     h, model = _model(seed, **{**TTT, **overrides})
     ttt = train_gpt.ScoreFirstTTT(h, d, model, model)
-    return train_gpt.evaluate(h, d, model, val, SEQ, stride, 4, ttt=ttt, trace=trace), model
+    return train_gpt.evaluate(h, d, model, val, train_gpt.Windows(SEQ, stride, 4), ttt=ttt, trace=trace), model
 
 
 def test_ttt_scores_of_a_chunk_do_not_depend_on_later_tokens(sample_shards):
@@ -134,7 +134,7 @@ def test_ttt_lowers_the_loss_on_a_repetitive_stream():
     pattern = np.concatenate(([1], rng.integers(2, 1024, 150)))  # BOS + 150 random tokens, repeated
     val = train_gpt.make_validation(np.tile(pattern, 28).astype(np.uint16), _luts(), SEQ)
     h, model = _model()
-    plain = train_gpt.evaluate(h, CPU, model, val, SEQ, 32, 4)
+    plain = train_gpt.evaluate(h, CPU, model, val, train_gpt.Windows(SEQ, 32, 4))
     adapted, _ = _ttt_eval(val)
     assert adapted.tokens == plain.tokens and adapted.bytes == plain.bytes
     assert adapted.val_loss < plain.val_loss - 1.0, (adapted.val_loss, plain.val_loss)

@@ -115,7 +115,7 @@ def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     h = tiny_h(matrix_lr=0.05, scalar_lr=0.02, tied_embed_lr=0.05, muon_momentum_warmup_steps=0)
     model = GPT(h)
-    opt = Optimizers(h, model, CPU)
+    opt = Optimizers(h, model, train_gpt.bank_block_matrices(model, CPU), CPU)
     x = torch.randint(0, 1024, (4, 64))
     y = torch.roll(x, -1, dims=1)
     first = model(x, y).item()

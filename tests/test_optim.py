@@ -56,7 +56,7 @@ def _problem(seed=0):
 def _run_muon(d: Dist, lr=0.02, wd=0.1):
     """Three Parallel Muon steps; rank r sees grads g + (-1)^r * noise, whose average over 2 ranks is g."""
     model, (grads, momenta) = _Blocks(), _problem()
-    opt = train_gpt.ParallelMuon(tiny_h(matrix_lr=lr, muon_wd=wd), model, d)
+    opt = train_gpt.ParallelMuon(tiny_h(matrix_lr=lr, muon_wd=wd), train_gpt.bank_block_matrices(model, d), d)
     noise = torch.Generator().manual_seed(7)
     for step_grads, m in zip(grads, momenta):
         for layer, g in zip(model.blocks, step_grads):
@@ -81,7 +81,7 @@ def test_parallel_muon_follows_the_spec_rule_under_momentum_warmup():
 
 def test_bank_storage_is_shared_with_the_layers():
     model = _Blocks()
-    opt = train_gpt.ParallelMuon(tiny_h(), model, CPU)
+    opt = train_gpt.ParallelMuon(tiny_h(), train_gpt.bank_block_matrices(model, CPU), CPU)
     bank = opt.banks[0]
     layers = [m for m in model.blocks if tuple(m.weight.shape) == (32, 16)]
     for i, m in enumerate(layers):
@@ -111,7 +111,7 @@ def _clip_rank(rank, world_size, clip):
     torch.manual_seed(0)
     h = tiny_h(grad_clip_norm=clip)
     model = train_gpt.GPT(h)
-    opt = train_gpt.Optimizers(h, model, Dist(rank, world_size, 0, torch.device("cpu")))
+    opt = train_gpt.Optimizers(h, model, train_gpt.bank_block_matrices(model, d := Dist(rank, world_size, 0, torch.device("cpu"))), d)
     x = torch.randint(0, 1024, (4, 64), generator=torch.Generator().manual_seed(rank))
     model(x, x.roll(-1, 1)).backward()
     opt.step(1.0, 0.95)
@@ -123,7 +123,7 @@ def test_gradient_clipping_uses_the_global_norm_on_any_world_size():
     torch.manual_seed(0)
     h = tiny_h(grad_clip_norm=0.3)
     model = train_gpt.GPT(h)
-    opt = train_gpt.Optimizers(h, model, CPU)
+    opt = train_gpt.Optimizers(h, model, train_gpt.bank_block_matrices(model, CPU), CPU)
     for rank in range(2):
         x = torch.randint(0, 1024, (4, 64), generator=torch.Generator().manual_seed(rank))
         (model(x, x.roll(-1, 1)) / 2).backward()
@@ -138,7 +138,7 @@ def test_gradient_clipping_uses_the_global_norm_on_any_world_size():
 
 def test_optimizers_set_lr_and_momentum_per_step():
     h = tiny_h(matrix_lr=0.04, scalar_lr=0.03, tied_embed_lr=0.05)
-    opt = train_gpt.Optimizers(h, train_gpt.GPT(h), CPU)
+    opt = train_gpt.Optimizers(h, model := train_gpt.GPT(h), train_gpt.bank_block_matrices(model, CPU), CPU)
     opt.step(0.5, 0.9)
     assert sorted(g["lr"] for g in opt.adam.param_groups) == [0.015, 0.025]
     assert (opt.muon.lr, opt.muon.momentum) == (0.02, 0.9)

@@ -324,8 +324,7 @@ def test_training_calibration_stops_within_its_budget(sample_shards):
     sizes = [x.numel() for x in train_gpt.training_batches(few, CPU, loader, None)]
     assert sizes == [256, 64]  # a training-size batch, then the rest rounded up to whole 64-token sequences
     capped = tiny_h(max_wallclock_seconds=600.0, gptq_reserve_seconds=14.0)
-    assert train_gpt.loop_cap_ms(capped) == 586_000 and train_gpt.loop_cap_ms(tiny_h(max_wallclock_seconds=600.0,
-                                                                                     quant_method="rtn")) == 600_000
+    assert capped.loop_cap_ms == 586_000 and tiny_h(max_wallclock_seconds=600.0, quant_method="rtn").loop_cap_ms == 600_000
 
 
 def test_self_generated_calibration_reads_no_data():

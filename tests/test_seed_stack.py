@@ -105,8 +105,8 @@ def test_xsa_in_the_model_uses_the_value_with_its_value_embedding():
     y = seen[0].view(2, 12, 4, 16)
     v = (attn.c_v(x) + ve).view(2, 12, 2, 16).repeat_interleave(2, dim=2)
     assert (y * v).sum(-1).abs().max() < 1e-4
-    assert train_gpt.xsa_layers(tiny_h(num_layers=4, xsa_last_n=2, ve_layers="3")) == [2, 3]
-    assert train_gpt.xsa_layers(tiny_h()) == [0, 1] and train_gpt.xsa_layers(tiny_h(xsa_last_n=0)) == []
+    assert tiny_h(num_layers=4, xsa_last_n=2, ve_layers="3").xsa_layers == [2, 3]
+    assert tiny_h().xsa_layers == [0, 1] and tiny_h(xsa_last_n=0).xsa_layers == []
 
 
 # ---- partial RoPE ----------------------------------------------------------------------------------------
@@ -125,9 +125,9 @@ def test_partial_rope_leaves_the_other_dims_untouched():
 
 
 def test_rope_base_is_fixed_by_the_configuration_not_the_runtime_length():
-    rd, base = train_gpt.rope_layout(Hyperparameters())
+    rd, base = Hyperparameters().rope
     assert rd == 16 and base == pytest.approx(22_082, abs=1)  # the record's NTK base at T=2048 (section 6.9)
-    assert train_gpt.rope_layout(tiny_h(rope_ntk_len=0))[1] == 10000.0
+    assert tiny_h(rope_ntk_len=0).rope[1] == 10000.0
     # a model trained at T=64 with NTK scaling from 16: a short forward must use the same base (the records
     # switched back to the unscaled base for passes of <= 1024 tokens), so prefixes give identical logits
     torch.manual_seed(0)
@@ -193,7 +193,7 @@ def test_skip_weights_bigram_table_and_value_embeddings_receive_gradients():
     torch.manual_seed(0)
     h = tiny_h()
     model = GPT(h)
-    opt = train_gpt.Optimizers(h, model, CPU)
+    opt = train_gpt.Optimizers(h, model, train_gpt.bank_block_matrices(model, CPU), CPU)
     x = torch.randint(0, 1024, (4, 64))
     y = torch.roll(x, -1, 1)
     for _ in range(3):  # the zero-initialised block projections block the value path for the first step

@@ -102,7 +102,7 @@ def test_banked_training_step_compiled_matches_eager():
         torch.manual_seed(0)
         h = tiny_h()
         model = GPT(h)
-        opt = train_gpt.Optimizers(h, model, CPU)
+        opt = train_gpt.Optimizers(h, model, train_gpt.bank_block_matrices(model, CPU), CPU)
         fwd = torch.compile(model, backend=backend, fullgraph=True, dynamic=False) if backend else model
         g = torch.Generator().manual_seed(0)
         for _ in range(3):
