@@ -28,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import difflib
 import glob
 import hashlib
 import json
@@ -37,6 +38,7 @@ import os
 import platform
 import resource
 import subprocess
+import tempfile
 import threading
 import sys
 import time
@@ -93,7 +95,12 @@ def _within(value, interval: str) -> str | None:
 
 
 BITS = (4, 5, 6, 7, 8, 16)  # per-row int-N widths of the export, 16 = fp16
-RENAMED = {"PRUNE_MARGIN_BYTES": "FIT_MARGIN_BYTES"}  # old knob name -> new one (the old name is an error)
+
+
+class ConfigError(ValueError):
+    """Every violated rule of a configuration, one 'VAR=value: what was expected' per line."""
+RENAMED = {"PRUNE_MARGIN_BYTES": "renamed to FIT_MARGIN_BYTES",  # old knob names: an error saying what replaced them
+           "VE_ENABLED": "removed: value embeddings are on where VE_LAYERS lists layers (VE_LAYERS= turns them off)"}
 
 
 @dataclass
@@ -112,7 +119,7 @@ class Hyperparameters:
     val_loss_every: int = knob(4000, "[0, inf)")  # validate every N steps (and at step 0); 0 = only after training
     train_log_every: int = knob(500, "[0, inf)")  # log train_loss every N steps (and steps 1-10, the last); 0 = never
     # length and batch
-    iterations: int = knob(20_000, "[0, inf)")
+    iterations: int = knob(20_000, "[1, inf)")  # at least one step: an untrained model's score means nothing
     warmdown_iters: int = knob(4000, "[0, inf)")  # linear LR warmdown over about the last N steps (wall-clock predicted)
     warmup_steps: int = knob(20, "[0, inf)")  # compile warm-up steps, run and then undone; not counted in train_time
     train_batch_tokens: int = 786_432  # tokens per optimizer step, all ranks together
@@ -140,9 +147,8 @@ class Hyperparameters:
     bigram_dim: int = knob(112, "[1, inf)", model=True)
     xsa_last_n: int = knob(-1, model=True)  # exclusive self-attention on the last N layers; -1 = all, 0 = off
     ln_scale: bool = knob(True, model=True)  # scale the block's normed inputs by 1/sqrt(layer + 1)
-    ve_enabled: bool = knob(True, model=True)  # shared value embedding added to c_v's output on VE_LAYERS
     ve_dim: int = knob(128, "[1, inf)", model=True)
-    ve_layers: str = knob("9,10", model=True)  # comma-separated layer indices
+    ve_layers: str = knob("-2,-1", model=True)  # layers whose c_v gets the shared value embedding; "" = off
     ortho_init: bool = True  # orthogonal init of the matrices, projections into the stream scaled 1/sqrt(2L)
     # learning rates
     embed_lr: float = knob(0.6, "[0, inf)")  # untied input embedding (and the bigram and value embedding tables)
@@ -204,16 +210,30 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Hyperparameters:
-        for old, new in RENAMED.items():
-            if old in environ:
-                raise ValueError(f"{old}={environ[old]!r}: renamed to {new}")
-        return cls(**{f.name: _parse_knob(f.name.upper(), environ[f.name.upper()], f.default)
-                      for f in fields(cls) if f.name.upper() in environ})
+        """The configuration from environment variables. Every problem is reported at once, one line each, the
+        variables the user set first: values that do not parse, renamed knobs, near-miss names (a variable within
+        a typo of a knob, or with one of our prefixes, that is no knob), and every rule the values break."""
+        errors, kw = [f"{old}={environ[old]!r}: {why}" for old, why in RENAMED.items() if old in environ], {}
+        errors += [f"{name}={environ[name]!r}: not a knob; did you mean {knob_name}?"
+                   for name, knob_name in near_misses(environ, [f.name.upper() for f in fields(cls)])]
+        for f in fields(cls):
+            if f.name.upper() in environ:
+                try:
+                    kw[f.name] = _parse_knob(f.name.upper(), environ[f.name.upper()], f.default)
+                except ValueError as e:
+                    errors.append(str(e))
+        try:
+            h = cls(**kw)
+        except ConfigError as e:
+            errors += str(e).splitlines()
+        if errors:
+            raise ConfigError("\n".join(sorted(errors, key=lambda line: line.split("=")[0] not in environ)))
+        return h
 
     def __post_init__(self):
         errors = self.errors()
         if errors:
-            raise ValueError(errors[0])
+            raise ConfigError("\n".join(errors))
 
     def errors(self) -> list[str]:
         """Every violated rule as 'VAR=value: what was expected': the per-field ones declared with knob(),
@@ -250,8 +270,8 @@ class Hyperparameters:
              "must be 0 (off) or >= 2 (one bucket is reserved)"),
             ("XSA_LAST_N", -1 <= self.xsa_last_n <= self.num_layers,
              f"must be -1 (all), 0 (off) or at most NUM_LAYERS={self.num_layers}"),
-            ("VE_LAYERS", not self.ve_enabled or _layer_list(self.ve_layers, self.num_layers) is not None,
-             f"must be distinct comma-separated layer indices below NUM_LAYERS={self.num_layers}"),
+            ("VE_LAYERS", layer_list(self.ve_layers, self.num_layers) is not None, f"must be empty (off) or distinct "
+             f"comma-separated layer indices below NUM_LAYERS={self.num_layers} (negative: from the last layer)"),
             ("GPTQ_RESERVE_SECONDS", self.max_wallclock_seconds == 0 or not self.uses_train_calibration
              or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} (GPTQ calibrates on training tokens)"),
@@ -291,12 +311,21 @@ class Hyperparameters:
 
     @property
     def value_embed_layers(self) -> list[int]:
-        return _layer_list(self.ve_layers, self.num_layers) if self.ve_enabled else []
+        return layer_list(self.ve_layers, self.num_layers)
 
     @property
     def eval_len(self) -> int:
         """The final evaluation's window length: EVAL_SEQ_LEN, or TRAIN_SEQ_LEN when that is 0."""
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def log_path(self) -> str:
+        return f"logs/{self.run_id}.txt"
+
+    @property
+    def artifact_path(self) -> str:
+        """This run's artifact; final_model.ptz is a copy of the latest run's."""
+        return f"logs/{self.run_id}.ptz"
 
     @property
     def uses_hessians(self) -> bool:
@@ -320,14 +349,41 @@ class Hyperparameters:
         return [f.name for f in fields(cls) if f.metadata.get("model")]
 
 
-def _layer_list(text: str, num_layers: int) -> list[int] | None:
-    """'9,10' -> [9, 10]; None unless the indices are distinct, in range and at least one."""
+def layer_list(text: str, num_layers: int) -> list[int] | None:
+    """'9,10' -> [9, 10]; '' -> []. A negative index counts from the last layer (-1 = the last), so a default
+    such as '-2,-1' (the last two layers) survives a change of depth; one that reaches below the first layer is
+    left out (the last two of a 1-layer model are its one layer). None (invalid) for a non-integer, an index at
+    or above num_layers, or the same layer twice."""
     try:
-        layers = [int(x) for x in text.split(",")]
+        given = [int(x) for x in text.split(",")] if text.strip() else []
     except ValueError:
         return None
-    ok = layers and len(set(layers)) == len(layers) and all(0 <= i < num_layers for i in layers)
+    layers = [i + num_layers if i < 0 else i for i in given if i >= -num_layers]
+    ok = len(set(layers)) == len(layers) and all(i < num_layers for i in layers) and (layers or not given)
     return layers if ok else None
+
+
+OUR_PREFIXES = ("TTT_", "GPTQ_", "QUANT_", "MUON_", "EMA_", "SWA_", "BIGRAM_", "ROPE_", "XSA_", "VE_", "EVAL_",
+                "SMEAR", "UNET", "LATE_QAT", "QK_", "TIED_EMBED", "FIT_", "PRUNE_", "LN_", "MLP_", "ADAM_", "WARMDOWN")
+# other tools' variables, never taken for a mistyped knob: CUDA, NCCL, OpenMP, torch and torchrun, our record scripts
+FOREIGN_PREFIXES = ("CUDA", "NCCL_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "PYTHON", "TRITON_",
+                    "HF_", "NVIDIA_", "GLOO_", "CUBLAS", "CUDNN_", "LC_", "XDG_")
+FOREIGN_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NUM_THREADS", "SEEDS", "NAME"}
+
+
+def near_misses(environ, knobs: list[str]) -> list[tuple[str, str]]:
+    """(variable, the knob it probably meant) for each environment variable that is not a knob but looks like
+    one: within a typo of a knob name (difflib's similarity >= 0.85, so MODLE_DIM -> MODEL_DIM) or carrying one
+    of our prefixes (TTT_..., GPTQ_...). Other tools' variables are left alone."""
+    found = []
+    for name in environ:
+        if name in knobs or name in RENAMED or name in FOREIGN_NAMES or name.startswith(FOREIGN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, knobs, n=1, cutoff=0.85)
+        if close or name.startswith(OUR_PREFIXES):
+            found.append((name, (close or difflib.get_close_matches(name, knobs, n=1, cutoff=0.0))[0]))
+    return found
 
 
 def _parse_knob(name: str, raw: str, default):
@@ -392,17 +448,29 @@ class Dist:
         if self.world_size > 1:
             dist.barrier()
 
+    def broadcast_str(self, text: str) -> str:
+        """Rank 0's string on every rank."""
+        box = [text]
+        if self.world_size > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def autocast(self):
         # bf16 autocast is the CUDA fast path; CPU runs stay in fp32 (bf16 is slow there)
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
 
 
+def torchrun_env() -> tuple[bool, int, int, int]:
+    """(launched by torchrun, rank, world size, local rank) from torchrun's environment variables."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return distributed, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), \
+        int(os.environ.get("LOCAL_RANK", 0))
+
+
 def init_dist(h: Hyperparameters) -> Dist:
     """One process without torchrun; a process group over NCCL (CUDA) or gloo (CPU) when RANK and WORLD_SIZE
     are set."""
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    distributed, rank, world, local_rank = torchrun_env()
     if world < 1 or MICROBATCHES % world:
         raise ValueError(f"WORLD_SIZE={world}: must divide {MICROBATCHES} (the micro-batches of one step)")
     if h.device == "cuda" and not torch.cuda.is_available():
@@ -471,13 +539,19 @@ class TimeLedger:
 
 
 def write_atomic(path: str, data: bytes):
-    """Write to a temporary file, fsync, then rename: the path holds either the old or the new content."""
+    """Write to a temporary file, fsync, then rename: the path holds either the old or the new content, and a
+    failed write leaves no temporary file behind."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -656,27 +730,17 @@ def make_validation(tokens: np.ndarray, luts: ByteLUTs, seq_len: int) -> Validat
     return ValidationData(tokens, luts, seq_len, total)
 
 
+DATA_HINT = ("get the data with `python3 data/cached_challenge_fineweb.py --variant sp1024` (README.md, \"Data\"), "
+             "or run ./quickstart.sh to build and train on the bundled sample")
+PAIRING_DOCS = 64  # validation documents decoded and re-encoded to prove that tokenizer and shards belong together
+
+
 def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[str], list[str]]:
-    """Check tokenizer and shards before any heavy work; every problem names the variable or the file."""
-    if not h.tokenizer_path.endswith(".model") or not os.path.isfile(h.tokenizer_path):
-        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: expected an existing SentencePiece .model file")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: not a loadable SentencePiece model ({e})") from None
-    if sp.bos_id() < 0:
-        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: the tokenizer has no BOS piece, which starts every "
-                         "document in the shards and stops the SmearGate at document boundaries")
-    space = sp.piece_to_id("\u2581")
-    if any(map(sp.is_byte, range(sp.vocab_size()))) and (space == sp.unk_id() or sp.is_unused(space)):
-        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path!r}: byte fallback without a usable lone '\u2581' piece "
-                         "spells unmergeable spaces as 3 byte pieces, which val_bpb would count as 3 bytes for "
-                         "1 byte of text; add the piece (data/audit_bytes.py shows the effect)")
-    if sp.vocab_size() > h.vocab_size:
-        raise ValueError(f"VOCAB_SIZE={h.vocab_size}: smaller than the vocabulary of {h.tokenizer_path} "
-                         f"({sp.vocab_size()} pieces)")
+    """Check tokenizer, shards and their pairing before any heavy work; every problem names the variable or
+    the file."""
+    sp = check_tokenizer(h)
     if not os.path.isdir(h.data_path):
-        raise ValueError(f"DATA_PATH={h.data_path!r}: not a directory")
+        raise ValueError(f"DATA_PATH={h.data_path!r}: not a directory; {DATA_HINT}")
     train, val = (sorted(glob.glob(os.path.join(h.data_path, f"fineweb_{s}_*.bin"))) for s in ("train", "val"))
     for split, files in (("train", train), ("val", val)):
         if not files:
@@ -687,7 +751,65 @@ def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[s
     if val_tokens <= h.train_seq_len:
         raise ValueError(f"TRAIN_SEQ_LEN={h.train_seq_len}: the validation shards hold only {val_tokens} tokens, "
                          "not one full sequence plus its last target")
+    check_pairing(h, sp, val[0])
     return sp, train, val
+
+
+def check_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
+    where = f"TOKENIZER_PATH={h.tokenizer_path!r}"
+    if not h.tokenizer_path.endswith(".model") or not os.path.isfile(h.tokenizer_path):
+        raise ValueError(f"{where}: expected an existing SentencePiece .model file; {DATA_HINT}")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{where}: not a loadable SentencePiece model ({e})") from None
+    if sp.bos_id() < 0:
+        raise ValueError(f"{where}: the tokenizer has no BOS piece, which starts every document in the shards and "
+                         "stops the SmearGate at document boundaries")
+    space = sp.piece_to_id("\u2581")
+    if any(map(sp.is_byte, range(sp.vocab_size()))) and (space == sp.unk_id() or sp.is_unused(space)):
+        raise ValueError(f"{where}: byte fallback without a usable lone '\u2581' piece spells unmergeable spaces as "
+                         "3 byte pieces, which val_bpb would count as 3 bytes for 1 byte of text; add the piece "
+                         "(data/audit_bytes.py shows the effect)")
+    if sp.vocab_size() > h.vocab_size:
+        raise ValueError(f"VOCAB_SIZE={h.vocab_size}: smaller than the vocabulary of {h.tokenizer_path} "
+                         f"({sp.vocab_size()} pieces)")
+    return sp
+
+
+def check_pairing(h: Hyperparameters, sp: spm.SentencePieceProcessor, val_file: str):
+    """Prove that the tokenizer made the shards, since val_bpb counts bytes with it: every validation id must
+    be one of its pieces, and the first validation documents must come back token for token when decoded and
+    re-encoded. Documents holding <unk> are skipped (it stands for text the tokenizer cannot spell); another
+    tokenizer garbles nearly every document, so more than half failing is a mismatch."""
+    tokens = load_data_shard(val_file)
+    where = f"TOKENIZER_PATH={h.tokenizer_path!r} does not match the shards in DATA_PATH={h.data_path!r}"
+    if int(tokens.max()) >= sp.vocab_size():
+        raise ValueError(f"{where}: {val_file} holds token id {int(tokens.max())}, but the tokenizer has only "
+                         f"{sp.vocab_size()} pieces")
+    bounds = np.append(np.flatnonzero(tokens == sp.bos_id())[: PAIRING_DOCS + 1], len(tokens))
+    docs = [tokens[a + 1 : b].tolist() for a, b in zip(bounds[:PAIRING_DOCS], bounds[1:])]
+    docs = [doc for doc in docs if doc and sp.unk_id() not in doc]
+    bad = sum(sp.encode(sp.decode(doc)) != doc for doc in docs)
+    if bad * 2 > len(docs):
+        raise ValueError(f"{where}: {bad} of the first {len(docs)} validation documents do not come back when "
+                         "decoded and re-encoded (shards made with another tokenizer?)")
+
+
+def check_outputs(h: Hyperparameters):
+    """Before any training: the log folder and the artifact's folder must be writable and the artifact paths
+    must not be folders, so a run never fails after its training for want of a place to put the result."""
+    for path in (h.log_path, h.artifact_path, ARTIFACT_PATH):
+        folder = os.path.dirname(path) or "."
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"{path} is a directory")
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise ValueError(f"{path}: cannot be written ({e}); run from a folder where logs/ and {ARTIFACT_PATH} "
+                             "can be written") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1706,7 +1828,8 @@ def export(h: Hyperparameters, model: GPT, hessians: dict[str, Tensor] | None, c
     kinds = {name: kind for kind, members in param_groups(model).items() for name, _ in members}
     t0 = time.perf_counter()
     blob = fit_artifact(h, model.state_dict(), kinds, hessians, CAP_BYTES - code_bytes - h.fit_margin_bytes, log)
-    write_atomic(ARTIFACT_PATH, blob)
+    write_atomic(h.artifact_path, blob)
+    write_atomic(ARTIFACT_PATH, blob)  # the latest run's artifact, as the official scripts name it
     log(f"quantization method:{h.quant_method} bits:mlp{h.quant_mlp_bits}/attn{h.quant_attn_bits}/"
         f"embed{h.quant_embed_bits} fit:{h.fit_strategy} time:{1000 * (time.perf_counter() - t0):.0f}ms")
     label, total = f"{quant_label(h)}+{h.compressor}", code_bytes + len(blob)
@@ -1867,8 +1990,8 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
     the sliding window (unless it is the same evaluation), then legal TTT when enabled; the last of these is
     the run's score, repeated in the baseline's final_int8_zlib_roundtrip_exact line."""
     with ledger.phase("load_artifact", "eval"):
-        with open(ARTIFACT_PATH, "rb") as f:
-            state = decode_artifact(f.read(), h, ARTIFACT_PATH)
+        with open(h.artifact_path, "rb") as f:
+            state = decode_artifact(f.read(), h, h.artifact_path)
         base = build_model(h, d, bos_id, qat=False)
         base.load_state_dict(state, strict=True)
         model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(h, d) else base
@@ -2080,9 +2203,9 @@ def log_training(h: Hyperparameters, d: Dist, result: TrainResult, ledger: TimeL
 
 def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list[str]):
     code, source, counted = read_code()
-    log = Logger(f"logs/{h.run_id}.txt" if d.is_main else None)
+    log = Logger(h.log_path if d.is_main else None)
     if d.is_main:
-        print(f"logs/{h.run_id}.txt", flush=True)
+        print(h.log_path, flush=True)
     log_run_header(h, d, log, source, code, counted)
     torch.manual_seed(h.seed)
     val = load_validation(h, sp, val_files, d.device)
@@ -2119,7 +2242,7 @@ def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger,
     defaults = Hyperparameters()
     fingerprint = {k: v for k, v in config.items() if k not in ("seed", "run_id")}
     name, score = stages.pop("score")
-    model_bytes = os.path.getsize(ARTIFACT_PATH)
+    model_bytes = os.path.getsize(h.artifact_path)
     summary = {
         "format": "parameter-golf-run-summary/1", "run_id": h.run_id, "seed": h.seed, "world_size": d.world_size,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -2142,16 +2265,18 @@ def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger,
 
 
 def main():
+    rank = torchrun_env()[1]  # with torchrun only rank 0 prints an error, so it appears once
     try:
         h = Hyperparameters.from_env()
         if not h.run_id:
             h.run_id = str(uuid.uuid4())
         sp, train_files, val_files = check_inputs(h)
         d = init_dist(h)
-    except ValueError as e:
-        sys.exit(f"train_gpt.py: error: {e}")
-    try:
+        h.run_id = d.broadcast_str(h.run_id)  # one run id (and so one log and artifact name) for all ranks
+        check_outputs(h)
         run(h, d, sp, train_files, val_files)
+    except (ValueError, OSError) as e:  # configuration, inputs, or a file that cannot be written
+        sys.exit("\n".join(f"train_gpt.py: error: {line}" for line in str(e).splitlines()) if rank == 0 else 1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 from build_shards import write_shard
 from conftest import ROOT, SP1024, SP8192, TINY_ENV, tiny_h
 
@@ -19,7 +20,7 @@ def test_env_parsing_casts_by_default_type():
                                   "MAX_WALLCLOCK_SECONDS": "560", "RUN_ID": "abc"})
     assert (h.num_layers, h.mlp_mult, h.tie_embeddings, h.max_wallclock_seconds, h.run_id) == (11, 3.5, False, 560.0, "abc")
     assert Hyperparameters.from_env({}) == Hyperparameters()
-    assert Hyperparameters.from_env({"NUM_LAYERS": "9", "VE_ENABLED": "0"}).ve_layers == "9,10"  # unused: no error
+    assert Hyperparameters.from_env({"NUM_LAYERS": "9", "VE_LAYERS": ""}).value_embed_layers == []  # off
     Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "3", "QUANT_METHOD": "rtn"})  # no reserve without GPTQ
 
 
@@ -45,7 +46,9 @@ def test_env_parsing_casts_by_default_type():
     ({"BIGRAM_VOCAB_SIZE": "1"}, "BIGRAM_VOCAB_SIZE"),
     ({"XSA_LAST_N": "12"}, "XSA_LAST_N"),
     ({"XSA_LAST_N": "-2"}, "XSA_LAST_N"),
-    ({"NUM_LAYERS": "9"}, "VE_LAYERS"),  # the default layers 9,10 do not exist in a 9-layer model
+    ({"VE_LAYERS": "11"}, "VE_LAYERS"),  # no layer 11 in an 11-layer model
+    ({"VE_LAYERS": "1,-10"}, "VE_LAYERS"),  # -10 is layer 1 of 11: twice the same layer
+    ({"ITERATIONS": "0"}, "ITERATIONS"),  # an untrained model has no meaningful score
     ({"VE_LAYERS": "3,3"}, "VE_LAYERS"),
     ({"VE_LAYERS": "a"}, "VE_LAYERS"),
     ({"WEIGHT_AVERAGING": "lawa"}, "WEIGHT_AVERAGING"),
@@ -107,7 +110,7 @@ def test_input_checks(tmp_path, sample_shards):
     fails("fineweb_train_000001.bin: .*truncated or corrupt", data_path=str(tmp_path))
 
 
-def test_tokenizer_that_would_overcount_spaces_is_refused(tmp_path, sample_shards):
+def test_tokenizer_that_would_overcount_spaces_is_refused(tmp_path, sample_shards, sample_texts):
     """Byte fallback without a usable lone '▁' piece: unmergeable spaces become the 3 byte pieces of U+2581."""
     from test_audit_bytes import mark_piece_unused
 
@@ -117,7 +120,8 @@ def test_tokenizer_that_would_overcount_spaces_is_refused(tmp_path, sample_shard
     h = tiny_h(data_path=str(sample_shards), tokenizer_path=str(model), vocab_size=8192)
     with pytest.raises(ValueError, match="^TOKENIZER_PATH=.*byte fallback without a usable lone"):
         train_gpt.check_inputs(h)
-    train_gpt.check_inputs(tiny_h(data_path=str(sample_shards), tokenizer_path=str(SP8192), vocab_size=8192))
+    shards = _texts_shards(tmp_path, [t for t in sample_texts[:40]], SP8192)  # shards this tokenizer made
+    train_gpt.check_inputs(tiny_h(data_path=str(shards), tokenizer_path=str(SP8192), vocab_size=8192))
 
 
 def test_tokenizer_without_bos_is_refused(tmp_path, sample_shards, sample_texts):
@@ -163,7 +167,117 @@ def test_knob_rules_live_beside_their_fields_and_variants_revalidate():
     assert set(Hyperparameters.model_knobs()) == {
         "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings",
         "rope_base", "rope_dims", "rope_ntk_len", "train_seq_len", "logit_softcap", "unet_skips", "smear_gate",
-        "bigram_vocab_size", "bigram_dim", "xsa_last_n", "ln_scale", "ve_enabled", "ve_dim", "ve_layers"}
+        "bigram_vocab_size", "bigram_dim", "xsa_last_n", "ln_scale", "ve_dim", "ve_layers"}
     # derived values are computed once, as properties
     assert (h.head_dim, h.kv_dim, h.mlp_hidden, h.eval_len) == (64, 256, 1536, 2048)
     assert h.uses_hessians and h.uses_train_calibration and h.loop_cap_ms == 596_000
+
+
+def test_every_configuration_error_at_once_the_variables_set_first():
+    with pytest.raises(ValueError) as e:
+        Hyperparameters.from_env({"NUM_HEADS": "5", "MODEL_DIM": "128", "ROPE_BASE": "-1", "SEED": "x"})
+    lines = str(e.value).splitlines()
+    assert lines == ["SEED='x': expected int", "ROPE_BASE=-1.0: must be > 0",
+                     "MODEL_DIM=128: must be divisible by NUM_HEADS=5 into an even head dimension (RoPE rotates pairs)",
+                     "NUM_KV_HEADS=4: must be >= 1 and divide NUM_HEADS=5"]
+
+
+# Variables of other tools and of the shell: never taken for a mistyped knob.
+NEVER_A_TYPO = ["CUDA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING", "NCCL_DEBUG", "NCCL_NET", "NCCL_IB_DISABLE",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID",
+                "TORCH_COMPILE_DEBUG", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_CUDA_ALLOC_CONF", "PYTHONPATH",
+                "PYTHONHASHSEED", "TRITON_CACHE_DIR", "HF_HOME", "OPENBLAS_CORETYPE", "TOKENIZERS_PARALLELISM",
+                "NUM_THREADS", "MAX_JOBS", "SEEDS", "NAME", "PATH", "HOME", "USER", "PWD", "SHELL", "TERM", "LANG",
+                "CI", "TMPDIR", "VIRTUAL_ENV", "DISPLAY", "EDITOR"]
+
+
+def test_near_miss_knob_names_are_errors_naming_the_knob():
+    for typo, meant in (("MODLE_DIM", "MODEL_DIM"), ("NUM_LAYER", "NUM_LAYERS"), ("TTT_LRR", "TTT_LR"),
+                        ("ITERATION", "ITERATIONS"), ("GPTQ_CALIB", "GPTQ_CALIBRATION")):
+        with pytest.raises(ValueError, match=rf"^{typo}='64': not a knob; did you mean {meant}\?"):
+            Hyperparameters.from_env({typo: "64"})
+    assert Hyperparameters.from_env({name: "1" for name in NEVER_A_TYPO}) == Hyperparameters()
+    assert Hyperparameters.from_env(dict(os.environ)).model_dim > 0  # nothing in this machine's environment either
+
+
+def test_value_embedding_switch_is_the_layer_list():
+    with pytest.raises(ValueError, match="^VE_ENABLED='0': removed: .*VE_LAYERS= turns them off"):
+        Hyperparameters.from_env({"VE_ENABLED": "0"})
+    assert [train_gpt.layer_list("-2,-1", n) for n in (1, 2, 11)] == [[0], [0, 1], [9, 10]]
+    assert train_gpt.layer_list("", 4) == [] and train_gpt.layer_list("3,-1", 4) is None  # layer 3 twice
+    assert train_gpt.layer_list("-5", 4) is None  # below the first layer and nothing left
+
+
+@pytest.mark.parametrize("depth", range(1, 13))
+def test_every_depth_validates_and_runs_with_the_other_defaults(depth):
+    h = Hyperparameters.from_env({"NUM_LAYERS": str(depth)})
+    model = train_gpt.GPT(h)
+    x = torch.randint(0, h.vocab_size, (1, 16))
+    assert model(x, x).isfinite() and h.value_embed_layers == [max(depth - 2, 0), depth - 1][-min(depth, 2):]
+
+
+def _texts_shards(tmp_path, texts, model):
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tokens = np.concatenate([[sp.bos_id()] + sp.encode(t) for t in texts]).astype(np.uint16)
+    write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    return tmp_path
+
+
+def test_tokenizer_that_did_not_make_the_shards_is_refused(tmp_path, sample_shards, sample_texts):
+    wrong = tiny_h(data_path=str(sample_shards), tokenizer_path=str(SP8192), vocab_size=8192)  # sp1024 shards
+    with pytest.raises(ValueError, match=r"^TOKENIZER_PATH=.*does not match the shards in DATA_PATH=.*do not come back"):
+        train_gpt.check_inputs(wrong)
+    sp8192 = _texts_shards(tmp_path, sample_texts[:40], SP8192)
+    with pytest.raises(ValueError, match=r"^TOKENIZER_PATH=.*does not match.*holds token id \d+, but the tokenizer "
+                                         r"has only 1024 pieces"):
+        train_gpt.check_inputs(tiny_h(data_path=str(sp8192), tokenizer_path=str(SP1024), vocab_size=8192))
+    # every correct pairing of the bundled samples passes
+    train_gpt.check_inputs(tiny_h(data_path=str(sample_shards), tokenizer_path=str(SP1024)))
+    train_gpt.check_inputs(tiny_h(data_path=str(sp8192), tokenizer_path=str(SP8192), vocab_size=8192))
+    for model in (SP1024, SP8192):
+        for start in range(0, 400, 100):  # every bundled document, a hundred at a time
+            d = _texts_shards(tmp_path / f"{model.stem}_{start}", sample_texts[start : start + 100], model)
+            train_gpt.check_inputs(tiny_h(data_path=str(d), tokenizer_path=str(model), vocab_size=8192))
+
+
+def test_outputs_are_checked_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    h = tiny_h(run_id="r1")
+    train_gpt.check_outputs(h)  # creates logs/, writes nothing else
+    assert [p.name for p in tmp_path.iterdir()] == ["logs"] and not any((tmp_path / "logs").iterdir())
+    (tmp_path / "logs" / "r2.ptz").mkdir()
+    with pytest.raises(ValueError, match=r"^logs/r2.ptz: cannot be written .*is a directory"):
+        train_gpt.check_outputs(tiny_h(run_id="r2"))
+    (tmp_path / train_gpt.ARTIFACT_PATH).mkdir()
+    with pytest.raises(ValueError, match=rf"^{train_gpt.ARTIFACT_PATH}: cannot be written"):
+        train_gpt.check_outputs(h)
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    (other / "logs").write_text("a file where the log folder should be")
+    with pytest.raises(ValueError, match=r"^logs/r1.txt: cannot be written"):
+        train_gpt.check_outputs(h)
+    with pytest.raises(OSError):
+        train_gpt.write_atomic(str(other / "logs" / "x.json"), b"data")  # logs is a file: the write fails ...
+    assert sorted(p.name for p in other.iterdir()) == ["logs"]  # ... and leaves no temporary file
+
+
+def test_bare_run_on_a_fresh_clone_says_where_data_comes_from(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")})
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "data/cached_challenge_fineweb.py" in r.stderr and "./quickstart.sh" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_world_size_that_does_not_divide_8_prints_one_clean_error(tmp_path, sample_shards):
+    env = {**os.environ, **TINY_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                        str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and out.count("train_gpt.py: error:") == 1
+    assert "train_gpt.py: error: WORLD_SIZE=3: must divide 8" in out
+    assert 'train_gpt.py", line' not in out  # no traceback from the script (torchrun adds its own summary)
