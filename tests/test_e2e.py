@@ -117,3 +117,26 @@ def test_run_summary_reproduces_the_configuration_and_the_score(runs):
     assert s["code"]["counted"] == "source" and s["code"]["counted_bytes"] == SCRIPT.stat().st_size
     assert set(s["stages"]) == {"pre_quant_raw", "averaged", "roundtrip", "sliding_window", "legal_ttt"}
     assert abs(s["train_ms"] - float(field(out, "time_ledger train", "train").removesuffix("ms"))) < 1
+
+
+def test_each_run_keeps_its_artifact_and_final_model_is_the_latest(runs):
+    (cwd, out), _ = runs
+    kept = (cwd / "logs" / "e2e.ptz").read_bytes()
+    assert kept == (cwd / "final_model.ptz").read_bytes()  # the latest run's, as the official scripts name it
+    assert int(field(out, "artifact", "model_bytes")) == len(kept)
+    assert not [p for p in cwd.rglob("*") if ".tmp" in p.name]  # every write was atomic
+
+
+@pytest.mark.slow
+def test_two_layers_with_every_other_model_default_trains_exports_and_scores(tmp_path, sample_shards):
+    """A change of depth needs no second knob (VE_LAYERS=-2,-1 follows the depth). Only the run's length and batch
+    are shrunk to CPU size; every technique, width and export knob keeps its default."""
+    env = {**{k: v for k, v in os.environ.items() if k not in TINY_ENV}, "NUM_LAYERS": "2",
+           "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024), "RUN_ID": "two", "DEVICE": "cpu",
+           "ITERATIONS": "2", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_BATCH_TOKENS": "16384",
+           "VAL_BATCH_SIZE": "65536", "EVAL_STRIDE": "2048", "GPTQ_CALIB_TOKENS": "4096", "VAL_LOSS_EVERY": "0"}
+    r = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "value_embed:128@0,1" in r.stdout and "hparam model_dim:512" in r.stdout
+    assert field(r.stdout, "artifact", "fits") == "1"
+    assert math.isfinite(float(field(r.stdout, "final_int8_zlib_roundtrip_exact", "val_bpb")))
