@@ -1,4 +1,4 @@
-"""records/pack.py: the self-extracting submission script is reproducible, exact, smaller, inert on import, and
+"""tools/pack.py: the self-extracting submission script is reproducible, exact, smaller, inert on import, and
 trains to the very same score as train_gpt.py while the log counts the packed file's bytes."""
 
 import base64
@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import QUICKSTART_ENV, ROOT, SP1024
 
-sys.path.insert(0, str(ROOT / "records"))
+sys.path.insert(0, str(ROOT / "tools"))
 import pack  # noqa: E402
 
 SCRIPT = ROOT / "train_gpt.py"

@@ -1,5 +1,5 @@
-"""The record tooling: the t distribution and significance test of records/stats.py, every refusal of
-records/make_record.py, and a record folder built end to end from three real tiny runs."""
+"""The record tooling: the t distribution and significance test of tools/stats.py, every refusal of
+tools/make_record.py, and a record folder built end to end from three real tiny runs."""
 
 import hashlib
 import json
@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import QUICKSTART_ENV, ROOT, SP1024
 
-sys.path.insert(0, str(ROOT / "records"))
+sys.path.insert(0, str(ROOT / "tools"))
 import make_record  # noqa: E402
 import stats  # noqa: E402
 
@@ -91,14 +91,14 @@ def test_one_seed_gives_no_test_and_equal_seeds_a_degenerate_one():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sample_shards):
     """Three real runs of the quickstart configuration (3 steps each), seeds 1, 2, 3, launched as users do, by
-    records/run_seeds.sh, of a private copy of train_gpt.py (so edits to the working tree during the session
+    tools/run_seeds.sh, of a private copy of train_gpt.py (so edits to the working tree during the session
     cannot change the code under the runs). Returns (script, [summary paths])."""
     work = tmp_path_factory.mktemp("runs")
     script = work / "train_gpt.py"
     shutil.copyfile(ROOT / "train_gpt.py", script)
     env = {**os.environ, **QUICKSTART_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024),
            "SEEDS": " ".join(map(str, SEEDS)), "NAME": "qs"}
-    r = subprocess.run([str(ROOT / "records" / "run_seeds.sh"), sys.executable, str(script)], cwd=work,
+    r = subprocess.run([str(ROOT / "tools" / "run_seeds.sh"), sys.executable, str(script)], cwd=work,
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return script, [work / "logs" / f"qs_seed{seed}.json" for seed in SEEDS]
@@ -184,7 +184,7 @@ def test_refuses_missing_or_unreadable_summaries_and_missing_logs(runs, tmp_path
 
 def test_command_line_exit_codes(tmp_path):
     """Run as a script: a refusal and a bad --name both exit 2, with a message on stderr."""
-    base = [sys.executable, str(ROOT / "records" / "make_record.py"), "--author", "a", "--github-id", "g",
+    base = [sys.executable, str(ROOT / "tools" / "make_record.py"), "--author", "a", "--github-id", "g",
             "--blurb", "b", "--out", str(tmp_path / "out")]
     r = subprocess.run([*base, "--name", "x", str(tmp_path / "gone.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "refused:" in r.stderr and "gone.json: run summary not found" in r.stderr

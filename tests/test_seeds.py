@@ -1,4 +1,4 @@
-"""records/run_seeds.sh: the same command once per seed, each run with its own log, summary and artifact."""
+"""tools/run_seeds.sh: the same command once per seed, each run with its own log, summary and artifact."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT, SP1024, TINY_ENV
 
-SCRIPT = ROOT / "records" / "run_seeds.sh"
+SCRIPT = ROOT / "tools" / "run_seeds.sh"
 
 
 def test_each_seed_gets_its_own_log_summary_and_artifact(tmp_path, sample_shards):
