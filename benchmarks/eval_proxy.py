@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-import train_gpt as tg  # noqa: E402
-from quant_proxy import CPU, DATA, PROXY, TOKENIZER, ensure_sample  # noqa: E402
+# proxy first: it puts the repository root and data/ on sys.path
+from proxy import CPU, DATA, PROXY, TOKENIZER, ensure_sample
+import train_gpt as tg
 
 H100_BF16_FLOPS = 989.4e12  # dense, per GPU (H100 SXM datasheet)
 VAL_TARGETS = 62_021_632  # the official validation set, as every record since 03-19 scores it (spec 16.12)
