@@ -22,7 +22,7 @@ def sample_texts() -> list[str]:
     """The 400 bundled FineWeb documents; the first 100 are the sample's validation split."""
     return [json.loads(line)["text"] for line in SAMPLE_JSONL.read_text(encoding="utf-8").splitlines()]
 
-# The grep contract of progress lines (spec section 4.10).
+# The grep contract of progress lines (README, "Log lines").
 STEP_LINE = re.compile(r"^step:\d+/\d+ (train_loss:\d+\.\d{4}|val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}) "
                        r"train_time:\d+ms step_avg:\d+\.\d{2}ms$")
 
