@@ -16,6 +16,10 @@ SP1024 = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"  # no byte fallback
 SP8192 = ROOT / "tests" / "fixtures" / "fineweb_8192_bpe.model"  # byte fallback
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a whole-script run of train_gpt.py (or torchrun), or over 5 s on 2 CPU "
+                                       "cores; the inner loop `pytest -m \"not slow\" tests` leaves these out")
+
 
 @pytest.fixture(scope="session")
 def sample_texts() -> list[str]:

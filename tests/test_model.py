@@ -127,6 +127,7 @@ def test_tiny_model_overfits_one_batch():
     assert first > 6.5 and loss.item() < 0.2
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (torch.compile)
 def test_compiled_model_has_no_graph_breaks_and_matches_eager():
     """The CUDA path compiles with fullgraph=True; inductor on CPU checks the same graph capture."""
     torch.manual_seed(0)

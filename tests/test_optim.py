@@ -118,6 +118,7 @@ def _clip_rank(rank, world_size, clip):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (two gloo ranks)
 def test_gradient_clipping_uses_the_global_norm_on_any_world_size():
     """2 ranks with different batches clip the averaged gradient exactly as 1 rank with a summed batch would."""
     torch.manual_seed(0)

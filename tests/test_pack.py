@@ -75,6 +75,7 @@ def _line(log, start):
     return next(l for l in log.splitlines() if l.startswith(start))
 
 
+@pytest.mark.slow
 def test_the_packed_script_trains_to_the_same_score_and_counts_its_own_bytes(packed, tmp_path, sample_shards):
     plain_dir, packed_dir = tmp_path / "plain", tmp_path / "packed"
     plain_dir.mkdir(), packed_dir.mkdir()

@@ -159,6 +159,7 @@ REFUSALS = {
 }
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refuses_runs_that_break_a_rule(case, runs, tmp_path, capsys):
     edit, *needles = REFUSALS[case]
@@ -166,6 +167,7 @@ def test_refuses_runs_that_break_a_rule(case, runs, tmp_path, capsys):
     refused(capsys, out, make(out, runs[0], crafted(tmp_path, runs, edit)), *needles)
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_refuses_missing_or_unreadable_summaries_and_missing_logs(runs, tmp_path, capsys):
     paths, out = crafted(tmp_path, runs), tmp_path / "out"
     refused(capsys, out, make(out, runs[0], [*paths, tmp_path / "logs" / "nope.json"]), "nope.json", "not found")
@@ -193,6 +195,7 @@ def test_command_line_exit_codes(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_refuses_a_script_that_is_not_the_code_that_ran(runs, tmp_path, capsys):
     other, out = tmp_path / "train_gpt.py", tmp_path / "out"
     other.write_bytes(runs[0].read_bytes() + b"\n")
@@ -200,6 +203,7 @@ def test_refuses_a_script_that_is_not_the_code_that_ran(runs, tmp_path, capsys):
     refused(capsys, out, make(out, tmp_path / "missing.py", runs[1]), "missing.py", "cannot read the script")
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_refuses_an_existing_target_and_leaves_nothing_behind_on_failure(runs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     (out / "2026-01-02_TinyTest").mkdir(parents=True)
@@ -215,6 +219,7 @@ def test_refuses_an_existing_target_and_leaves_nothing_behind_on_failure(runs, t
     assert list(out.iterdir()) == []  # no record folder, no temporary folder
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_non_record_allows_over_time_but_not_over_size(runs, tmp_path, capsys):
     slow = crafted(tmp_path, runs, on_seed(2, "train_ms", 700_000.0))
     out = tmp_path / "out"
@@ -232,6 +237,7 @@ def test_non_record_allows_over_time_but_not_over_size(runs, tmp_path, capsys):
     refused(capsys, big / "out", code, "seed1.json", "over the 16,000,000-byte cap")
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_builds_a_record_folder_from_three_real_runs(runs, tmp_path, capsys):
     script, summaries = runs
     out = tmp_path / "records" / "track_10min_16mb"

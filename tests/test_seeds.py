@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, SP1024, TINY_ENV
 
 SCRIPT = ROOT / "tools" / "run_seeds.sh"
 
 
+@pytest.mark.slow
 def test_each_seed_gets_its_own_log_summary_and_artifact(tmp_path, sample_shards):
     env = {**os.environ, **TINY_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024),
            "SEEDS": "7 8", "NAME": "tiny", "ITERATIONS": "2", "VAL_LOSS_EVERY": "0"}
