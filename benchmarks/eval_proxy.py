@@ -11,7 +11,7 @@
 2. 8xH100 projection for the default configuration (11L d=512, window 2048) on the official validation set
    (62,021,632 targets): FLOPs of each evaluator, divided by the throughput the records achieved on the same
    model and hardware (PR #1019: 86.7 ms per 786,432-token training step, its stride-64 sliding evaluation
-   in about 85 s; PR #549: legal TTT in about 408 s, spec sections 11 and 13), expressed as MFU of the
+   in about 85 s; PR #549: legal TTT in about 408 s), expressed as MFU of the
    8 x 989.4 bf16 dense TFLOP/s.
 """
 
@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-import train_gpt as tg  # noqa: E402
-from quant_proxy import CPU, DATA, PROXY, TOKENIZER, ensure_sample  # noqa: E402
+# proxy first: it puts the repository root and data/ on sys.path
+from proxy import CPU, DATA, PROXY, TOKENIZER, ensure_sample
+import train_gpt as tg
 
 H100_BF16_FLOPS = 989.4e12  # dense, per GPU (H100 SXM datasheet)
-VAL_TARGETS = 62_021_632  # the official validation set, as every record since 03-19 scores it (spec 16.12)
+VAL_TARGETS = 62_021_632  # the official validation set, as every record since 03-19 scores it
 RECORD_TRAIN_STEP_S, RECORD_TRAIN_TOKENS = 0.0867, 786_432  # PR #1019
 RECORD_SLIDING_S, RECORD_TTT_S = 85.0, 408.0  # PR #1019 sliding stride 64; PR #549 legal TTT (its eval loop)
 

@@ -30,18 +30,10 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "data")]
-import build_shards  # noqa: E402
-import train_gpt as tg  # noqa: E402
-
-DATA = ROOT / "data" / "datasets" / "sample_sp1024"
-TOKENIZER = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"
-PROXY = dict(NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="256",
-             TRAIN_BATCH_TOKENS="8192", VAL_BATCH_SIZE="65536", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0",
-             WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", DEVICE="cpu", VE_LAYERS="2,3",
-             FP16_MAX_NUMEL="4096", GPTQ_CALIB_TOKENS="32768")
-CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
+# proxy first: it puts the repository root and data/ on sys.path
+from proxy import CPU, DATA, PROXY, ROOT, SAMPLE, TOKENIZER, ensure_sample
+import build_shards
+import train_gpt as tg
 
 
 def proxy_h(steps: int, **extra) -> tg.Hyperparameters:
@@ -123,7 +115,7 @@ def entropy(tensors: dict, meta: dict):
 def full_size(work: Path):
     """The default configuration, 2 steps on CPU, exported; reduced batch and validation so it runs on CPU."""
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-    texts = [json.loads(line)["text"] for line in (ROOT / "data/sample/fineweb_sample.jsonl").read_text().splitlines()]
+    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
     shards = work / "shards"
     shards.mkdir()
     encode = lambda ts: np.concatenate([[sp.bos_id()] + sp.encode(t) for t in ts]).astype(np.uint16)  # noqa: E731
@@ -141,12 +133,6 @@ def full_size(work: Path):
             "final_")
     print(f"\nfull-size default configuration, 2 CPU steps ({time.perf_counter() - t0:.0f} s):")
     print("\n".join(line for line in r.stdout.splitlines() if line.startswith(keep)))
-
-
-def ensure_sample():
-    """The quickstart's shards of the bundled sample, built once."""
-    if not DATA.is_dir():
-        build_shards.build([ROOT / "data" / "sample" / "fineweb_sample.jsonl"], DATA, TOKENIZER, num_val_docs=100)
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@ a step), and the script prints pre-quantization val_bpb (the last validation bef
 per second and the process's peak resident memory. The schedules are scaled to the proxy's length with the
 fractions the records used: the baseline's warmdown is 1200 of its 13,780 steps and its momentum warm-up 500;
 the seed stack's are 4000 and 1500 of about 6,920. Rows:
-  baseline        the README's baseline settings (model and optimizer)
+  baseline        the official baseline's settings, configs/baseline.env (model and optimizer)
   baseline+recipe the baseline model trained with the seed stack's optimizer recipe
   seed stack      the defaults (VE on the last two layers, as 9,10 of 11)
 """
@@ -23,23 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "data"))
-import build_shards  # noqa: E402
+from proxy import DATA, PROXY, ROOT, TOKENIZER, config, ensure_sample
 
-DATA = ROOT / "data" / "datasets" / "sample_sp1024"
-TOKENIZER = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"
-SHAPE = dict(NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="256",
-             TRAIN_BATCH_TOKENS="8192", VAL_BATCH_SIZE="65536", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50",
-             WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", DEVICE="cpu")
+# the proxy's shape and schedule, without its quantization settings, logging every 50 steps
+SHAPE = {**{k: v for k, v in PROXY.items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
+         "TRAIN_LOG_EVERY": "50"}
 MODEL_KNOBS = ("MLP_MULT", "MLP_ACT", "ROPE_DIMS", "ROPE_NTK_LEN", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE",
-               "XSA_LAST_N", "LN_SCALE", "VE_ENABLED", "ORTHO_INIT")
-
-
-def baseline_env() -> dict[str, str]:
-    """The baseline settings exactly as README.md documents them (one source for docs, tests and this)."""
-    block = re.search(r"<!-- baseline-env -->\s*```bash\n(.+?)```", (ROOT / "README.md").read_text(), re.S)
-    return dict(re.findall(r"\b([A-Z0-9_]+)=(\S+)", block.group(1)))
+               "XSA_LAST_N", "LN_SCALE", "VE_LAYERS", "ORTHO_INIT")
 
 
 def configs(steps: int) -> dict[str, dict[str, str]]:
@@ -47,12 +37,12 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
         return dict(WARMDOWN_ITERS=str(round(steps * warmdown / of)),
                     MUON_MOMENTUM_WARMUP_STEPS=str(round(steps * warmup / of)))
 
-    base = {k: v for k, v in baseline_env().items() if k not in ("TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS",
-                                                                   "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY")}
+    base = {k: v for k, v in config("baseline").items() if k not in ("TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS",
+                                                                       "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY")}
     return {
         "baseline": {**base, **scaled(1200, 500, 13780)},
         "baseline+recipe": {**{k: base[k] for k in MODEL_KNOBS if k in base}, **scaled(4000, 1500, 6920)},
-        "seed stack": {"VE_LAYERS": "2,3", **scaled(4000, 1500, 6920)},
+        "seed stack": scaled(4000, 1500, 6920),  # value embeddings on the last two layers, the default
     }
 
 
@@ -75,8 +65,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[1337])
     a = p.parse_args(argv)
-    if not DATA.is_dir():
-        build_shards.build([ROOT / "data" / "sample" / "fineweb_sample.jsonl"], DATA, TOKENIZER, num_val_docs=100)
+    ensure_sample()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:

@@ -23,17 +23,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
-import train_gpt as tg  # noqa: E402
-from conftest import BASELINE_ENV, TINY_ENV  # noqa: E402
-from quant_proxy import DATA, PROXY, TOKENIZER, ensure_sample  # noqa: E402
+# proxy first: it puts the repository root and data/ on sys.path
+from proxy import DATA, PROXY, ROOT, TOKENIZER, config, ensure_sample
+import train_gpt as tg
 
 CONFIGS = {
-    "tiny (2L d64 T64)": {k: v for k, v in TINY_ENV.items() if k not in ("ITERATIONS", "VAL_LOSS_EVERY")},
+    "tiny (2L d64 T64)": {k: v for k, v in config("tiny").items() if k not in ("ITERATIONS", "VAL_LOSS_EVERY")},
     "proxy (4L d128 T256)": PROXY,
 }
-RECORDS = {"PR #1019": (tg.Hyperparameters(), 0.0867), "baseline": (tg.Hyperparameters.from_env(BASELINE_ENV), 0.0435)}
+RECORDS = {"PR #1019": (tg.Hyperparameters(), 0.0867),
+           "baseline": (tg.Hyperparameters.from_env(config("baseline")), 0.0435)}
 
 
 def cpu_tokens_per_s(script: Path, env: dict, steps: int, nproc: int) -> float:

@@ -16,38 +16,37 @@ SP1024 = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"  # no byte fallback
 SP8192 = ROOT / "tests" / "fixtures" / "fineweb_8192_bpe.model"  # byte fallback
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a whole-script run of train_gpt.py (or torchrun), or over 5 s on 2 CPU "
+                                       "cores; the inner loop `pytest -m \"not slow\" tests` leaves these out")
+
+
 @pytest.fixture(scope="session")
 def sample_texts() -> list[str]:
     """The 400 bundled FineWeb documents; the first 100 are the sample's validation split."""
     return [json.loads(line)["text"] for line in SAMPLE_JSONL.read_text(encoding="utf-8").splitlines()]
 
-# The grep contract of progress lines (spec section 4.10).
+# The grep contract of progress lines (README, "Log lines").
 STEP_LINE = re.compile(r"^step:\d+/\d+ (train_loss:\d+\.\d{4}|val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}) "
                        r"train_time:\d+ms step_avg:\d+\.\d{2}ms$")
 
+CONFIGS = ROOT / "configs"
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """A configs/*.env file: one NAME=value a line, # comments."""
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
 # A tiny configuration that trains in seconds on CPU (environment form, for subprocess runs).
-TINY_ENV = dict(
-    NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="64",
-    TRAIN_BATCH_TOKENS="2048", VAL_BATCH_SIZE="16384", ITERATIONS="6", WARMUP_STEPS="1", WARMDOWN_ITERS="3",
-    VAL_LOSS_EVERY="3", TRAIN_LOG_EVERY="1", MAX_WALLCLOCK_SECONDS="0", DEVICE="cpu", SEED="1234",
-    # every seed-stack technique stays on, at a tiny size: partial RoPE, value embeddings on the last layer
-    ROPE_DIMS="8", VE_LAYERS="1", BIGRAM_VOCAB_SIZE="256", BIGRAM_DIM="32", VE_DIM="32",
-    # the export pipeline at a tiny size: every matrix is quantized, GPTQ calibrates on a few sequences
-    FP16_MAX_NUMEL="1024", GPTQ_CALIB_TOKENS="2048",
-)
+TINY_ENV = read_env(CONFIGS / "tiny.env")
 
+# The official baseline's settings (the README runs them from this file).
+BASELINE_ENV = read_env(CONFIGS / "baseline.env")
 
-def _readme_env(marker: str) -> dict[str, str]:
-    block = re.search(rf"<!-- {marker} -->\s*```bash\n(.+?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    return dict(re.findall(r"\b([A-Z0-9_]+)=(\S+)", block.group(1)))
-
-
-# The official baseline's settings, as the README documents them.
-BASELINE_ENV = _readme_env("baseline-env")
-
-# quickstart.sh's configuration (its `: "${VAR:=default}"` lines), cut to 3 steps for tests that need whole runs.
-QUICKSTART_ENV = {**dict(re.findall(r'"\$\{([A-Z0-9_]+):=([^}]*)\}"', (ROOT / "quickstart.sh").read_text())),
-                  "ITERATIONS": "3", "VAL_LOSS_EVERY": "0"}
+# quickstart.sh's configuration, cut to 3 steps for tests that need whole runs.
+QUICKSTART_ENV = {**read_env(CONFIGS / "quickstart.env"), "ITERATIONS": "3", "VAL_LOSS_EVERY": "0"}
 
 
 def tiny_h(**overrides):

@@ -132,6 +132,7 @@ def test_tokenizer_without_bos_is_refused(tmp_path, sample_shards, sample_texts)
         train_gpt.check_inputs(h)
 
 
+@pytest.mark.slow
 def test_bad_config_fails_fast_with_one_line_and_no_run(tmp_path, sample_shards):
     env = {**os.environ, **TINY_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024),
            "NUM_HEADS": "3", "NUM_KV_HEADS": "1"}

@@ -13,6 +13,7 @@ from conftest import ROOT, SP1024, STEP_LINE, TINY_ENV
 import train_gpt
 
 SCRIPT = ROOT / "train_gpt.py"
+pytestmark = pytest.mark.slow  # every test here reads the whole-script runs of the `runs` fixture
 
 
 def run_script(cwd, shards, nproc=1, **env):

@@ -93,6 +93,7 @@ def _sliding_rank(rank, world_size, shards, stride, batch):
     return r, trace, val.num_targets, val.byte_count
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (two gloo ranks)
 def test_sliding_scores_every_token_once_on_one_and_two_ranks(sample_shards):
     r1, trace1, n, nbytes = _sliding_rank(0, 1, sample_shards, 16, 32)
     assert torch.equal(trace1[0], torch.ones(n)) and (r1.tokens, r1.bytes) == (n, nbytes)
@@ -146,6 +147,7 @@ def _ttt_rank(rank, world_size, shards):
     return r, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (two gloo ranks)
 def test_two_rank_ttt_matches_one_rank(sample_shards):
     r1, w1 = _ttt_rank(0, 1, sample_shards)
     (ra, wa), (rb, wb) = run_distributed(_ttt_rank, 2, sample_shards)
@@ -194,6 +196,7 @@ def test_training_data_cannot_be_read_after_the_clock_stops(sample_shards):
         list(train_gpt.training_batches(h, CPU, loader, None))
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (two training runs)
 def test_periodic_validation_does_not_touch_the_weights(sample_shards):
     runs = []
     for every in (1, 0):  # validate after every step, or only at the end

@@ -26,7 +26,7 @@ def test_newton_schulz_is_close_to_orthogonal(shape):
 
 
 def _muon_reference(p0, grads, lr, momenta, wd):
-    """The spec's rule written out: buf <- m*buf + g; u = g + m*buf; p <- p*(1-lr*wd) - lr*scale*NS(u)."""
+    """The update rule written out: buf <- m*buf + g; u = g + m*buf; p <- p*(1-lr*wd) - lr*scale*NS(u)."""
     p, buf = p0.clone(), torch.zeros_like(p0)
     for g, m in zip(grads, momenta):
         buf = m * buf + g
@@ -70,7 +70,7 @@ def _run_muon(d: Dist, lr=0.02, wd=0.1):
     return [m.weight.detach().clone() for m in model.blocks], [tuple(b.momentum.shape) for b in opt.banks], opt
 
 
-def test_parallel_muon_follows_the_spec_rule_under_momentum_warmup():
+def test_parallel_muon_follows_the_reference_rule_under_momentum_warmup():
     got, shards, opt = _run_muon(CPU)
     grads, momenta = _problem()
     for i, p0 in enumerate(_Blocks().blocks):
@@ -118,6 +118,7 @@ def _clip_rank(rank, world_size, clip):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (two gloo ranks)
 def test_gradient_clipping_uses_the_global_norm_on_any_world_size():
     """2 ranks with different batches clip the averaged gradient exactly as 1 rank with a summed batch would."""
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""records/pack.py: the self-extracting submission script is reproducible, exact, smaller, inert on import, and
+"""tools/pack.py: the self-extracting submission script is reproducible, exact, smaller, inert on import, and
 trains to the very same score as train_gpt.py while the log counts the packed file's bytes."""
 
 import base64
@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import QUICKSTART_ENV, ROOT, SP1024
 
-sys.path.insert(0, str(ROOT / "records"))
+sys.path.insert(0, str(ROOT / "tools"))
 import pack  # noqa: E402
 
 SCRIPT = ROOT / "train_gpt.py"
@@ -75,6 +75,7 @@ def _line(log, start):
     return next(l for l in log.splitlines() if l.startswith(start))
 
 
+@pytest.mark.slow
 def test_the_packed_script_trains_to_the_same_score_and_counts_its_own_bytes(packed, tmp_path, sample_shards):
     plain_dir, packed_dir = tmp_path / "plain", tmp_path / "packed"
     plain_dir.mkdir(), packed_dir.mkdir()

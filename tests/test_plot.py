@@ -1,4 +1,4 @@
-"""records/plot.py: exact parsing of train logs (source header ignored), a clear error without matplotlib, and a
+"""tools/plot.py: exact parsing of train logs (source header ignored), a clear error without matplotlib, and a
 real PNG when matplotlib is installed."""
 
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "records"))
+sys.path.insert(0, str(ROOT / "tools"))
 import plot  # noqa: E402
 
 # A log as train_gpt.py writes it: the source first (its f-strings and docstrings must not parse as data),

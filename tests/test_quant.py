@@ -176,6 +176,7 @@ def quantized():
     return h, tensors, meta
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (many quantize-compress rounds)
 def test_selective_pruning_reaches_the_target_and_never_exceeds_it(quantized):
     h, tensors, meta = quantized
     full = len(train_gpt.encode_artifact(tensors, meta, h.compressor))

@@ -1,5 +1,5 @@
-"""The record tooling: the t distribution and significance test of records/stats.py, every refusal of
-records/make_record.py, and a record folder built end to end from three real tiny runs."""
+"""The record tooling: the t distribution and significance test of tools/stats.py, every refusal of
+tools/make_record.py, and a record folder built end to end from three real tiny runs."""
 
 import hashlib
 import json
@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import QUICKSTART_ENV, ROOT, SP1024
 
-sys.path.insert(0, str(ROOT / "records"))
+sys.path.insert(0, str(ROOT / "tools"))
 import make_record  # noqa: E402
 import stats  # noqa: E402
 
@@ -91,14 +91,14 @@ def test_one_seed_gives_no_test_and_equal_seeds_a_degenerate_one():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sample_shards):
     """Three real runs of the quickstart configuration (3 steps each), seeds 1, 2, 3, launched as users do, by
-    records/run_seeds.sh, of a private copy of train_gpt.py (so edits to the working tree during the session
+    tools/run_seeds.sh, of a private copy of train_gpt.py (so edits to the working tree during the session
     cannot change the code under the runs). Returns (script, [summary paths])."""
     work = tmp_path_factory.mktemp("runs")
     script = work / "train_gpt.py"
     shutil.copyfile(ROOT / "train_gpt.py", script)
     env = {**os.environ, **QUICKSTART_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024),
            "SEEDS": " ".join(map(str, SEEDS)), "NAME": "qs"}
-    r = subprocess.run([str(ROOT / "records" / "run_seeds.sh"), sys.executable, str(script)], cwd=work,
+    r = subprocess.run([str(ROOT / "tools" / "run_seeds.sh"), sys.executable, str(script)], cwd=work,
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return script, [work / "logs" / f"qs_seed{seed}.json" for seed in SEEDS]
@@ -159,6 +159,7 @@ REFUSALS = {
 }
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refuses_runs_that_break_a_rule(case, runs, tmp_path, capsys):
     edit, *needles = REFUSALS[case]
@@ -166,6 +167,7 @@ def test_refuses_runs_that_break_a_rule(case, runs, tmp_path, capsys):
     refused(capsys, out, make(out, runs[0], crafted(tmp_path, runs, edit)), *needles)
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_refuses_missing_or_unreadable_summaries_and_missing_logs(runs, tmp_path, capsys):
     paths, out = crafted(tmp_path, runs), tmp_path / "out"
     refused(capsys, out, make(out, runs[0], [*paths, tmp_path / "logs" / "nope.json"]), "nope.json", "not found")
@@ -184,7 +186,7 @@ def test_refuses_missing_or_unreadable_summaries_and_missing_logs(runs, tmp_path
 
 def test_command_line_exit_codes(tmp_path):
     """Run as a script: a refusal and a bad --name both exit 2, with a message on stderr."""
-    base = [sys.executable, str(ROOT / "records" / "make_record.py"), "--author", "a", "--github-id", "g",
+    base = [sys.executable, str(ROOT / "tools" / "make_record.py"), "--author", "a", "--github-id", "g",
             "--blurb", "b", "--out", str(tmp_path / "out")]
     r = subprocess.run([*base, "--name", "x", str(tmp_path / "gone.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "refused:" in r.stderr and "gone.json: run summary not found" in r.stderr
@@ -193,6 +195,7 @@ def test_command_line_exit_codes(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_refuses_a_script_that_is_not_the_code_that_ran(runs, tmp_path, capsys):
     other, out = tmp_path / "train_gpt.py", tmp_path / "out"
     other.write_bytes(runs[0].read_bytes() + b"\n")
@@ -200,6 +203,7 @@ def test_refuses_a_script_that_is_not_the_code_that_ran(runs, tmp_path, capsys):
     refused(capsys, out, make(out, tmp_path / "missing.py", runs[1]), "missing.py", "cannot read the script")
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_refuses_an_existing_target_and_leaves_nothing_behind_on_failure(runs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     (out / "2026-01-02_TinyTest").mkdir(parents=True)
@@ -215,6 +219,7 @@ def test_refuses_an_existing_target_and_leaves_nothing_behind_on_failure(runs, t
     assert list(out.iterdir()) == []  # no record folder, no temporary folder
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_non_record_allows_over_time_but_not_over_size(runs, tmp_path, capsys):
     slow = crafted(tmp_path, runs, on_seed(2, "train_ms", 700_000.0))
     out = tmp_path / "out"
@@ -232,6 +237,7 @@ def test_non_record_allows_over_time_but_not_over_size(runs, tmp_path, capsys):
     refused(capsys, big / "out", code, "seed1.json", "over the 16,000,000-byte cap")
 
 
+@pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_builds_a_record_folder_from_three_real_runs(runs, tmp_path, capsys):
     script, summaries = runs
     out = tmp_path / "records" / "track_10min_16mb"

@@ -94,6 +94,7 @@ def test_qat_and_mode_switches_recompile_at_most_once():
     assert counter.frame_count == 2
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (torch.compile)
 def test_banked_training_step_compiled_matches_eager():
     """AOTAutograd (the compiled backward) accumulates into the bank gradients exactly as eager does."""
     runs = []

@@ -61,3 +61,9 @@ def test_ci_runs_the_readme_test_command():
     command = re.search(r"<!-- test-command -->\s*```(?:bash)?\n(.+?)\n```", README, flags=re.S).group(1).strip()
     ci = (ROOT / ".ci" / "run").read_text()
     assert command in ci.splitlines()
+
+
+def test_readme_runs_the_baseline_from_its_config_file():
+    command = re.search(r"<!-- baseline-env -->\s*```bash\n(.+?)\n```", README, flags=re.S).group(1).strip()
+    assert command.startswith("env $(grep -v '^#' configs/baseline.env | xargs) torchrun ")
+    assert command.endswith(" train_gpt.py") and (ROOT / "configs" / "baseline.env").is_file()

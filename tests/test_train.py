@@ -3,6 +3,7 @@ evaluation that scores every validation token exactly once on any number of rank
 
 import math
 
+import pytest
 import torch
 from conftest import SP1024, STEP_LINE, run_distributed, tiny_h
 
@@ -27,6 +28,7 @@ def _train(shards, **overrides):
     return result, lines, model
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (four training runs)
 def test_same_seed_same_run_and_warmup_is_undone(sample_shards):
     a, lines, model = _train(sample_shards, warmup_steps=0)
     b, _, _ = _train(sample_shards, warmup_steps=0)
@@ -66,6 +68,7 @@ def _eval_rank(rank, world_size, shards):
     return r.val_loss, r.val_bpb, r.tokens, r.bytes, val.num_targets, val.byte_count
 
 
+@pytest.mark.slow  # over 5 s on 2 CPU cores (two gloo ranks)
 def test_eval_scores_every_token_once_on_one_and_two_ranks(sample_shards):
     one = _eval_rank(0, 1, sample_shards)
     loss, bpb, tokens, nbytes, num_targets, byte_count = one

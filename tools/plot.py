@@ -1,6 +1,6 @@
 """Training curves of one or more train_gpt.py logs, as one PNG with four panels.
 
-    python3 records/plot.py LOG [LOG ...] -o curves.png [--labels a,b,...]
+    python3 tools/plot.py LOG [LOG ...] -o curves.png [--labels a,b,...]
 
 Panels: training loss and val_bpb, each against the step and against training wall time (train_time, which
 excludes compile warm-up and validation), so runs of different speed compare on both axes. The final score
@@ -85,7 +85,7 @@ def plot(runs: list[tuple[str, dict]], out) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="records/plot.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="tools/plot.py", description=__doc__.split("\n\n")[0])
     p.add_argument("logs", nargs="+", type=Path, metavar="LOG", help="train_gpt.py logs (logs/<RUN_ID>.txt)")
     p.add_argument("-o", "--output", type=Path, default=Path("curves.png"), help="PNG to write (curves.png)")
     p.add_argument("--labels", help="comma-separated legend labels, one per log (default: each log's file stem)")

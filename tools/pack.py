@@ -1,6 +1,6 @@
 """Pack train_gpt.py into a small self-extracting Python file, so fewer code bytes count toward the cap.
 
-    python3 records/pack.py [train_gpt.py] [-o train_gpt_packed.py] [--compressor lzma|brotli]
+    python3 tools/pack.py [train_gpt.py] [-o train_gpt_packed.py] [--compressor lzma|brotli]
 
 The challenge counts the bytes of the script that runs. The packed file is three ASCII lines: import, decompress
 a base85 literal, exec the source with __name__/__file__ passed through and the source as PACKED_SOURCE, which
@@ -46,7 +46,7 @@ def compress(source: bytes, compressor: str) -> bytes:
 def pack(source: bytes, compressor: str = "lzma") -> bytes:
     """The packed file's bytes. Raises ValueError if source is not valid Python or is already packed."""
     if PACKED_HEADER.match(source):
-        raise ValueError("the input is already packed (it is the output of records/pack.py)")
+        raise ValueError("the input is already packed (it is the output of tools/pack.py)")
     try:  # a syntax error would otherwise only surface on the GPU box, after packing
         compile(source, "<input>", "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as e:
@@ -62,7 +62,7 @@ def pack(source: bytes, compressor: str = "lzma") -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="records/pack.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="tools/pack.py", description=__doc__.split("\n\n")[0])
     p.add_argument("input", nargs="?", default="train_gpt.py", type=Path, help="script to pack (train_gpt.py)")
     p.add_argument("-o", "--output", type=Path, help="packed file (default: <input stem>_packed.py beside it)")
     p.add_argument("--compressor", choices=COMPRESSORS, default="lzma")

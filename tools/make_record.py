@@ -1,6 +1,6 @@
 """Build a record folder (records/track_10min_16mb/<date>_<name>/) from the run summaries of a few seeds.
 
-    python3 records/make_record.py --name MyIdea --author "A. Person" --github-id aperson \
+    python3 tools/make_record.py --name MyIdea --author "A. Person" --github-id aperson \
         --blurb "What changed and why" --sota-val-loss 1.8822 logs/seed1.json logs/seed2.json logs/seed3.json
 
 Each summary is the logs/<RUN_ID>.json that train_gpt.py writes; its log is the .txt next to it. Everything is

@@ -3,7 +3,7 @@ that a set of seeds improves on the current SOTA val_loss by at least 0.005 nats
 shown at p < 0.01). The t distribution is computed here, from the regularized incomplete beta function, so the
 record tooling needs nothing beyond the standard library (no scipy).
 
-    python3 records/stats.py --sota-val-loss 1.8822 1.8741 1.8752 1.8736
+    python3 tools/stats.py --sota-val-loss 1.8822 1.8741 1.8752 1.8736
 """
 
 from __future__ import annotations
