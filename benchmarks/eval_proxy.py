@@ -58,7 +58,7 @@ def cpu_rows(tokens: int):
         model = tg.build_model(h, CPU, sp.bos_id(), qat=False)
         trainer = tg.ScoreFirstTTT(h, CPU, model, model) if ttt else None
         t0 = time.perf_counter()
-        r = tg.evaluate(h, CPU, model, val, T, stride, h.eval_batch_seqs, ttt=trainer)
+        r = tg.evaluate(h, CPU, model, val, tg.Windows(T, stride, h.eval_batch_seqs), ttt=trainer)
         s = time.perf_counter() - t0
         flops = eval_flops(h, val.num_targets, T, stride, ttt)
         print(f"| {name} | {r.tokens / s:,.0f} | {flops / s / 1e9:.1f} | {r.val_bpb:.4f} |")
@@ -66,7 +66,7 @@ def cpu_rows(tokens: int):
 
 def projection():
     h = tg.Hyperparameters()
-    T, gpus = tg.eval_seq_len(h), 8 * H100_BF16_FLOPS
+    T, gpus = h.eval_len, 8 * H100_BF16_FLOPS
     train_flops = 3 * RECORD_TRAIN_TOKENS * sum(tg.forward_flops_per_token(h, h.train_seq_len))
     mfu = {"train": train_flops / RECORD_TRAIN_STEP_S / gpus,
            "sliding": eval_flops(h, VAL_TARGETS, T, 64, False) / RECORD_SLIDING_S / gpus,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,8 @@ def trained(h: tg.Hyperparameters):
     val = tg.load_validation(h, sp, val_files, CPU.device)
     model = tg.build_model(h, CPU, sp.bos_id())
     result = tg.train(h, CPU, model, tg.TrainingData(train_files, h.vocab_size), val, lambda m: None)
-    hessians = tg.finish_training(h, CPU, model, result, tg.TimeLedger(CPU, lambda m: None), lambda m: None)
+    hessians = tg.finish_training(h, CPU, model, result, tg.TimeLedger(CPU, lambda m: None), sp.bos_id(),
+                                  lambda m: None)
     return model, val, result, hessians, sp
 
 

@@ -60,7 +60,7 @@ def projection():
     h = tg.Hyperparameters()
     mm, att = tg.forward_flops_per_token(h, h.train_seq_len)
     step = 3 * (mm + att) * h.train_batch_tokens
-    loop_s = tg.loop_cap_ms(h) / 1000
+    loop_s = h.loop_cap_ms / 1000
     print(f"\nDefault configuration: forward FLOPs/token matmul {mm:.4g}, attention {att:.4g}; "
           f"{step / 1e15:.3f} PFLOP per {h.train_batch_tokens:,}-token step\n"
           "| MFU source | MFU (8xH100 bf16 dense) | projected ms/step | steps in the loop's "
