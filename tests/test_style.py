@@ -24,9 +24,9 @@ def _functions_containing(pattern: str) -> set[str]:
 
 
 def test_environment_is_read_only_by_the_config_and_dist_setup():
-    assert _functions_containing(r"os\.environ") == {"from_env", "init_dist"}
+    assert _functions_containing(r"os\.environ") == {"from_env", "torchrun_env"}
     inside = sum(ast.get_source_segment(SOURCE, n).count("os.environ") for n in ast.walk(TREE)
-                 if isinstance(n, ast.FunctionDef) and n.name in ("from_env", "init_dist"))
+                 if isinstance(n, ast.FunctionDef) and n.name in ("from_env", "torchrun_env"))
     assert inside == SOURCE.count("os.environ")  # none at module level either
 
 
@@ -67,3 +67,14 @@ def test_readme_runs_the_baseline_from_its_config_file():
     command = re.search(r"<!-- baseline-env -->\s*```bash\n(.+?)\n```", README, flags=re.S).group(1).strip()
     assert command.startswith("env $(grep -v '^#' configs/baseline.env | xargs) torchrun ")
     assert command.endswith(" train_gpt.py") and (ROOT / "configs" / "baseline.env").is_file()
+
+
+def test_readme_setup_pins_a_torch_that_requirements_accept_and_greps_scores_not_source():
+    pin = re.search(r"^pip install torch==(\d+)\.(\d+)\.\d+ --index-url \S+/cpu", README, flags=re.M)
+    low, high = re.search(r"^torch>=(\d+\.\d+),<(\d+\.\d+)$", (ROOT / "requirements.txt").read_text(), re.M).groups()
+    version = (int(pin[1]), int(pin[2]))
+    assert tuple(map(int, low.split("."))) <= version < tuple(map(int, high.split(".")))
+    assert "pip install matplotlib" in README
+    grep = re.search(r'^grep -E "([^"]+)" logs/\*\.txt', README, flags=re.M).group(1)
+    assert not any(re.search(grep, line) for line in SOURCE.splitlines())  # the log starts with the source
+    assert re.search(grep, "final_int8_zlib_roundtrip_exact val_loss:2.1 val_bpb:1.2345")
