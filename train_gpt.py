@@ -751,8 +751,12 @@ def row_scale(clip: Tensor, qmax: int) -> Tensor:
     the clip is clamped, and floored only at the smallest fp16 subnormal (an all-zero row); the records' floor
     of 1/qmax coarsened every row whose largest weight was below 1."""
     s = (clip.float() / qmax).clamp_min(2.0**-24)
-    s16 = s.half()
-    return torch.where(s16.float() < s, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
+    # the smallest fp16 >= s: a multiple of the fp16 spacing 2^(e - 10) at s (e: the fp32 exponent of s, floored
+    # at -14), in exact fp32 steps, so eager, inductor and every torch agree. Rounding to fp16 and stepping up
+    # where s16 < s does not: CUDA float16 nextafter needs torch 2.6, and inductor drops the fp16 rounding from
+    # that compare (its emulate_precision_casts is off by default)
+    ulp = (((s.view(torch.int32) >> 23).clamp_min(127 - 14) - 10) << 23).view(torch.float32)
+    return (torch.ceil(s / ulp) * ulp).half()
 
 
 def to_grid(w: Tensor, s: Tensor, qmax: int) -> Tensor:
