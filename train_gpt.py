@@ -696,7 +696,9 @@ def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[s
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """Output in x's dtype, statistics in fp32 (CUDA autocast runs rms_norm in fp32 and returns fp32; without
+    it torch upcasts a bf16 input inside)."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -713,7 +715,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, use_fa3: bool) -> Tensor:
     if use_fa3:
         y = flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         y = y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the log-sum-exp
-        return y.to(q.dtype)
+        return y.to(q.dtype)  # as it came under autocast, where q is bf16
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=True)
     return y.transpose(1, 2)
@@ -944,7 +946,9 @@ class GPT(nn.Module):
             configure_qat(self, h)
 
     def forward_logits(self, input_ids: Tensor) -> Tensor:
-        e = self.tok_emb(input_ids)
+        e, device = self.tok_emb(input_ids), input_ids.device.type
+        if torch.is_autocast_enabled(device):  # the activations in its dtype from here on, as the records ran
+            e = e.to(torch.get_autocast_dtype(device))
         if self.bigram is not None:
             e = e + self.bigram(input_ids).to(e.dtype)
         x = rms_norm(e)
