@@ -563,11 +563,12 @@ class DistributedTokenLoader:
     span, so ranks never share data, and over the MICROBATCHES micro-batches of a step the ranks together
     cover the same stretch of the stream whatever the world size. The +1 token is the last target. While the
     caller computes, a background thread already reads the next batch of the same size (into pinned memory and
-    a non-blocking copy on CUDA); the sequence of batches is exactly that of reading on demand."""
+    a non-blocking copy on CUDA); a read-ahead that is not used is given back, so the batches are exactly
+    those of reading on demand and the stream position is the end of the last batch handed out."""
 
     def __init__(self, data: TrainingData, rank: int, world_size: int):
         self.stream, self.rank, self.world_size = TokenStream(data), rank, world_size
-        self.pool, self.pending = concurrent.futures.ThreadPoolExecutor(1), None
+        self.pool, self.pending, self.mark = concurrent.futures.ThreadPoolExecutor(1), None, None
 
     def _read(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1
@@ -576,14 +577,32 @@ class DistributedTokenLoader:
         t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
         return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
 
+    def _read_ahead(self, args: tuple | None) -> tuple[Tensor, Tensor] | None:
+        """The batch read ahead if it was read for args; otherwise None, and the stream goes back to where it
+        was before that read."""
+        if self.pending is None:
+            return None
+        (ahead, future), self.pending = self.pending, None
+        batch = future.result()
+        if ahead == args:
+            return batch
+        self.stream = self.mark
+        return None
+
     def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         self.stream.data.check_open("next_batch")
-        args, pending = (local_tokens, seq_len, device), self.pending
-        batch = pending[1].result() if pending else None  # a batch of another size is skipped, in order
-        if not pending or pending[0] != args:
-            batch = self._read(*args)
+        args = (local_tokens, seq_len, device)
+        batch = self._read_ahead(args) or self._read(*args)
+        self.mark = copy.copy(self.stream)  # where this batch ends: an unused read-ahead goes back here
         self.pending = (args, self.pool.submit(self._read, *args))
         return batch
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n stream tokens, all of them on every rank: the first call starts where the last batch
+        handed out ended, whatever the world size (a read-ahead, world_size * (local_tokens + 1) tokens, is
+        given back)."""
+        self._read_ahead(None)
+        return self.stream.take(n)
 
 
 @dataclass
@@ -1412,19 +1431,22 @@ SELFGEN_TEMPERATURE = 0.8  # PR #1019's sampling temperature for self-generated 
 
 
 def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader, budget_ms: float | None):
-    """Calibration inputs from the training stream, continuing where training stopped, in micro-batches of at
-    most the training size, until this rank has its share of GPTQ_CALIB_TOKENS (rounded up to whole
-    sequences) or the next batch would overrun budget_ms (None = no limit)."""
+    """Calibration inputs from the training stream: the GPTQ_CALIB_TOKENS (rounded up to whole sequences) that
+    follow the last training batch, so the same tokens for any world size. Each rank takes its contiguous
+    share of the sequences, in micro-batches of at most the training size, read as they are needed, until the
+    next would overrun budget_ms (None = no limit)."""
     T, seqs = h.train_seq_len, max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
-    share = math.ceil(h.gptq_calib_tokens / d.world_size / T) * T
-    t0, n, batch_ms = time.perf_counter(), 0, 0.0
-    while n < share:
+    lo, hi = rank_share(0, math.ceil(h.gptq_calib_tokens / T), d)
+    t0, read, batch_ms = time.perf_counter(), 0, 0.0  # read: calibration tokens taken from the stream
+    for b in range(lo, hi, seqs):
         start = 1000 * (time.perf_counter() - t0)
         if budget_ms is not None and start + batch_ms >= budget_ms:
             return
-        x, _ = loader.next_batch(min(seqs * T, share - n), T, d.device)
-        yield x
-        n, batch_ms = n + x.numel(), 1000 * (time.perf_counter() - t0) - start
+        e = min(b + seqs, hi)
+        x = loader.take(e * T - read)[-(e - b) * T :]  # the first read passes over the lower ranks' shares
+        read = e * T
+        yield torch.from_numpy(x.astype(np.int64)).view(-1, T).to(d.device)
+        batch_ms = 1000 * (time.perf_counter() - t0) - start
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import SP1024, tiny_h
+from conftest import SP1024, run_distributed, tiny_h
 from torch._dynamo.utils import counters
 from test_model import CPU, randomized
 
@@ -376,6 +376,37 @@ def test_training_calibration_stops_within_its_budget(sample_shards):
     assert sizes == [256, 64]  # a training-size batch, then the rest rounded up to whole 64-token sequences
     capped = tiny_h(max_wallclock_seconds=600.0, gptq_reserve_seconds=14.0)
     assert capped.loop_cap_ms == 586_000 and tiny_h(max_wallclock_seconds=600.0, quant_method="rtn").loop_cap_ms == 600_000
+
+
+def _calibration_rank(rank, world_size, shards):
+    """Two training steps, then calibration on 300 tokens: 5 sequences, shares of 2 and 3 at 2 ranks, smaller
+    than a training micro-batch (4 sequences). Returns this rank's calibration inputs and the Hessians."""
+    d = train_gpt.Dist(rank, world_size, 0, torch.device("cpu"))
+    h = tiny_h(gptq_calib_tokens=300)
+    data = train_gpt.TrainingData(sorted(map(str, shards.glob("fineweb_train_*.bin"))), 1024)
+    loader = train_gpt.DistributedTokenLoader(data, rank, world_size)
+    for _ in range(2 * d.grad_accum_steps):
+        loader.next_batch(h.train_batch_tokens // train_gpt.MICROBATCHES, h.train_seq_len, d.device)
+    batches = list(train_gpt.training_batches(h, d, loader, None))
+    torch.manual_seed(0)
+    hessians, n = train_gpt.collect_hessians(randomized(GPT(h)), batches, d)
+    return torch.cat(batches) if batches else torch.zeros(0, h.train_seq_len, dtype=torch.long), hessians, n
+
+
+def test_training_calibration_reads_the_same_tokens_on_one_and_two_ranks(sample_shards):
+    """The calibration tokens are those right after the last training batch (the loader's read-ahead is given
+    back), the same set for any world size, split into contiguous rank shares: the Hessians agree."""
+    x1, h1, n1 = _calibration_rank(0, 1, sample_shards)
+    data = train_gpt.TrainingData(sorted(map(str, sample_shards.glob("fineweb_train_*.bin"))), 1024)
+    start = 2 * train_gpt.MICROBATCHES * (2048 // train_gpt.MICROBATCHES + 1)  # two steps of 8 spans of 256 + 1
+    stream = train_gpt.TokenStream(data).take(start + 5 * 64)[start:]
+    assert n1 == 5 * 64 and np.array_equal(x1.flatten().numpy(), stream)
+    ranks = run_distributed(_calibration_rank, 2, sample_shards)
+    assert [len(x) for x, _, _ in ranks] == [2, 3] and torch.equal(torch.cat([x for x, _, _ in ranks]), x1)
+    for _, h2, n2 in ranks:
+        assert n2 == n1 and h2.keys() == h1.keys()
+        for k in h1:
+            torch.testing.assert_close(h2[k], h1[k], rtol=1e-5, atol=1e-6)
 
 
 def test_self_generated_calibration_reads_no_data():
