@@ -1811,11 +1811,11 @@ def score_windows(d: Dist, model: nn.Module, val: ValidationData, ends: np.ndarr
 
 def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData, win: Windows,
              ttt: ScoreFirstTTT | None = None, trace: Tensor | None = None, log=None) -> EvalResult:
-    """val_bpb over the windows `win` describes. Each rank scores a
-    contiguous share of the windows; loss, token and byte sums are float64 and all-reduced, so every
-    validation target counts exactly once. With ttt, the stream is cut into TTT_CHUNK_TOKENS-target chunks,
-    each window belongs to the chunk of its first scored target, and after a chunk is scored (and counted)
-    the weights train on it: chunk c is scored by weights that have seen only chunks before c."""
+    """val_bpb over the windows `win` describes. Each rank scores a contiguous share of the windows; loss,
+    token and byte sums are float64 and all-reduced, and must be val_data's tokens and bytes (else this raises):
+    every validation target counts exactly once. With ttt, the stream is cut into TTT_CHUNK_TOKENS-target
+    chunks, each window belongs to the chunk of its first scored target, and after a chunk is scored (and
+    counted) the weights train on it: chunk c is scored by weights that have seen only chunks before c."""
     n = val.num_targets
     L = min(win.seq_len, n)
     ends = window_ends(n, L, win.stride)
@@ -1840,6 +1840,11 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
     if trace is not None:
         d.all_reduce(trace)
     loss_sum, n_tokens, n_bytes = d.all_reduce(sums).tolist()
+    if (n_tokens, n_bytes) != (val.num_targets, val.byte_count):
+        what = "legal_ttt" if ttt else "sliding_window" if win.stride < L else "plain"
+        raise RuntimeError(f"{what} evaluation (seq_len:{L} stride:{win.stride}) scored {n_tokens:.0f} tokens and "
+                           f"{n_bytes:.0f} bytes, but val_data has tokens:{val.num_targets} bytes:{val.byte_count}: "
+                           "it must score every validation target exactly once")
     return EvalResult(loss_sum / n_tokens, loss_sum / (math.log(2) * n_bytes), int(n_tokens), int(n_bytes))
 
 
@@ -1906,7 +1911,8 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
     L, stride = win.seq_len, win.stride
 
     def report(name: str, r: EvalResult, ms: float, extra: str = ""):
-        log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{ms:.0f}ms")
+        log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{ms:.0f}ms "
+            f"tokens:{r.tokens} bytes:{r.bytes}")
         log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
         return name + "_exact", r
 
@@ -2127,7 +2133,8 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     log(f"training_data:closed tokens_read:{data.tokens_read}")
     with ledger.phase("diagnostic_eval", "eval") as t:
         r = eval_val(h, d, result.eval_model, val)
-    log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{t.ms:.0f}ms")
+    log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{t.ms:.0f}ms "
+        f"tokens:{r.tokens} bytes:{r.bytes}")
     with ledger.phase("export", "eval"):
         if d.is_main:
             export(h, base_model, hessians, len(code), log)
