@@ -637,11 +637,12 @@ class DistributedTokenLoader:
     span, so ranks never share data, and over the MICROBATCHES micro-batches of a step the ranks together
     cover the same stretch of the stream whatever the world size. The +1 token is the last target. While the
     caller computes, a background thread already reads the next batch of the same size (into pinned memory and
-    a non-blocking copy on CUDA); the sequence of batches is exactly that of reading on demand."""
+    a non-blocking copy on CUDA); a read-ahead that is not used is given back, so the batches are exactly
+    those of reading on demand and the stream position is the end of the last batch handed out."""
 
     def __init__(self, data: TrainingData, rank: int, world_size: int):
         self.stream, self.rank, self.world_size = TokenStream(data), rank, world_size
-        self.pool, self.pending = concurrent.futures.ThreadPoolExecutor(1), None
+        self.pool, self.pending, self.mark = concurrent.futures.ThreadPoolExecutor(1), None, None
 
     def _read(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1
@@ -650,14 +651,32 @@ class DistributedTokenLoader:
         t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
         return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
 
+    def _read_ahead(self, args: tuple | None) -> tuple[Tensor, Tensor] | None:
+        """The batch read ahead if it was read for args; otherwise None, and the stream goes back to where it
+        was before that read."""
+        if self.pending is None:
+            return None
+        (ahead, future), self.pending = self.pending, None
+        batch = future.result()
+        if ahead == args:
+            return batch
+        self.stream = self.mark
+        return None
+
     def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         self.stream.data.check_open("next_batch")
-        args, pending = (local_tokens, seq_len, device), self.pending
-        batch = pending[1].result() if pending else None  # a batch of another size is skipped, in order
-        if not pending or pending[0] != args:
-            batch = self._read(*args)
+        args = (local_tokens, seq_len, device)
+        batch = self._read_ahead(args) or self._read(*args)
+        self.mark = copy.copy(self.stream)  # where this batch ends: an unused read-ahead goes back here
         self.pending = (args, self.pool.submit(self._read, *args))
         return batch
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n stream tokens, all of them on every rank: the first call starts where the last batch
+        handed out ended, whatever the world size (a read-ahead, world_size * (local_tokens + 1) tokens, is
+        given back)."""
+        self._read_ahead(None)
+        return self.stream.take(n)
 
 
 @dataclass
@@ -818,7 +837,9 @@ def check_outputs(h: Hyperparameters):
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """Output in x's dtype, statistics in fp32 (CUDA autocast runs rms_norm in fp32 and returns fp32; without
+    it torch upcasts a bf16 input inside)."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -835,7 +856,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, use_fa3: bool) -> Tensor:
     if use_fa3:
         y = flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         y = y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the log-sum-exp
-        return y.to(q.dtype)
+        return y.to(q.dtype)  # as it came under autocast, where q is bf16
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=True)
     return y.transpose(1, 2)
@@ -873,8 +894,12 @@ def row_scale(clip: Tensor, qmax: int) -> Tensor:
     the clip is clamped, and floored only at the smallest fp16 subnormal (an all-zero row); the records' floor
     of 1/qmax coarsened every row whose largest weight was below 1."""
     s = (clip.float() / qmax).clamp_min(2.0**-24)
-    s16 = s.half()
-    return torch.where(s16.float() < s, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
+    # the smallest fp16 >= s: a multiple of the fp16 spacing 2^(e - 10) at s (e: the fp32 exponent of s, floored
+    # at -14), in exact fp32 steps, so eager, inductor and every torch agree. Rounding to fp16 and stepping up
+    # where s16 < s does not: CUDA float16 nextafter needs torch 2.6, and inductor drops the fp16 rounding from
+    # that compare (its emulate_precision_casts is off by default)
+    ulp = (((s.view(torch.int32) >> 23).clamp_min(127 - 14) - 10) << 23).view(torch.float32)
+    return (torch.ceil(s / ulp) * ulp).half()
 
 
 def to_grid(w: Tensor, s: Tensor, qmax: int) -> Tensor:
@@ -1062,7 +1087,9 @@ class GPT(nn.Module):
             configure_qat(self, h)
 
     def forward_logits(self, input_ids: Tensor) -> Tensor:
-        e = self.tok_emb(input_ids)
+        e, device = self.tok_emb(input_ids), input_ids.device.type
+        if torch.is_autocast_enabled(device):  # the activations in its dtype from here on, as the records ran
+            e = e.to(torch.get_autocast_dtype(device))
         if self.bigram is not None:
             e = e + self.bigram(input_ids).to(e.dtype)
         x = rms_norm(e)
@@ -1526,19 +1553,22 @@ SELFGEN_TEMPERATURE = 0.8  # PR #1019's sampling temperature for self-generated 
 
 
 def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader, budget_ms: float | None):
-    """Calibration inputs from the training stream, continuing where training stopped, in micro-batches of at
-    most the training size, until this rank has its share of GPTQ_CALIB_TOKENS (rounded up to whole
-    sequences) or the next batch would overrun budget_ms (None = no limit)."""
+    """Calibration inputs from the training stream: the GPTQ_CALIB_TOKENS (rounded up to whole sequences) that
+    follow the last training batch, so the same tokens for any world size. Each rank takes its contiguous
+    share of the sequences, in micro-batches of at most the training size, read as they are needed, until the
+    next would overrun budget_ms (None = no limit)."""
     T, seqs = h.train_seq_len, max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
-    share = math.ceil(h.gptq_calib_tokens / d.world_size / T) * T
-    t0, n, batch_ms = time.perf_counter(), 0, 0.0
-    while n < share:
+    lo, hi = rank_share(0, math.ceil(h.gptq_calib_tokens / T), d)
+    t0, read, batch_ms = time.perf_counter(), 0, 0.0  # read: calibration tokens taken from the stream
+    for b in range(lo, hi, seqs):
         start = 1000 * (time.perf_counter() - t0)
         if budget_ms is not None and start + batch_ms >= budget_ms:
             return
-        x, _ = loader.next_batch(min(seqs * T, share - n), T, d.device)
-        yield x
-        n, batch_ms = n + x.numel(), 1000 * (time.perf_counter() - t0) - start
+        e = min(b + seqs, hi)
+        x = loader.take(e * T - read)[-(e - b) * T :]  # the first read passes over the lower ranks' shares
+        read = e * T
+        yield torch.from_numpy(x.astype(np.int64)).view(-1, T).to(d.device)
+        batch_ms = 1000 * (time.perf_counter() - t0) - start
 
 
 @torch.no_grad()
@@ -1904,11 +1934,11 @@ def score_windows(d: Dist, model: nn.Module, val: ValidationData, ends: np.ndarr
 
 def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData, win: Windows,
              ttt: ScoreFirstTTT | None = None, trace: Tensor | None = None, log=None) -> EvalResult:
-    """val_bpb over the windows `win` describes. Each rank scores a
-    contiguous share of the windows; loss, token and byte sums are float64 and all-reduced, so every
-    validation target counts exactly once. With ttt, the stream is cut into TTT_CHUNK_TOKENS-target chunks,
-    each window belongs to the chunk of its first scored target, and after a chunk is scored (and counted)
-    the weights train on it: chunk c is scored by weights that have seen only chunks before c."""
+    """val_bpb over the windows `win` describes. Each rank scores a contiguous share of the windows; loss,
+    token and byte sums are float64 and all-reduced, and must be val_data's tokens and bytes (else this raises):
+    every validation target counts exactly once. With ttt, the stream is cut into TTT_CHUNK_TOKENS-target
+    chunks, each window belongs to the chunk of its first scored target, and after a chunk is scored (and
+    counted) the weights train on it: chunk c is scored by weights that have seen only chunks before c."""
     n = val.num_targets
     L = min(win.seq_len, n)
     ends = window_ends(n, L, win.stride)
@@ -1933,6 +1963,11 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
     if trace is not None:
         d.all_reduce(trace)
     loss_sum, n_tokens, n_bytes = d.all_reduce(sums).tolist()
+    if (n_tokens, n_bytes) != (val.num_targets, val.byte_count):
+        what = "legal_ttt" if ttt else "sliding_window" if win.stride < L else "plain"
+        raise RuntimeError(f"{what} evaluation (seq_len:{L} stride:{win.stride}) scored {n_tokens:.0f} tokens and "
+                           f"{n_bytes:.0f} bytes, but val_data has tokens:{val.num_targets} bytes:{val.byte_count}: "
+                           "it must score every validation target exactly once")
     return EvalResult(loss_sum / n_tokens, loss_sum / (math.log(2) * n_bytes), int(n_tokens), int(n_bytes))
 
 
@@ -1999,7 +2034,8 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
     L, stride = win.seq_len, win.stride
 
     def report(name: str, r: EvalResult, ms: float, extra: str = ""):
-        log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{ms:.0f}ms")
+        log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{ms:.0f}ms "
+            f"tokens:{r.tokens} bytes:{r.bytes}")
         log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
         return name + "_exact", r
 
@@ -2220,7 +2256,8 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     log(f"training_data:closed tokens_read:{data.tokens_read}")
     with ledger.phase("diagnostic_eval", "eval") as t:
         r = eval_val(h, d, result.eval_model, val)
-    log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{t.ms:.0f}ms")
+    log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{t.ms:.0f}ms "
+        f"tokens:{r.tokens} bytes:{r.bytes}")
     with ledger.phase("export", "eval"):
         if d.is_main:
             export(h, base_model, hessians, len(code), log)

@@ -104,14 +104,18 @@ def test_validation_data_counts_every_scored_byte(sample_shards):
 
 def test_prefetching_loader_yields_exactly_the_on_demand_batches(tmp_path):
     """The background read-ahead changes nothing: same batches in the same order, also when the batch size
-    changes (the prefetched batch of the old size is skipped, as calibration after training does)."""
-    files, _ = _stream_files(tmp_path, [3000, 2000])
+    changes (the read-ahead of the old size is given back), and take() continues right where the last batch
+    handed out ended, although the read-ahead had already crossed into the next shard."""
+    files, _ = _stream_files(tmp_path, [530, 2000])
     loader = DistributedTokenLoader(train_gpt.TrainingData(files, 65536), 1, 2)
     sizes = [32, 32, 32, 64, 64, 32]
     got = [loader.next_batch(n, 8, torch.device("cpu"))[0] for n in sizes]
     stream, expected = TokenStream(train_gpt.TrainingData(files, 65536)), []
-    for i, n in enumerate(sizes):
-        if i and sizes[i - 1] != n:
-            stream.take(2 * (sizes[i - 1] + 1))  # the skipped prefetch of the previous size
+    for n in sizes:
         expected.append(torch.from_numpy(stream.take(2 * (n + 1))[n + 1 : 2 * n + 1].astype(np.int64)).view(-1, 8))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    end = 2 * sum(n + 1 for n in sizes)  # 524: the read-ahead of 66 tokens went past the first shard's 530
+    loader.pending[1].result()
+    assert loader.stream.file_idx == 1
+    assert np.array_equal(loader.take(10), np.arange(end, end + 10))  # every rank gets them all
+    assert np.array_equal(loader.take(5), np.arange(end + 10, end + 15))

@@ -68,7 +68,11 @@ def test_evaluators_and_the_official_score_line(runs):
     (_, out), _ = runs
     lines = out.splitlines()
     assert "final_eval_mode:sliding_window seq_len:64 stride:32 batch_seqs:32 windows:" in out
-    assert re.search(r"^final_int6_sliding_window val_loss:\S+ val_bpb:\S+ stride:32 eval_time:\d+ms$", out, re.M)
+    counts = f"tokens:{field(out, 'val_data', 'tokens')} bytes:{field(out, 'val_data', 'bytes')}"
+    assert re.search(rf"^final_int6_sliding_window val_loss:\S+ val_bpb:\S+ stride:32 eval_time:\d+ms {counts}$",
+                     out, re.M)
+    for name in ("averaged_weights", "final_int6_roundtrip", "legal_ttt"):  # each scored all of val_data
+        assert re.search(rf"^{name} val_loss:\S+ val_bpb:\S+ eval_time:\d+ms {counts}$", out, re.M), name
     assert "ttt_sliding:start chunks=" in out and "ttt_sliding:params unfrozen=" in out
     scores = [l for l in lines if "val_bpb" in l and l.split()[0].endswith("_exact")]
     assert [l.split()[0] for l in scores] == ["final_int6_roundtrip_exact", "final_int6_sliding_window_exact",

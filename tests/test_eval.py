@@ -103,6 +103,29 @@ def test_sliding_scores_every_token_once_on_one_and_two_ranks(sample_shards):
         assert math.isclose(r2.val_loss, r1.val_loss, rel_tol=1e-6)
 
 
+def test_an_evaluation_that_misses_targets_or_bytes_fails_naming_the_counts(sample_shards, monkeypatch):
+    """Every evaluator goes through evaluate, which checks its sums against val_data's tokens and bytes."""
+    val = _val(sample_shards, 1000)
+    h, model = _model()
+    expected = f"but val_data has tokens:{val.num_targets} bytes:{val.byte_count}"
+    window_ends = train_gpt.window_ends
+    ends = window_ends(val.num_targets, SEQ, 32)
+    monkeypatch.setattr(train_gpt, "window_ends", lambda n, L, stride: window_ends(n, L, stride)[:-1])
+    with pytest.raises(RuntimeError, match=rf"^sliding_window evaluation \(seq_len:64 stride:32\) scored "
+                                           rf"{ends[-2]} tokens and \d+ bytes, {expected}"):
+        train_gpt.evaluate(h, CPU, model, val, train_gpt.Windows(SEQ, 32, 4))
+    monkeypatch.undo()
+    wrong = train_gpt.ValidationData(val.tokens, val.luts, val.seq_len, val.byte_count + 1)
+    with pytest.raises(RuntimeError, match=rf"^plain evaluation \(seq_len:64 stride:64\) scored {val.num_targets} "
+                                           rf"tokens and {val.byte_count} bytes, but val_data has "
+                                           rf"tokens:{val.num_targets} bytes:{val.byte_count + 1}"):
+        train_gpt.eval_val(h, CPU, model, wrong)
+    with pytest.raises(RuntimeError, match=r"^legal_ttt evaluation \(seq_len:64 stride:32\) scored"):
+        _ttt_eval(wrong)
+    r = train_gpt.eval_val(h, CPU, model, val)
+    assert (r.tokens, r.bytes) == (val.num_targets, val.byte_count)
+
+
 # ---- legal score-first TTT ---------------------------------------------------------------------------------
 
 TTT = dict(ttt_enabled=True, ttt_chunk_tokens=512, ttt_lr=0.05, ttt_epochs=2, ttt_batch_seqs=4)

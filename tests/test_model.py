@@ -77,6 +77,49 @@ def test_flash_attention_3_switch_point(monkeypatch):
     assert calls == [(2, 24, 4, 16)] * 2
 
 
+def _activation_dtypes(model: GPT, x, monkeypatch) -> set:
+    """The dtypes of the first block's inputs (stream, x0, RoPE tables), of q, k, v at every attention call and
+    what the kernel returns, of the attention output after XSA (proj's input) and of every block's output."""
+    seen, attention = set(), train_gpt.attention
+
+    def spy(q, k, v, use_fa3):
+        y = attention(q, k, v, use_fa3)
+        seen.update((q.dtype, k.dtype, v.dtype, y.dtype))
+        return y
+
+    monkeypatch.setattr(train_gpt, "attention", spy)
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(t.dtype for t in args[:4]))
+    for block in model.blocks:
+        block.attn.proj.register_forward_pre_hook(lambda m, args: seen.add(args[0].dtype))
+        block.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+    logits = model.forward_logits(x)
+    return seen | {("logits", logits.dtype)}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_activations_are_carried_in_the_autocast_dtype(monkeypatch, autocast):
+    """Under bf16 autocast (CUDA's fast path, here on CPU) the whole activation path is bf16: the stream at every
+    block boundary, q and k after RoPE, the attention output and XSA's, also where CUDA autocast runs a norm in
+    fp32 (emulated: F.rms_norm and F.normalize return fp32); the logits are fp32 and the same function as the
+    fp32 path's up to bf16 rounding. Without autocast every activation stays fp32."""
+    torch.manual_seed(0)
+    h = tiny_h()
+    assert h.xsa_layers and h.value_embed_layers and h.bigram_vocab_size and h.smear_gate and h.rope[0] < h.head_dim
+    model = randomized(GPT(h))
+    x = torch.randint(0, 1024, (2, 32))
+    reference = model.forward_logits(x)
+    if not autocast:
+        assert _activation_dtypes(model, x, monkeypatch) == {torch.float32, ("logits", torch.float32)}
+        return
+    for name in ("rms_norm", "normalize"):
+        fn = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda t, *a, fn=fn, **k: fn(t.float(), *a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _activation_dtypes(model, x, monkeypatch) == {torch.bfloat16, ("logits", torch.float32)}
+        error = (model.forward_logits(x) - reference).abs()
+    assert error.mean() < 0.025 * reference.std() and error.max() < 0.25 * reference.std()
+
+
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("env", ["tiny", "baseline"])
 def test_param_groups_cover_every_parameter_once(tie, env):

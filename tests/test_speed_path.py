@@ -58,13 +58,16 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-def test_the_model_forward_has_no_graph_breaks():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_model_forward_has_no_graph_breaks(autocast):
+    """Also under bf16 autocast (CUDA's path), where the model reads the autocast state to pick its dtype."""
     h = tiny_h()
     model = GPT(h)
     x = torch.randint(0, 1024, (2, 32))
     for mode in ("train", "eval"):
         getattr(model, mode)()
-        explanation = torch._dynamo.explain(model)(x, x.roll(-1, 1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            explanation = torch._dynamo.explain(model)(x, x.roll(-1, 1))
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
