@@ -120,7 +120,7 @@ class Hyperparameters:
     train_log_every: int = knob(500, "[0, inf)")  # log train_loss every N steps (and steps 1-10, the last); 0 = never
     # length and batch
     iterations: int = knob(20_000, "[1, inf)")  # at least one step: an untrained model's score means nothing
-    warmdown_iters: int = knob(4000, "[0, inf)")  # linear LR warmdown over about the last N steps (wall-clock predicted)
+    warmdown_iters: int = knob(4000, "[0, inf)")  # linear LR warmdown over about the last N steps (by wall clock)
     warmup_steps: int = knob(20, "[0, inf)")  # compile warm-up steps, run and then undone; not counted in train_time
     train_batch_tokens: int = 786_432  # tokens per optimizer step, all ranks together
     max_wallclock_seconds: float = knob(600.0, "[0, inf)")  # training-time cap; 0 = none
@@ -143,7 +143,7 @@ class Hyperparameters:
     # seed-stack techniques
     unet_skips: bool = knob(True, model=True)  # encoder-half outputs added to the decoder half with learned weights
     smear_gate: bool = knob(True, model=True)  # blend the previous position's embedding in (never across a BOS)
-    bigram_vocab_size: int = knob(3072, model=True)  # buckets of the hashed (previous, current) token embedding; 0 = off
+    bigram_vocab_size: int = knob(3072, model=True)  # buckets of the hashed (previous, current) token pair; 0 = off
     bigram_dim: int = knob(112, "[1, inf)", model=True)
     xsa_last_n: int = knob(-1, model=True)  # exclusive self-attention on the last N layers; -1 = all, 0 = off
     ln_scale: bool = knob(True, model=True)  # scale the block's normed inputs by 1/sqrt(layer + 1)
@@ -155,7 +155,7 @@ class Hyperparameters:
     head_lr: float = knob(0.008, "[0, inf)")  # untied output head
     tied_embed_lr: float = knob(0.035, "[0, inf)")  # tied embedding and the bigram and value embedding tables
     matrix_lr: float = knob(0.025, "[0, inf)")  # Muon
-    scalar_lr: float = knob(0.025, "[0, inf)")  # control tensors, gates, skip weights, bigram/value-embedding projections
+    scalar_lr: float = knob(0.025, "[0, inf)")  # control tensors, gates, skip weights, bigram/VE projections
     # Muon
     muon_momentum: float = knob(0.99, "[0, 1)")
     muon_backend_steps: int = knob(5, "[1, inf)")
@@ -250,7 +250,7 @@ class Hyperparameters:
 
     def _rules(self) -> list[tuple[str, bool, str]]:
         """The rules that relate fields to each other: (variable, holds, what was expected)."""
-        hd, nh, L = self.head_dim, self.num_heads, self.eval_len
+        hd, nh, eval_len = self.head_dim, self.num_heads, self.eval_len
         return [
             ("NUM_KV_HEADS", self.num_kv_heads >= 1 and nh % self.num_kv_heads == 0,
              f"must be >= 1 and divide NUM_HEADS={nh}"),
@@ -276,8 +276,9 @@ class Hyperparameters:
              or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} (GPTQ calibrates on training tokens)"),
             ("COMPRESSOR", self.compressor != "brotli" or brotli is not None, "brotli needs the brotli package"),
-            ("EVAL_STRIDE", 1 <= self.eval_stride <= L, f"must be in [1, EVAL_SEQ_LEN={L}]"),
-            ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens >= L, f"must be >= EVAL_SEQ_LEN={L} (one TTT sequence)"),
+            ("EVAL_STRIDE", 1 <= self.eval_stride <= eval_len, f"must be in [1, EVAL_SEQ_LEN={eval_len}]"),
+            ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens >= eval_len,
+             f"must be >= EVAL_SEQ_LEN={eval_len} (one TTT sequence)"),
             ("TTT_FREEZE_BLOCKS", 0 <= self.ttt_freeze_blocks <= self.num_layers,
              f"must be in [0, NUM_LAYERS={self.num_layers}]"),
         ]
@@ -301,8 +302,9 @@ class Hyperparameters:
         forward pass happens to see (the records scaled it by the runtime length, so passes of other lengths used
         other bases): NTK scaling multiplies it by (TRAIN_SEQ_LEN / ROPE_NTK_LEN)^(rd / (rd - 2)) when
         TRAIN_SEQ_LEN exceeds ROPE_NTK_LEN."""
-        rd, T = self.rope_dims or self.head_dim, self.train_seq_len
-        return rd, self.rope_base * ((T / self.rope_ntk_len) ** (rd / (rd - 2)) if 0 < self.rope_ntk_len < T else 1.0)
+        rd, train_len = self.rope_dims or self.head_dim, self.train_seq_len
+        scaled = 0 < self.rope_ntk_len < train_len
+        return rd, self.rope_base * ((train_len / self.rope_ntk_len) ** (rd / (rd - 2)) if scaled else 1.0)
 
     @property
     def xsa_layers(self) -> list[int]:
@@ -369,7 +371,8 @@ OUR_PREFIXES = ("TTT_", "GPTQ_", "QUANT_", "MUON_", "EMA_", "SWA_", "BIGRAM_", "
 FOREIGN_PREFIXES = ("CUDA", "NCCL_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "PYTHON", "TRITON_",
                     "HF_", "NVIDIA_", "GLOO_", "CUBLAS", "CUDNN_", "LC_", "XDG_")
 FOREIGN_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NUM_THREADS", "SEEDS", "NAME"}
+                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NUM_THREADS", "SEEDS",
+                 "NAME"}
 
 
 def near_misses(environ, knobs: list[str]) -> list[tuple[str, str]]:
@@ -509,8 +512,9 @@ BUDGET_MS = 600_000  # each of training and evaluation (the challenge README)
 
 class TimeLedger:
     """Wall time of every phase after setup, charged to the training or the evaluation budget by the rules of
-    README.md ("Evaluation and the time budget"; None: not charged, like compile warm-up and periodic validation). Each phase is logged as
-    it ends, the totals at the end, and a total over 600 s gets one line saying so."""
+    README.md, "Evaluation and the time budget" (None: not charged, like compile warm-up and periodic
+    validation). Each phase is logged as it ends, the totals at the end, and a total over 600 s gets one line
+    saying so."""
 
     def __init__(self, d: Dist, log):
         self.d, self.log, self.total = d, log, {"train": 0.0, "eval": 0.0, None: 0.0}
@@ -1557,17 +1561,17 @@ def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader
     follow the last training batch, so the same tokens for any world size. Each rank takes its contiguous
     share of the sequences, in micro-batches of at most the training size, read as they are needed, until the
     next would overrun budget_ms (None = no limit)."""
-    T, seqs = h.train_seq_len, max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
-    lo, hi = rank_share(0, math.ceil(h.gptq_calib_tokens / T), d)
+    seq_len, seqs = h.train_seq_len, max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
+    lo, hi = rank_share(0, math.ceil(h.gptq_calib_tokens / seq_len), d)
     t0, read, batch_ms = time.perf_counter(), 0, 0.0  # read: calibration tokens taken from the stream
-    for b in range(lo, hi, seqs):
+    for first in range(lo, hi, seqs):
         start = 1000 * (time.perf_counter() - t0)
         if budget_ms is not None and start + batch_ms >= budget_ms:
             return
-        e = min(b + seqs, hi)
-        x = loader.take(e * T - read)[-(e - b) * T :]  # the first read passes over the lower ranks' shares
-        read = e * T
-        yield torch.from_numpy(x.astype(np.int64)).view(-1, T).to(d.device)
+        last = min(first + seqs, hi)
+        x = loader.take(last * seq_len - read)[-(last - first) * seq_len :]  # first read: past lower ranks' shares
+        read = last * seq_len
+        yield torch.from_numpy(x.astype(np.int64)).view(-1, seq_len).to(d.device)
         batch_ms = 1000 * (time.perf_counter() - t0) - start
 
 
@@ -1639,10 +1643,10 @@ def hessian_of(h: Hyperparameters, hessians: dict[str, Tensor] | None, name: str
     return hessians.get(name) if hessians and h.quant_method == "gptq" else None
 
 
-def quantize_tensor(h: Hyperparameters, t: Tensor, bits: int, H: Tensor | None) -> tuple[Tensor, Tensor]:
+def quantize_tensor(h: Hyperparameters, t: Tensor, bits: int, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
     keep = t.abs() > abs_quantile(t.flatten(), h.prune_frac) if h.prune_frac > 0 else None
     clips = (1.0,) if h.quant_method == "rtn" else CLIP_QUANTILES
-    q, s = quantize_rows(t, bits, H, clips, keep, h.gptq_block_size, h.gptq_damp)
+    q, s = quantize_rows(t, bits, hessian, clips, keep, h.gptq_block_size, h.gptq_damp)
     return q.cpu(), s.cpu()
 
 
@@ -1761,14 +1765,14 @@ def narrow_to_fit(h: Hyperparameters, sd: dict[str, Tensor], hessians: dict[str,
         bits = meta["tensors"][name]["bits"] - 1
         if bits < 4:
             return None
-        H, w = hessian_of(h, hessians, name), sd[name]
-        q, s = quantize_tensor(h, w, bits, H)
+        hessian, w = hessian_of(h, hessians, name), sd[name]
+        q, s = quantize_tensor(h, w, bits, hessian)
         old_q, old_s = tensors[name + ".q"], tensors[name + ".scale"]
         saved = entropy_bytes(old_q) - entropy_bytes(q)
         if saved <= 0:  # no smaller: never worth the error
             return None
-        cost = float(quant_error(w, q.to(w.device), s.to(w.device), H).sum() -
-                     quant_error(w, old_q.to(w.device), old_s.to(w.device), H).sum())
+        cost = float(quant_error(w, q.to(w.device), s.to(w.device), hessian).sum() -
+                     quant_error(w, old_q.to(w.device), old_s.to(w.device), hessian).sum())
         return cost / saved, bits, q, s, saved
 
     options, saved_total, narrowed = {n: option(n) for n in names}, 0.0, {}
@@ -1908,20 +1912,20 @@ def window_ends(n: int, seq_len: int, stride: int) -> np.ndarray:
     return np.minimum(first + stride * np.arange(math.ceil((n - first) / stride) + 1), n)
 
 
-def score_windows(d: Dist, model: nn.Module, val: ValidationData, ends: np.ndarray, L: int, lo: int, hi: int,
+def score_windows(d: Dist, model: nn.Module, val: ValidationData, ends: np.ndarray, window: int, lo: int, hi: int,
                   batch: int, sums: Tensor, trace: Tensor | None):
     """Add loss, tokens and bytes of windows lo..hi-1 to sums (float64). A short last batch is padded with
     masked copies of its last window, so every forward pass has the same shape (no torch.compile recompile).
     trace, if given, is a (2, n) float64 tensor that gets each scored target's count and loss."""
-    pos = torch.arange(L, device=d.device)
+    pos = torch.arange(window, device=d.device)
     for b in range(lo, hi, batch):
         k = np.arange(b, b + batch)
         valid, k = k < hi, np.minimum(k, hi - 1)
         end = ends[k]
-        start, count = end - L, np.where(valid, end - np.where(k > 0, ends[k - 1], 0), 0)  # count: targets scored
-        rows = torch.from_numpy(val.tokens[start[:, None] + np.arange(L + 1)].astype(np.int64)).to(d.device)
+        start, count = end - window, np.where(valid, end - np.where(k > 0, ends[k - 1], 0), 0)  # count: targets scored
+        rows = torch.from_numpy(val.tokens[start[:, None] + np.arange(window + 1)].astype(np.int64)).to(d.device)
         x, y = rows[:, :-1], rows[:, 1:]
-        mask = pos[None, :] >= L - torch.from_numpy(count).to(d.device)[:, None]
+        mask = pos[None, :] >= window - torch.from_numpy(count).to(d.device)[:, None]
         with d.autocast():
             loss = model(x, y, reduction="none")
         m = mask.double()
@@ -1940,8 +1944,8 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
     chunks, each window belongs to the chunk of its first scored target, and after a chunk is scored (and
     counted) the weights train on it: chunk c is scored by weights that have seen only chunks before c."""
     n = val.num_targets
-    L = min(win.seq_len, n)
-    ends = window_ends(n, L, win.stride)
+    window = min(win.seq_len, n)
+    ends = window_ends(n, window, win.stride)
     starts = np.concatenate(([0], ends[:-1]))
     chunk = h.ttt_chunk_tokens if ttt else n
     n_chunks = math.ceil(n / chunk)
@@ -1952,7 +1956,7 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
         a, b = bounds[c], bounds[c + 1]
         model.eval()
         with torch.inference_mode():
-            score_windows(d, model, val, ends, L, *rank_share(a, b, d), win.batch, sums, trace)
+            score_windows(d, model, val, ends, window, *rank_share(a, b, d), win.batch, sums, trace)
         if ttt and c < n_chunks - 1:
             ttt.adapt(val, c, n_chunks)
         if ttt and log and (c % 10 == 0 or c == n_chunks - 1):
@@ -1964,8 +1968,8 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
         d.all_reduce(trace)
     loss_sum, n_tokens, n_bytes = d.all_reduce(sums).tolist()
     if (n_tokens, n_bytes) != (val.num_targets, val.byte_count):
-        what = "legal_ttt" if ttt else "sliding_window" if win.stride < L else "plain"
-        raise RuntimeError(f"{what} evaluation (seq_len:{L} stride:{win.stride}) scored {n_tokens:.0f} tokens and "
+        what = "legal_ttt" if ttt else "sliding_window" if win.stride < window else "plain"
+        raise RuntimeError(f"{what} evaluation (seq_len:{window} stride:{win.stride}) scored {n_tokens:.0f} tokens and "
                            f"{n_bytes:.0f} bytes, but val_data has tokens:{val.num_targets} bytes:{val.byte_count}: "
                            "it must score every validation target exactly once")
     return EvalResult(loss_sum / n_tokens, loss_sum / (math.log(2) * n_bytes), int(n_tokens), int(n_bytes))
@@ -1973,8 +1977,8 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
 
 def eval_val(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData) -> EvalResult:
     """The plain evaluator: non-overlapping windows, VAL_BATCH_SIZE tokens per pass over all ranks."""
-    T = val.seq_len
-    return evaluate(h, d, model, val, Windows(T, T, max(1, h.val_batch_size // (MICROBATCHES * T))))
+    seq_len = val.seq_len
+    return evaluate(h, d, model, val, Windows(seq_len, seq_len, max(1, h.val_batch_size // (MICROBATCHES * seq_len))))
 
 
 class ScoreFirstTTT:
@@ -1995,21 +1999,22 @@ class ScoreFirstTTT:
             else torch.optim.AdamW(self.params, lr=h.ttt_lr, betas=(h.ttt_momentum, 0.999), weight_decay=0.0)
 
     def adapt(self, val: ValidationData, c: int, n_chunks: int):
-        h, d, S = self.h, self.d, self.h.eval_len
+        h, d, seq_len = self.h, self.d, self.h.eval_len
         for g in self.opt.param_groups:
             g["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
         start = c * h.ttt_chunk_tokens
-        seqs = (min(start + h.ttt_chunk_tokens, val.num_targets) - start) // S  # a partial last sequence is skipped
+        seqs = (min(start + h.ttt_chunk_tokens, val.num_targets) - start) // seq_len  # a partial last one is skipped
         self.model.train()
         for _ in range(h.ttt_epochs):
-            for b in range(0, seqs, h.ttt_batch_seqs):
-                e = min(b + h.ttt_batch_seqs, seqs)
-                lo, hi = rank_share(b, e, d)
+            for first in range(0, seqs, h.ttt_batch_seqs):
+                last = min(first + h.ttt_batch_seqs, seqs)
+                lo, hi = rank_share(first, last, d)
                 if hi > lo:
-                    t = torch.from_numpy(val.tokens[start + lo * S : start + hi * S + 1].astype(np.int64)).to(d.device)
+                    t = val.tokens[start + lo * seq_len : start + hi * seq_len + 1]
+                    t = torch.from_numpy(t.astype(np.int64)).to(d.device)
                     with d.autocast():
-                        loss = self.model(t[:-1].view(-1, S), t[1:].view(-1, S), reduction="none")
-                    (loss.sum() / ((e - b) * S)).backward()
+                        loss = self.model(t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len), reduction="none")
+                    (loss.sum() / ((last - first) * seq_len)).backward()
                 self.step()
 
     def step(self):
@@ -2030,8 +2035,8 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
         base = build_model(h, d, bos_id, qat=False)
         base.load_state_dict(state, strict=True)
         model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(h, d) else base
-    q, win = quant_label(h), Windows(h.eval_len, h.eval_stride, h.eval_batch_seqs)
-    L, stride = win.seq_len, win.stride
+    label, win = quant_label(h), Windows(h.eval_len, h.eval_stride, h.eval_batch_seqs)
+    window, stride = win.seq_len, win.stride
 
     def report(name: str, r: EvalResult, ms: float, extra: str = ""):
         log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{ms:.0f}ms "
@@ -2042,18 +2047,18 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
     stages = dict.fromkeys(("roundtrip", "sliding_window", "legal_ttt"))  # None: the evaluator did not run
     with ledger.phase("roundtrip_eval", "eval") as t:
         r = stages["roundtrip"] = eval_val(h, d, model, val)
-    score = report(f"final_{q}_roundtrip", r, t.ms)
-    if (L, stride) != (val.seq_len, val.seq_len):
-        windows = len(window_ends(val.num_targets, min(L, val.num_targets), stride))
-        log(f"final_eval_mode:sliding_window seq_len:{L} stride:{stride} batch_seqs:{h.eval_batch_seqs} "
+    score = report(f"final_{label}_roundtrip", r, t.ms)
+    if (window, stride) != (val.seq_len, val.seq_len):
+        windows = len(window_ends(val.num_targets, min(window, val.num_targets), stride))
+        log(f"final_eval_mode:sliding_window seq_len:{window} stride:{stride} batch_seqs:{h.eval_batch_seqs} "
             f"windows:{windows}")
         with ledger.phase("sliding_window_eval", "eval") as t:
             r = stages["sliding_window"] = evaluate(h, d, model, val, win)
-        score = report(f"final_{q}_sliding_window", r, t.ms, f" stride:{stride}")
+        score = report(f"final_{label}_sliding_window", r, t.ms, f" stride:{stride}")
     if h.ttt_enabled:
         ttt = ScoreFirstTTT(h, d, model, base)
         log(f"ttt_sliding:start chunks={math.ceil(val.num_targets / h.ttt_chunk_tokens)} "
-            f"chunk_tokens={h.ttt_chunk_tokens} seq_len={L} stride={stride} optimizer={h.ttt_optimizer} "
+            f"chunk_tokens={h.ttt_chunk_tokens} seq_len={window} stride={stride} optimizer={h.ttt_optimizer} "
             f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks}")
         log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in ttt.params)} frozen={ttt.frozen}")
         with ledger.phase("ttt_eval", "eval") as t:
@@ -2284,6 +2289,7 @@ def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger,
         "format": "parameter-golf-run-summary/1", "run_id": h.run_id, "seed": h.seed, "world_size": d.world_size,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": torch.cuda.get_device_name(d.device) if d.cuda else "cpu",
+        "devices": {"type": d.device.type, "count": d.world_size},  # one device per rank; a record needs 8 CUDA
         "config": config, "env": {k.upper(): str(int(v) if isinstance(v, bool) else v) for k, v in config.items()
                                   if v != getattr(defaults, k) and k not in ("run_id", "seed")},  # as they parse
         "config_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),

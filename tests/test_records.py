@@ -111,12 +111,14 @@ def make(out, script, summaries, *extra):
 
 
 def crafted(tmp_path, runs, edit=None):
-    """Copies of the three runs' summaries and logs in tmp_path/logs; edit(seed, summary) may change them."""
+    """Copies of the three runs' summaries and logs in tmp_path/logs, as if they had run on 8 CUDA devices (the
+    real runs are on this CPU); edit(seed, summary) may change them further."""
     logs = tmp_path / "logs"
     logs.mkdir()
     paths = []
     for src in runs[1]:
         s = json.loads(src.read_text())
+        s.update(device="NVIDIA H100 80GB HBM3", devices={"type": "cuda", "count": 8})
         if edit:
             edit(s["seed"], s)
         dst = logs / src.name
@@ -156,6 +158,9 @@ REFUSALS = {
     "wrong_format": (on_seed(1, "format", "something-else/2"), "seed1.json", "not a run summary of format"),
     "missing_key": (lambda seed, s: s["artifact"].pop("total_bytes") if seed == 2 else None, "seed2.json",
                     "'artifact.total_bytes' is missing"),
+    "cpu_run": (on_seed(1, "devices.type", "cpu"), "seed1.json", "ran on 8 cpu device(s)",
+                "a record needs 8 CUDA devices"),
+    "one_gpu": (on_seed(3, "devices.count", 1), "seed3.json", "ran on 1 cuda device(s)"),
 }
 
 
@@ -199,15 +204,16 @@ def test_command_line_exit_codes(tmp_path):
 def test_refuses_a_script_that_is_not_the_code_that_ran(runs, tmp_path, capsys):
     other, out = tmp_path / "train_gpt.py", tmp_path / "out"
     other.write_bytes(runs[0].read_bytes() + b"\n")
-    refused(capsys, out, make(out, other, runs[1]), str(other), "is not the code the runs ran")
-    refused(capsys, out, make(out, tmp_path / "missing.py", runs[1]), "missing.py", "cannot read the script")
+    summaries = crafted(tmp_path, runs)
+    refused(capsys, out, make(out, other, summaries), str(other), "is not the code the runs ran")
+    refused(capsys, out, make(out, tmp_path / "missing.py", summaries), "missing.py", "cannot read the script")
 
 
 @pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_refuses_an_existing_target_and_leaves_nothing_behind_on_failure(runs, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "out"
+    out, summaries = tmp_path / "out", crafted(tmp_path, runs)
     (out / "2026-01-02_TinyTest").mkdir(parents=True)
-    assert make(out, runs[0], runs[1]) == 2 and "already exists" in capsys.readouterr().err
+    assert make(out, runs[0], summaries) == 2 and "already exists" in capsys.readouterr().err
     (out / "2026-01-02_TinyTest").rmdir()
 
     def broken_copy(*args, **kwargs):
@@ -215,7 +221,7 @@ def test_refuses_an_existing_target_and_leaves_nothing_behind_on_failure(runs, t
 
     monkeypatch.setattr(make_record.shutil, "copyfile", broken_copy)
     with pytest.raises(OSError, match="disk full"):
-        make(out, runs[0], runs[1])
+        make(out, runs[0], summaries)
     assert list(out.iterdir()) == []  # no record folder, no temporary folder
 
 
@@ -229,6 +235,7 @@ def test_non_record_allows_over_time_but_not_over_size(runs, tmp_path, capsys):
     sub = json.loads((out / "2026-01-02_TinyTest" / "submission.json").read_text())
     assert sub["non_record"] is True and sub["seeds"][1]["train_ms"] == 700_000.0
     assert "Non-record submission" in (out / "2026-01-02_TinyTest" / "README.md").read_text()
+    assert make(tmp_path / "cpu", runs[0], runs[1], "--non-record") == 0  # the real runs, on this CPU
 
     big = tmp_path / "big"
     big.mkdir()
@@ -239,7 +246,7 @@ def test_non_record_allows_over_time_but_not_over_size(runs, tmp_path, capsys):
 
 @pytest.mark.slow  # the `runs` fixture launches three whole-script runs
 def test_builds_a_record_folder_from_three_real_runs(runs, tmp_path, capsys):
-    script, summaries = runs
+    script, summaries = runs[0], crafted(tmp_path, runs)
     out = tmp_path / "records" / "track_10min_16mb"
     assert make(out, script, summaries[::-1], "--sota-val-loss", "9.0") == 0
     folder = out / "2026-01-02_TinyTest"

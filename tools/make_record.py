@@ -44,7 +44,9 @@ SCHEMA = {
     "code.source_sha256": str, "code.source_bytes": int,
     "score.source": str, "score.val_loss": NUMBER, "score.val_bpb": NUMBER,
     "artifact.code_bytes": int, "artifact.model_bytes": int, "artifact.total_bytes": int,
+    "devices.type": str, "devices.count": int,
 }
+RECORD_DEVICES = 8  # the track's hardware: 8xH100 SXM, one CUDA device per rank
 
 
 class Refusal(Exception):
@@ -108,6 +110,11 @@ def check_runs(runs: list[Run], script: Path, non_record: bool) -> bytes:
         total = r.s["artifact"]["total_bytes"]
         if total > CAP_BYTES:
             raise Refusal(f"{r.path}: seed {r.seed} artifact is {total:,} bytes, over the {CAP_BYTES:,}-byte cap")
+        devices = r.s["devices"]
+        if (devices["type"], devices["count"]) != ("cuda", RECORD_DEVICES) and not non_record:
+            raise Refusal(f"{r.path}: seed {r.seed} ran on {devices['count']} {devices['type']} device(s) "
+                          f"({r.s.get('device', '?')}); a record needs {RECORD_DEVICES} CUDA devices, 8xH100 SXM "
+                          "(--non-record allows it, for a non-record submission)")
         for key, what in (("train_ms", "training"), ("eval_ms", "evaluation")):
             if r.s[key] > BUDGET_MS and not non_record:
                 raise Refusal(f"{r.path}: seed {r.seed} {what} took {r.s[key] / 1000:.1f}s, over the "
@@ -254,7 +261,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--script", type=Path, default=Path("train_gpt.py"),
                     help="the code that ran (default: %(default)s)")
     ap.add_argument("--non-record", action="store_true",
-                    help="a non-record submission: allows training or evaluation over 600 s (nothing else)")
+                    help="a non-record submission: allows training or evaluation over 600 s and hardware other "
+                         "than 8 CUDA devices (nothing else)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="parent folder (default: %(default)s)")
     ap.add_argument("summaries", type=Path, nargs="+", metavar="RUN_SUMMARY_JSON", help="logs/<RUN_ID>.json")
     args = ap.parse_args(argv)
