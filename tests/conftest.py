@@ -50,14 +50,12 @@ QUICKSTART_ENV = {**read_env(CONFIGS / "quickstart.env"), "ITERATIONS": "3", "VA
 
 
 def tiny_h(**overrides):
-    """Hyperparameters of TINY_ENV (plus overrides), built in-process."""
+    """Hyperparameters of TINY_ENV with overrides, built in-process (a variant is validated like any config)."""
+    import dataclasses
+
     import train_gpt
 
-    h = train_gpt.Hyperparameters.from_env({k: v for k, v in TINY_ENV.items()})
-    for k, v in overrides.items():
-        setattr(h, k, v)
-    h.__post_init__()
-    return h
+    return dataclasses.replace(train_gpt.Hyperparameters.from_env(TINY_ENV), **overrides)
 
 
 @pytest.fixture(scope="session")
