@@ -831,7 +831,8 @@ def check_outputs(h: Hyperparameters):
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as e:
-            raise ValueError(f"{path}: cannot be written ({e}); run from a folder where logs/ and {ARTIFACT_PATH} "
+            why = f"{folder} is a file, not a folder" if os.path.isfile(folder) else e
+            raise ValueError(f"{path}: cannot be written ({why}); run from a folder where logs/ and {ARTIFACT_PATH} "
                              "can be written") from None
 
 
