@@ -257,7 +257,7 @@ def test_forward_flops_match_torch_flop_counter():
     """The matmul FLOPs the log and the benchmark use are what torch counts on a real forward pass."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    for overrides in ({}, dict(bigram_vocab_size=0, ve_enabled=False, tie_embeddings=False, mlp_mult=2.0)):
+    for overrides in ({}, dict(bigram_vocab_size=0, ve_layers="", tie_embeddings=False, mlp_mult=2.0)):
         h, model = _model(**overrides)
         with FlopCounterMode(display=False) as counter:
             model.forward_logits(torch.randint(0, 1024, (2, SEQ)))
