@@ -121,6 +121,8 @@ class Hyperparameters:
     # length and batch
     iterations: int = knob(20_000, "[1, inf)")  # at least one step: an untrained model's score means nothing
     warmdown_iters: int = knob(4000, "[0, inf)")  # linear LR warmdown over about the last N steps (by wall clock)
+    warmdown_frac: float = knob(0.0, "[0, 1]")  # LR warmdown over the last fraction of training (PR #1394); 0 = off
+    min_lr: float = knob(0.0, "[0, 1]")  # floor on the LR multiplier of either warmdown (PR #1787)
     warmup_steps: int = knob(20, "[0, inf)")  # compile warm-up steps, run and then undone; not counted in train_time
     train_batch_tokens: int = 786_432  # tokens per optimizer step, all ranks together
     max_wallclock_seconds: float = knob(600.0, "[0, inf)")  # training-time cap; 0 = none
@@ -162,11 +164,16 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = knob(0.92, "[0, 1)")
     muon_momentum_warmup_steps: int = knob(1500, "[0, inf)")
     muon_wd: float = knob(0.04, "[0, inf)")  # decoupled: p <- p * (1 - lr * wd) before the update
+    muon_wd_taper_start: float = knob(0.0, "[0, 1)")  # training fraction where the Muon WD taper starts; 0 = off
+    muon_wd_taper_factor: float = knob(0.5, "[0, inf)")  # Muon WD multiplier reached at the end of training (PR #1729)
+    muon_row_norm: bool = knob(False)  # MuonEq-R: unit-norm rows of the momentum update before Newton-Schulz (PR #1285)
+    muon_ns_coeffs: str = knob("quintic", choices=("quintic", "polar_express"))  # Newton-Schulz (a, b, c) table
     # AdamW and clipping
     beta1: float = knob(0.9, "[0, 1)")
     beta2: float = knob(0.95, "[0, 1)")
     adam_eps: float = knob(1e-8, "(0, inf)")
-    adam_wd: float = knob(0.04, "[0, inf)")
+    adam_wd: float = knob(0.04, "[0, inf)")  # the scalar and head groups
+    embed_wd: float = knob(0.04, "[0, inf)")  # the embedding tables (token, bigram, value) (records: 0.085)
     grad_clip_norm: float = knob(0.3, "[0, inf)")  # global L2 norm; 0 = off
     # weight averaging (what gets exported)
     weight_averaging: str = knob("ema", choices=("ema", "swa", "none"))
@@ -281,6 +288,8 @@ class Hyperparameters:
              f"must be >= EVAL_SEQ_LEN={eval_len} (one TTT sequence)"),
             ("TTT_FREEZE_BLOCKS", 0 <= self.ttt_freeze_blocks <= self.num_layers,
              f"must be in [0, NUM_LAYERS={self.num_layers}]"),
+            ("WARMDOWN_FRAC", self.warmdown_frac == 0 or self.warmdown_iters == 0,
+             f"must be 0 while WARMDOWN_ITERS={self.warmdown_iters} > 0 (one LR schedule at a time)"),
         ]
 
     # Derived values: computed here once, read everywhere as h.<name>.
@@ -1191,17 +1200,31 @@ def describe_features(h: Hyperparameters) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+# The (a, b, c) of each quintic Newton-Schulz step X <- a X + (b A + c A^2) X, A = X X^T (MUON_NS_COEFFS). A table
+# of one triple applies it at every step; a longer one gives each step its own, and is never run past its end.
+NS_COEFFICIENTS = {
+    # Keller Jordan's Muon: the slope at zero maximised; singular values land roughly in [0.7, 1.2]
+    "quintic": ((3.4445, -4.7750, 2.0315),),
+    # Polar Express (PR #1787, from PR #1344): per-step optimal coefficients, a tighter band around 1 in 5 steps
+    "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7,
+                                coeffs: tuple = NS_COEFFICIENTS["quintic"]) -> Tensor:
     """Push the singular values of each matrix in G (a matrix, or a batch of them in the last two dims) towards
-    1 (approximately U V^T for G = U S V^T) with a quintic Newton-Schulz iteration, in G's dtype. The
-    coefficients (3.4445, -4.7750, 2.0315), from Keller Jordan's Muon, maximise the slope at zero: the result
-    is U S' V^T with S' roughly in [0.7, 1.2], which trains as well as U V^T."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    1 (approximately U V^T for G = U S V^T) with a quintic Newton-Schulz iteration, in G's dtype: `steps` steps
+    of a one-triple table, or its first min(steps, len) triples (NS_COEFFICIENTS). The result is U S' V^T with
+    S' in a band around 1, which trains as well as U V^T."""
     X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    for _ in range(steps):
+    for a, b, c in coeffs * steps if len(coeffs) == 1 else coeffs[:steps]:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if transposed else X
@@ -1235,18 +1258,22 @@ def bank_block_matrices(model: nn.Module, d: Dist) -> list[types.SimpleNamespace
 
 
 class ParallelMuon:
-    """Muon (Nesterov momentum buf <- m*buf + g, u = g + m*buf; Newton-Schulz; update scaled by
-    sqrt(max(1, rows/cols)); decoupled weight decay p <- p*(1 - lr*wd)) over parameter banks, sharded across
-    ranks (PR #399), over the banks of bank_block_matrices. A step reduce-scatters each bank's
-    gradient (the average; each rank gets n/W whole matrices), runs momentum and a batched Newton-Schulz on
-    that shard only, and all-gathers the updates; collectives are asynchronous, so one bank's communication
-    overlaps the next bank's computation. Written by hand: torch.optim.Muon keeps an EMA-form buffer
-    (different under momentum warm-up), runs Newton-Schulz in bf16 only and repeats every matrix on every rank."""
+    """Muon (Nesterov momentum buf <- m*buf + g, u = g + m*buf; with MUON_ROW_NORM each row of u divided by its
+    L2 norm (MuonEq-R, PR #1285); Newton-Schulz; update scaled by sqrt(max(1, rows/cols)); decoupled weight
+    decay p <- p*(1 - lr*wd)) over parameter banks, sharded across ranks (PR #399), over the banks of
+    bank_block_matrices. A step reduce-scatters each bank's gradient (the average; each rank gets n/W whole
+    matrices), runs momentum and a batched Newton-Schulz on that shard only, and all-gathers the updates;
+    collectives are asynchronous, so one bank's communication overlaps the next bank's computation. Row
+    normalisation is per matrix, so the split changes nothing. Written by hand: torch.optim.Muon keeps an
+    EMA-form buffer (different under momentum warm-up), runs Newton-Schulz in bf16 only and repeats every
+    matrix on every rank."""
 
     def __init__(self, h: Hyperparameters, banks: list[types.SimpleNamespace], d: Dist,
                  ns_fn=zeropower_via_newtonschulz5):
-        self.d, self.ns_fn, self.steps, self.wd, self.banks = d, ns_fn, h.muon_backend_steps, h.muon_wd, banks
+        self.d, self.ns_fn, self.steps, self.banks = d, ns_fn, h.muon_backend_steps, banks
+        self.coeffs, self.row_norm = NS_COEFFICIENTS[h.muon_ns_coeffs], h.muon_row_norm
         self.lr = self.base_lr = h.matrix_lr
+        self.wd = self.base_wd = h.muon_wd
         self.momentum = h.muon_momentum
         self.ns_dtype = torch.bfloat16 if d.cuda else torch.float32
         for b in banks:
@@ -1278,7 +1305,10 @@ class ParallelMuon:
         pending = []
         for b in self.banks:
             b.momentum.mul_(self.momentum).add_(b.shard)
-            u = self.ns_fn(b.shard.add(b.momentum, alpha=self.momentum).to(self.ns_dtype), self.steps)
+            u = b.shard.add(b.momentum, alpha=self.momentum)
+            if self.row_norm:  # MuonEq-R (PR #1285): each output row over its inputs, before the cast
+                u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            u = self.ns_fn(u.to(self.ns_dtype), self.steps, coeffs=self.coeffs)
             if self.d.world_size > 1:
                 pending.append((b, all_gather(b.update, u.contiguous(), async_op=True)))
             else:
@@ -1306,20 +1336,23 @@ class Optimizers:
     the replicated rest (embeddings, head, control tensors), whose gradients are all-reduced as one flat
     buffer while the banks' reduce-scatters run. Gradient clipping uses the global norm of the averaged
     gradients (shards plus replicated), so every world size clips identically. step() sets each group's
-    lr = base_lr * lr_scale and the Muon momentum of the warm-up. Nothing here waits on the host."""
+    lr = base_lr * lr_scale, the Muon momentum of the warm-up and the Muon WD of the taper. Decoupled weight
+    decay per group: EMBED_WD for the embedding tables, ADAM_WD for the head and scalars, MUON_WD for the
+    matrices, each p <- p*(1 - lr*wd) at the scheduled lr. Nothing here waits on the host."""
 
     def __init__(self, h: Hyperparameters, model: GPT, banks: list[types.SimpleNamespace], d: Dist,
                  ns_fn=zeropower_via_newtonschulz5):
         groups = param_groups(model)
         lrs = {"embed": h.tied_embed_lr if h.tie_embeddings else h.embed_lr, "head": h.head_lr, "scalar": h.scalar_lr}
-        adam_groups = [dict(params=[p for _, p in groups[k]], lr=lr, base_lr=lr) for k, lr in lrs.items() if groups[k]]
+        wds = {"embed": h.embed_wd, "head": h.adam_wd, "scalar": h.adam_wd}
+        adam_groups = [dict(params=[p for _, p in groups[k]], lr=lr, base_lr=lr, weight_decay=wds[k])
+                       for k, lr in lrs.items() if groups[k]]
         self.replicated = [p for g in adam_groups for p in g["params"]]
-        self.adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps,
-                                      weight_decay=h.adam_wd, fused=d.cuda)
+        self.adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=d.cuda)
         self.muon, self.d, self.clip = ParallelMuon(h, banks, d, ns_fn), d, h.grad_clip_norm
 
     @torch.no_grad()
-    def step(self, lr_scale: float, muon_momentum: float):
+    def step(self, lr_scale: float, muon_momentum: float, muon_wd_scale: float = 1.0):
         self.muon.reduce_scatter()
         grads = self.d.all_reduce_grads(self.replicated, dist.ReduceOp.AVG)
         shards = self.muon.wait()
@@ -1330,6 +1363,7 @@ class Optimizers:
         for g in self.adam.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
         self.muon.lr, self.muon.momentum = self.muon.base_lr * lr_scale, muon_momentum
+        self.muon.wd = self.muon.base_wd * muon_wd_scale
         self.adam.step()
         self.muon.step()
 
@@ -1345,10 +1379,20 @@ class Optimizers:
         self.muon.load_state_dict(states[1])
 
 
+def training_frac(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """How far training is, in [0, 1]: elapsed training time over the loop's cap when there is one, else
+    step / ITERATIONS. The one clock of WARMDOWN_FRAC and the Muon WD taper."""
+    return min(elapsed_ms / h.loop_cap_ms if h.loop_cap_ms > 0 else step / h.iterations, 1.0)
+
+
 def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """LR multiplier: 1, then a linear warmdown to 0. With a wall-clock cap the warmdown starts when the
-    remaining time is WARMDOWN_ITERS steps at the average step time so far (the baseline rule); the
-    step-count warmdown to ITERATIONS also applies, so whichever limit comes first ends at LR 0."""
+    """LR multiplier, floored at MIN_LR (PR #1787). WARMDOWN_FRAC = W (PR #1394): 1, then (1 - f) / W over the
+    last W of the training fraction f. WARMDOWN_ITERS: 1, then a linear warmdown to 0; with a wall-clock cap
+    it starts when the remaining time is WARMDOWN_ITERS steps at the average step time so far (the baseline
+    rule); the step-count warmdown to ITERATIONS also applies, so whichever limit comes first ends at LR 0."""
+    if h.warmdown_frac > 0:
+        frac = training_frac(h, step, elapsed_ms)
+        return 1.0 if frac < 1 - h.warmdown_frac else max((1 - frac) / h.warmdown_frac, h.min_lr)
     if h.warmdown_iters == 0:
         return 1.0
     scale = min(max((h.iterations - step) / h.warmdown_iters, 0.0), 1.0)
@@ -1357,7 +1401,16 @@ def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
         remaining_ms = max(h.loop_cap_ms - elapsed_ms, 0.0)
         if remaining_ms <= warmdown_ms:
             scale = min(scale, remaining_ms / max(warmdown_ms, 1e-9))
-    return scale
+    return max(scale, h.min_lr)
+
+
+def muon_wd_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Muon WD multiplier of the late taper (PR #1729): 1 until the training fraction MUON_WD_TAPER_START, then
+    linear to MUON_WD_TAPER_FACTOR at the end; 1 throughout when the taper is off (start 0)."""
+    start, frac = h.muon_wd_taper_start, training_frac(h, step, elapsed_ms)
+    if start == 0 or frac <= start:
+        return 1.0
+    return 1.0 + (h.muon_wd_taper_factor - 1.0) * (frac - start) / (1.0 - start)
 
 
 def muon_momentum(h: Hyperparameters, step: int) -> float:
@@ -2095,7 +2148,7 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
     model = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile(h, d) else base_model
     local_tokens = h.train_batch_tokens // MICROBATCHES
 
-    def train_step(loader: DistributedTokenLoader, step: int, scale: float) -> Tensor:
+    def train_step(loader: DistributedTokenLoader, step: int, scale: float, wd_scale: float = 1.0) -> Tensor:
         """Forward and backward of this rank's micro-batches, then the optimizer step (which does all the
         communication); no host-device synchronisation."""
         total = torch.zeros((), device=d.device)
@@ -2105,7 +2158,7 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
                 loss = model(x, y)
             (loss / d.grad_accum_steps).backward()
             total += loss.detach()
-        opt.step(scale, muon_momentum(h, step))
+        opt.step(scale, muon_momentum(h, step), wd_scale)
         opt.zero_grad()
         return total / d.grad_accum_steps
 
@@ -2151,7 +2204,7 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
             set_qat(base_model, True)
             qat = True
             log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
-        loss = train_step(loader, step, scale)
+        loss = train_step(loader, step, scale, muon_wd_scale(h, step, elapsed_ms))
         step += 1
         if averager is not None:
             averager.step(params, step, scale)

@@ -1,13 +1,15 @@
 """Parallel Muon (Newton-Schulz, momentum, weight decay, banks, the rank split), global-norm clipping, the optimizer
 wiring and the LR schedule."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
 from conftest import run_distributed, tiny_h
 
 import train_gpt
-from train_gpt import Dist, lr_scale, zeropower_via_newtonschulz5
+from train_gpt import NS_COEFFICIENTS, Dist, Hyperparameters, lr_scale, zeropower_via_newtonschulz5
 
 CPU = Dist(0, 1, 0, torch.device("cpu"))
 
@@ -53,10 +55,11 @@ def _problem(seed=0):
     return grads, [0.85, 0.9, 0.95]  # momentum changing as in the warm-up
 
 
-def _run_muon(d: Dist, lr=0.02, wd=0.1):
+def _run_muon(d: Dist, lr=0.02, wd=0.1, ns_fn=zeropower_via_newtonschulz5, **knobs):
     """Three Parallel Muon steps; rank r sees grads g + (-1)^r * noise, whose average over 2 ranks is g."""
     model, (grads, momenta) = _Blocks(), _problem()
-    opt = train_gpt.ParallelMuon(tiny_h(matrix_lr=lr, muon_wd=wd), train_gpt.bank_block_matrices(model, d), d)
+    h = tiny_h(matrix_lr=lr, muon_wd=wd, **knobs)
+    opt = train_gpt.ParallelMuon(h, train_gpt.bank_block_matrices(model, d), d, ns_fn)
     noise = torch.Generator().manual_seed(7)
     for step_grads, m in zip(grads, momenta):
         for layer, g in zip(model.blocks, step_grads):
@@ -92,14 +95,18 @@ def test_bank_storage_is_shared_with_the_layers():
     assert bank.grad[0].abs().sum() == 0 and bank.grad[2].abs().sum() == 0
 
 
-def _muon_rank(rank, world_size):
-    got, shards, _ = _run_muon(Dist(rank, world_size, 0, torch.device("cpu")))
+def _muon_rank(rank, world_size, knobs):
+    got, shards, _ = _run_muon(Dist(rank, world_size, 0, torch.device("cpu")), **knobs)
     return got, shards
 
 
-def test_parallel_muon_on_two_ranks_equals_one_rank_for_uneven_banks():
-    single, _, _ = _run_muon(CPU)
-    results = run_distributed(_muon_rank, 2)
+FRONTIER_MUON = dict(muon_row_norm=True, muon_ns_coeffs="polar_express")  # MuonEq-R (PR #1285), PR #1787
+
+
+@pytest.mark.parametrize("knobs", [{}, FRONTIER_MUON], ids=["default", "frontier"])
+def test_parallel_muon_on_two_ranks_equals_one_rank_for_uneven_banks(knobs):
+    single, _, _ = _run_muon(CPU, **knobs)
+    results = run_distributed(_muon_rank, 2, knobs)
     for rank_params, shards in results:
         for a, b in zip(rank_params, single):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # only the gradient averaging rounds differently
@@ -167,3 +174,197 @@ def test_step_warmdown_without_cap_and_whichever_ends_first():
     capped = tiny_h(iterations=1000, warmdown_iters=200, max_wallclock_seconds=3600.0)
     assert lr_scale(capped, 900, 900.0) == 0.5  # iterations run out long before the cap
     assert lr_scale(tiny_h(warmdown_iters=0), 5, 1e9) == 1.0
+
+
+# ---- the frontier optimizer and schedule: every knob off by default, exactly today's training when off ----
+
+NEW_KNOBS_OFF = dict(muon_row_norm=False, muon_ns_coeffs="quintic", muon_wd_taper_start=0.0, warmdown_frac=0.0,
+                     min_lr=0.0)
+
+
+def test_new_optimizer_knobs_default_to_their_off_values():
+    defaults = Hyperparameters()
+    assert {k: getattr(defaults, k) for k in NEW_KNOBS_OFF} == NEW_KNOBS_OFF
+    assert defaults.embed_wd == defaults.adam_wd == 0.04  # the embedding tables decay as before
+
+
+def _quintic_before(G, steps, eps=1e-7):
+    """zeropower_via_newtonschulz5 as it was before the coefficient table, verbatim."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if transposed else X
+
+
+@pytest.mark.parametrize("steps", [1, 5, 7])
+def test_quintic_newton_schulz_is_bit_identical_to_before(steps):
+    G = torch.randn(3, 48, 32, generator=torch.Generator().manual_seed(steps))
+    assert torch.equal(zeropower_via_newtonschulz5(G, steps), _quintic_before(G, steps))
+    assert torch.equal(zeropower_via_newtonschulz5(G.bfloat16(), steps), _quintic_before(G.bfloat16(), steps))
+
+
+def _ill_conditioned(rows, cols, gen):
+    """Singular values spread log-uniformly over four decades."""
+    k = min(rows, cols)
+    U, _ = torch.linalg.qr(torch.randn(rows, k, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(cols, k, generator=gen))
+    return U @ torch.diag(torch.logspace(0, -4, k)) @ V.T
+
+
+@pytest.mark.parametrize("shape", [(64, 192), (192, 64), (256, 1024), (128, 128), "ill-tall", "ill-wide"])
+def test_polar_express_maps_singular_values_into_a_tight_band(shape):
+    """PR #1787's coefficients, 5 steps in fp32: every singular value at least 1e-3 of ||G||_F (the range they
+    are designed for) lands in [0.85, 1.15] (measured: [0.859, 1.141]; the quintic's is about [0.68, 1.2] and
+    needs 1e-1 of ||G||_F), and none exceeds 1.15. Input and output singular values are paired through G's
+    singular vectors, which the odd matrix polynomial keeps."""
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(shape, str):
+        G = _ill_conditioned(*((512, 128) if shape == "ill-tall" else (96, 384)), gen)
+    else:
+        G = torch.randn(shape, generator=gen) * 3.0
+    Y = zeropower_via_newtonschulz5(G, 5, coeffs=NS_COEFFICIENTS["polar_express"])
+    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    out = torch.diagonal(U.T @ Y.double() @ Vh.T)
+    big = S / S.square().sum().sqrt() >= 1e-3
+    assert big.sum() >= min(G.shape) // 2  # the band covers most directions of every case
+    assert 0.85 < out[big].min() and out[big].max() < 1.15, (out[big].min().item(), out[big].max().item())
+    assert torch.linalg.svdvals(Y).max() < 1.15
+
+
+def test_polar_express_runs_its_table_and_never_past_its_end():
+    G = torch.randn(48, 32, generator=torch.Generator().manual_seed(1))
+    table = NS_COEFFICIENTS["polar_express"]
+    assert torch.equal(zeropower_via_newtonschulz5(G, 9, coeffs=table), zeropower_via_newtonschulz5(G, 5, coeffs=table))
+    assert torch.equal(zeropower_via_newtonschulz5(G, 2, coeffs=table),
+                       zeropower_via_newtonschulz5(G, 2, coeffs=table[:2]))
+    assert not torch.equal(zeropower_via_newtonschulz5(G, 5, coeffs=table), zeropower_via_newtonschulz5(G, 5))
+
+
+def test_newton_schulz_with_either_table_traces_as_one_graph():
+    """train compiles it (fullgraph, dynamic=False): the table is constant data, no graph break."""
+    torch._dynamo.reset()
+    G = torch.randn(2, 24, 40, generator=torch.Generator().manual_seed(2))
+    for name, table in NS_COEFFICIENTS.items():
+        ns = torch.compile(zeropower_via_newtonschulz5, backend="eager", fullgraph=True, dynamic=False)
+        torch.testing.assert_close(ns(G, 5, coeffs=table), zeropower_via_newtonschulz5(G, 5, coeffs=table))
+
+
+def test_muon_row_norm_hands_unit_rows_to_newton_schulz_and_changes_the_result():
+    seen = []
+
+    def recording_ns(x, steps, **kw):
+        seen.append(x.clone())
+        return zeropower_via_newtonschulz5(x, steps, **kw)
+
+    on, _, _ = _run_muon(CPU, ns_fn=recording_ns, muon_row_norm=True)
+    assert len(seen) == 9  # 3 banks x 3 steps
+    for x in seen:
+        torch.testing.assert_close(x.norm(dim=-1), torch.ones(x.shape[:-1]), rtol=1e-5, atol=1e-6)
+    seen.clear()
+    off, _, _ = _run_muon(CPU, ns_fn=recording_ns)
+    assert not all(torch.allclose(x.norm(dim=-1), torch.ones(x.shape[:-1])) for x in seen)
+    assert not any(torch.allclose(a, b) for a, b in zip(on, off))
+
+
+def test_muon_ns_coeffs_changes_the_optimizer_result():
+    quintic, _, _ = _run_muon(CPU)
+    polar, _, _ = _run_muon(CPU, muon_ns_coeffs="polar_express")
+    assert not any(torch.allclose(a, b) for a, b in zip(quintic, polar))
+
+
+def _optimizer_steps(h, steps=3, wd_scale=1.0):
+    """A few Optimizers steps of a tiny GPT on fixed batches; every parameter by name afterwards."""
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h)
+    opt = train_gpt.Optimizers(h, model, train_gpt.bank_block_matrices(model, CPU), CPU)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x = torch.randint(0, 1024, (4, 32), generator=g)
+        model(x, x.roll(-1, 1)).backward()
+        opt.step(lr_scale(h, step, 0.0), train_gpt.muon_momentum(h, step), wd_scale)
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
+
+
+def test_new_knobs_explicitly_off_train_exactly_as_the_defaults():
+    base, _ = _optimizer_steps(tiny_h())
+    off, _ = _optimizer_steps(tiny_h(**NEW_KNOBS_OFF, embed_wd=tiny_h().adam_wd, muon_wd_taper_factor=0.3))
+    assert all(torch.equal(base[n], off[n]) for n in base)
+
+
+def test_embed_wd_decays_the_embedding_tables_only():
+    """One step (later steps see the changed embeddings through the model): EMBED_WD moves the embedding tables
+    (token, bigram, value) and nothing else; ADAM_WD keeps the scalar group."""
+    base, opt = _optimizer_steps(tiny_h(tied_embed_lr=0.5), steps=1)
+    assert [g["weight_decay"] for g in opt.adam.param_groups] == [0.04, 0.04]  # embed, scalar (the head is tied)
+    heavy, opt = _optimizer_steps(tiny_h(tied_embed_lr=0.5, embed_wd=0.5), steps=1)
+    assert [g["weight_decay"] for g in opt.adam.param_groups] == [0.5, 0.04]
+    embeds = {n for n, _ in train_gpt.param_groups(train_gpt.GPT(tiny_h()))["embed"]}
+    assert embeds == {"tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"}
+    assert all(torch.equal(base[n], heavy[n]) for n in base if n not in embeds)
+    assert not torch.equal(base["tok_emb.weight"], heavy["tok_emb.weight"])
+    assert not torch.equal(base["ve_shared.embed.weight"], heavy["ve_shared.embed.weight"])
+    base, _ = _optimizer_steps(tiny_h(tied_embed_lr=0.5), steps=2)  # the bigram table starts at zero
+    heavy, _ = _optimizer_steps(tiny_h(tied_embed_lr=0.5, embed_wd=0.5), steps=2)
+    assert not torch.equal(base["bigram.embed.weight"], heavy["bigram.embed.weight"])
+
+
+def test_muon_wd_scale_tapers_muon_weight_decay():
+    h = tiny_h(muon_wd=0.2, muon_wd_taper_start=0.7, muon_wd_taper_factor=0.5, iterations=1000)
+    assert [train_gpt.muon_wd_scale(h, s, 0.0) for s in (0, 500, 700)] == [1.0, 1.0, 1.0]
+    assert train_gpt.muon_wd_scale(h, 850, 0.0) == pytest.approx(0.75)
+    assert train_gpt.muon_wd_scale(h, 1000, 0.0) == pytest.approx(0.5)
+    capped = dataclasses.replace(h, max_wallclock_seconds=100.0, quant_method="rtn")  # by wall clock: 100 s cap
+    assert train_gpt.muon_wd_scale(capped, 10, 85_000.0) == pytest.approx(0.75)
+    assert train_gpt.muon_wd_scale(tiny_h(), 6, 1e9) == 1.0  # off
+    full, _ = _optimizer_steps(h)
+    tapered, opt = _optimizer_steps(h, wd_scale=0.5)
+    assert opt.muon.wd == pytest.approx(0.1)
+    assert any(not torch.equal(full[n], tapered[n]) for n in full if n.startswith("blocks."))
+
+
+FRACS = [0.0, 0.1, 0.5, 0.69, 0.7, 0.71, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0]
+
+
+@pytest.mark.parametrize("min_lr", [0.0, 0.1])
+def test_warmdown_frac_schedule_by_steps_and_by_wall_clock(min_lr):
+    """PR #1394 -> #1787: lr_mul(f) = 1 for f < 1 - W, else max((1 - f) / W, MIN_LR)."""
+    def expected(f):
+        return 1.0 if f < 0.7 else max((1 - f) / 0.3, min_lr)
+
+    steps = tiny_h(warmdown_iters=0, warmdown_frac=0.3, min_lr=min_lr, iterations=1000, max_wallclock_seconds=0.0)
+    capped = dataclasses.replace(steps, max_wallclock_seconds=200.0, quant_method="rtn")  # 200 s cap
+    for f in FRACS:
+        assert lr_scale(steps, round(1000 * f), 123.0) == pytest.approx(expected(round(1000 * f) / 1000))
+        assert lr_scale(capped, 7, 200_000.0 * f) == pytest.approx(expected(f))  # the step count plays no part
+    assert lr_scale(capped, 7, 400_000.0) == min_lr  # past the cap
+
+
+def test_min_lr_floors_the_warmdown_iters_schedule():
+    h = tiny_h(iterations=1000, warmdown_iters=200, max_wallclock_seconds=0.0, min_lr=0.2)
+    assert [lr_scale(h, s, 0.0) for s in (0, 800, 900, 999, 1000)] == [1.0, 1.0, 0.5, 0.2, 0.2]
+    h = tiny_h(warmdown_iters=0, min_lr=0.2)
+    assert lr_scale(h, 5, 1e9) == 1.0
+
+
+def test_min_lr_and_warmdown_frac_change_the_optimizer_result():
+    h = tiny_h(iterations=4, warmdown_iters=3)
+    base, _ = _optimizer_steps(h)
+    for knobs in (dict(min_lr=0.9), dict(warmdown_iters=0, warmdown_frac=0.9)):
+        other, _ = _optimizer_steps(dataclasses.replace(h, **knobs))
+        assert not all(torch.equal(base[n], other[n]) for n in base), knobs
+
+
+def test_one_lr_schedule_at_a_time():
+    with pytest.raises(train_gpt.ConfigError, match=r"WARMDOWN_FRAC=0.3: must be 0 while WARMDOWN_ITERS=4000 > 0"):
+        Hyperparameters(warmdown_frac=0.3)
+    assert Hyperparameters(warmdown_frac=0.3, warmdown_iters=0).warmdown_frac == 0.3
+    with pytest.raises(train_gpt.ConfigError, match="MIN_LR=1.5: must be in"):
+        Hyperparameters(min_lr=1.5)
+    with pytest.raises(train_gpt.ConfigError, match="MUON_NS_COEFFS='cubic': must be one of quintic, polar_express"):
+        Hyperparameters.from_env({"MUON_NS_COEFFS": "cubic"})

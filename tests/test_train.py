@@ -77,3 +77,23 @@ def test_eval_scores_every_token_once_on_one_and_two_ranks(sample_shards):
     for two in run_distributed(_eval_rank, 2, sample_shards):
         assert two[2:] == one[2:]  # the same tokens and bytes, split across ranks
         assert math.isclose(two[0], loss, rel_tol=1e-6) and math.isclose(two[1], bpb, rel_tol=1e-6)
+
+
+FRONTIER_OFF = dict(muon_row_norm=False, muon_ns_coeffs="quintic", muon_wd_taper_start=0.0, min_lr=0.0,
+                    warmdown_frac=0.0, embed_wd=0.04)  # embed_wd = ADAM_WD's default: the tables decay as before
+
+
+@pytest.mark.slow  # over 5 s on 2 CPU cores (five training runs)
+def test_frontier_optimizer_knobs_off_train_bit_identically_and_on_train_differently(sample_shards):
+    """The training loop passes the schedule and the taper through: the new knobs at their off values train the
+    defaults' weights exactly; switched on (PRs #1285, #1787, #1729, #1394) they change them."""
+    _, _, base = _train(sample_shards, warmup_steps=0)
+    _, _, off = _train(sample_shards, warmup_steps=0, **FRONTIER_OFF)
+    _, _, on = _train(sample_shards, warmup_steps=0, muon_row_norm=True, muon_ns_coeffs="polar_express",
+                      muon_wd_taper_start=0.5, embed_wd=0.085, adam_wd=0.02, warmdown_iters=0, warmdown_frac=0.5,
+                      min_lr=0.1)
+    _, _, taper = _train(sample_shards, warmup_steps=0, muon_wd_taper_start=0.5, muon_wd=0.5)  # reaches Muon
+    _, _, plain = _train(sample_shards, warmup_steps=0, muon_wd=0.5)
+    weights = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (base, off, on, taper, plain)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    assert not torch.equal(weights[3], weights[4])
