@@ -133,7 +133,8 @@ class Hyperparameters:
     num_heads: int = knob(8, "[1, inf)", model=True)
     num_kv_heads: int = knob(4, model=True)
     mlp_mult: float = knob(3.0, model=True)  # MLP hidden = int(mlp_mult * model_dim)
-    mlp_act: str = knob("leaky_relu2", choices=("relu2", "leaky_relu2"), model=True)  # relu(x)^2 | leaky_relu(x, 0.5)^2
+    mlp_act: str = knob("leaky_relu2", choices=("relu2", "leaky_relu2"), model=True)  # relu(x)^2 | leaky_relu(x, s)^2
+    mlp_leaky_slope: float = knob(0.5, "(0, 1)", model=True)  # s of leaky_relu2 (PR #1948: 0.3 beat the records' 0.5)
     tie_embeddings: bool = knob(True, model=True)
     rope_base: float = knob(10000.0, "(0, inf)", model=True)
     rope_dims: int = knob(16, model=True)  # rotated dims per head (partial RoPE); 0 = all
@@ -264,6 +265,8 @@ class Hyperparameters:
             ("MODEL_DIM", nh >= 1 and self.model_dim % nh == 0 and hd % 2 == 0,
              f"must be divisible by NUM_HEADS={nh} into an even head dimension (RoPE rotates pairs)"),
             ("MLP_MULT", self.mlp_hidden >= 1, "must give an MLP hidden size >= 1"),
+            ("MLP_LEAKY_SLOPE", self.mlp_act == "leaky_relu2" or self.mlp_leaky_slope == 0.5,
+             "must stay 0.5 unless MLP_ACT=leaky_relu2 (the only activation that reads it)"),
             ("TRAIN_BATCH_TOKENS", self.train_batch_tokens > 0 and self.train_seq_len >= 1
              and self.train_batch_tokens % (MICROBATCHES * self.train_seq_len) == 0,
              f"must be a positive multiple of {MICROBATCHES} micro-batches x TRAIN_SEQ_LEN={self.train_seq_len}"),
@@ -989,7 +992,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = QATLinear(h.model_dim, h.mlp_hidden)
         self.proj = QATLinear(h.mlp_hidden, h.model_dim, zero_init=True)
-        self.negative_slope = 0.5 if h.mlp_act == "leaky_relu2" else 0.0  # leaky: no dead units (0.25 x^2)
+        self.negative_slope = h.mlp_leaky_slope if h.mlp_act == "leaky_relu2" else 0.0  # leaky: no dead units
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
@@ -1192,7 +1195,8 @@ def describe_features(h: Hyperparameters) -> str:
             f"xsa_layers:{','.join(map(str, xsa)) or 'none'} rope_dims:{rd}/{h.head_dim} "
             f"rope_base:{base:.1f} ln_scale:{int(h.ln_scale)} "
             f"value_embed:{f'{h.ve_dim}@' + ','.join(map(str, ve)) if ve else 'off'} "
-            f"mlp:{h.mlp_act}x{h.mlp_mult} ortho_init:{int(h.ortho_init)}")
+            f"mlp:{h.mlp_act}x{h.mlp_mult}{f' leaky_slope:{h.mlp_leaky_slope}' if h.mlp_act == 'leaky_relu2' else ''} "
+            f"ortho_init:{int(h.ortho_init)}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -166,7 +166,8 @@ def test_knob_rules_live_beside_their_fields_and_variants_revalidate():
         dataclasses.replace(h, beta2=1.0)  # checked by the one generic loop, from the field's declaration
     # what an artifact must agree on is declared on the fields, not kept in a list by hand
     assert set(Hyperparameters.model_knobs()) == {
-        "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings",
+        "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "mlp_leaky_slope",
+        "tie_embeddings",
         "rope_base", "rope_dims", "rope_ntk_len", "train_seq_len", "logit_softcap", "unet_skips", "smear_gate",
         "bigram_vocab_size", "bigram_dim", "xsa_last_n", "ln_scale", "ve_dim", "ve_layers"}
     # derived values are computed once, as properties

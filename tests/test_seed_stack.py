@@ -139,14 +139,32 @@ def test_rope_base_is_fixed_by_the_configuration_not_the_runtime_length():
 # ---- MLP activation, LN scale, orthogonal init -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("act, negative", [("relu2", 0.0), ("leaky_relu2", 0.25)])
-def test_mlp_activation(act, negative):
-    mlp = train_gpt.MLP(tiny_h(mlp_act=act, mlp_mult=1.0))
+@pytest.mark.parametrize("act, slope", [("relu2", 0.0), ("leaky_relu2", 0.5), ("leaky_relu2", 0.3)])
+def test_mlp_activation(act, slope):
+    """phi(u) = u^2 for u > 0 and (s * u)^2 for u <= 0 (s = MLP_LEAKY_SLOPE with leaky_relu2, 0 with relu2)."""
+    mlp = train_gpt.MLP(tiny_h(mlp_act=act, mlp_mult=1.0, **({"mlp_leaky_slope": slope} if slope else {})))
     with torch.no_grad():
         mlp.fc.weight.copy_(torch.eye(64))
         mlp.proj.weight.copy_(torch.eye(64))
     x = torch.linspace(-2, 2, 64)[None]
-    torch.testing.assert_close(mlp(x), torch.where(x > 0, x**2, negative * x**2))
+    torch.testing.assert_close(mlp(x), torch.where(x > 0, x**2, (slope * x) ** 2))
+
+
+def test_mlp_leaky_slope_default_is_the_records_model_and_other_slopes_change_it():
+    torch.manual_seed(0)
+    x = torch.randint(0, 1024, (2, 32))
+    model = randomized(GPT(tiny_h()))
+    explicit = GPT(tiny_h(mlp_leaky_slope=0.5))
+    explicit.load_state_dict(model.state_dict())
+    assert torch.equal(explicit.forward_logits(x), model.forward_logits(x))
+    other = GPT(tiny_h(mlp_leaky_slope=0.3))
+    other.load_state_dict(model.state_dict())
+    assert not torch.allclose(other.forward_logits(x), model.forward_logits(x))
+    with pytest.raises(ValueError, match="^MLP_LEAKY_SLOPE=0.3: must stay 0.5 unless MLP_ACT=leaky_relu2"):
+        tiny_h(mlp_act="relu2", mlp_leaky_slope=0.3)  # a knob nothing would read
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+            tiny_h(mlp_leaky_slope=bad)
 
 
 def test_ln_scale_damps_the_normed_inputs_of_deeper_layers():
