@@ -145,6 +145,7 @@ class Hyperparameters:
     tied_embed_init_std: float = knob(0.005, "[0, inf)")
     # seed-stack techniques
     unet_skips: bool = knob(True, model=True)  # encoder-half outputs added to the decoder half with learned weights
+    skip_gates: bool = knob(False, model=True)  # sigmoid-gated skips: x <- lerp(w*skip, x, sigmoid(g)) (PR #1218)
     smear_gate: bool = knob(True, model=True)  # blend the previous position's embedding in (never across a BOS)
     bigram_vocab_size: int = knob(3072, model=True)  # buckets of the hashed (previous, current) token pair; 0 = off
     bigram_dim: int = knob(112, "[1, inf)", model=True)
@@ -276,6 +277,7 @@ class Hyperparameters:
              f"must be 0 (all) or even and in [2, head dimension {hd}]"),
             ("ROPE_NTK_LEN", self.rope_ntk_len >= 0 and (self.rope_ntk_len == 0 or (self.rope_dims or hd) > 2),
              "must be >= 0, and needs more than 2 rotated dims"),
+            ("SKIP_GATES", self.unet_skips or not self.skip_gates, "needs UNET_SKIPS=1 (it gates those skips)"),
             ("BIGRAM_VOCAB_SIZE", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2,
              "must be 0 (off) or >= 2 (one bucket is reserved)"),
             ("XSA_LAST_N", -1 <= self.xsa_last_n <= self.num_layers,
@@ -1090,6 +1092,8 @@ class GPT(nn.Module):
         self.num_encoder = h.num_layers // 2 if h.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, h.num_layers - self.num_encoder),
                                                     h.model_dim)) if h.unet_skips else None
+        # per-channel skip gates, sigmoid(0) = 0.5 at init (PR #1218)
+        self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if h.skip_gates else None
         ve_layers = h.value_embed_layers
         self.ve_shared = ValueEmbedding(h) if ve_layers else None
         self.ve_layer_scales = nn.Parameter(torch.ones(len(ve_layers))) if ve_layers else None
@@ -1119,7 +1123,7 @@ class GPT(nn.Module):
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+                x = self.add_skip(x, skips.pop(), i - self.num_encoder)
             k = self.ve_index.get(i)
             x = block(x, x0, cos, sin, None if k is None else ve * self.ve_layer_scales[k].to(ve.dtype))
             if i < self.num_encoder:
@@ -1127,6 +1131,12 @@ class GPT(nn.Module):
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+
+    def add_skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
+        """Decoder entry j: x + w_j * skip, or with SKIP_GATES the gated mix sigmoid(g_j) * x + (1 - sigmoid(g_j))
+        * w_j * skip (PR #1218)."""
+        s = self.skip_weights[j].to(x.dtype) * skip
+        return x + s if self.skip_gates is None else torch.lerp(s, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy in fp32: the mean (training) or per position, shaped like target_ids (evaluation)."""
@@ -1190,7 +1200,7 @@ def forward_flops_per_token(h: Hyperparameters, seq_len: int) -> tuple[float, fl
 def describe_features(h: Hyperparameters) -> str:
     rd, base = h.rope
     xsa, ve = h.xsa_layers, h.value_embed_layers
-    return (f"features unet_skips:{int(h.unet_skips)} smear_gate:{int(h.smear_gate)} "
+    return (f"features unet_skips:{int(h.unet_skips)} skip_gates:{int(h.skip_gates)} smear_gate:{int(h.smear_gate)} "
             f"bigram:{f'{h.bigram_vocab_size}x{h.bigram_dim}' if h.bigram_vocab_size else 'off'} "
             f"xsa_layers:{','.join(map(str, xsa)) or 'none'} rope_dims:{rd}/{h.head_dim} "
             f"rope_base:{base:.1f} ln_scale:{int(h.ln_scale)} "

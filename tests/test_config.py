@@ -168,7 +168,7 @@ def test_knob_rules_live_beside_their_fields_and_variants_revalidate():
     assert set(Hyperparameters.model_knobs()) == {
         "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "mlp_leaky_slope",
         "tie_embeddings",
-        "rope_base", "rope_dims", "rope_ntk_len", "train_seq_len", "logit_softcap", "unet_skips", "smear_gate",
+        "rope_base", "rope_dims", "rope_ntk_len", "train_seq_len", "logit_softcap", "unet_skips", "skip_gates", "smear_gate",
         "bigram_vocab_size", "bigram_dim", "xsa_last_n", "ln_scale", "ve_dim", "ve_layers"}
     # derived values are computed once, as properties
     assert (h.head_dim, h.kv_dim, h.mlp_hidden, h.eval_len) == (64, 256, 1536, 2048)

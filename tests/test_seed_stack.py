@@ -32,6 +32,45 @@ def test_unet_skips_off_removes_them():
     assert model.skip_weights is None and model.num_encoder == 0
 
 
+def test_skip_gates_off_is_todays_model_and_on_changes_it():
+    torch.manual_seed(0)
+    x = torch.randint(0, 1024, (2, 32))
+    model = randomized(GPT(tiny_h(num_layers=4)))
+    off = GPT(tiny_h(num_layers=4, skip_gates=False))
+    off.load_state_dict(model.state_dict())
+    assert torch.equal(off.forward_logits(x), model.forward_logits(x))
+    gated = GPT(tiny_h(num_layers=4, skip_gates=True))
+    gated.load_state_dict(model.state_dict(), strict=False)
+    assert not gated.skip_gates.any()  # zero-init (gate 0.5)
+    assert not torch.allclose(gated.forward_logits(x), model.forward_logits(x))
+    names = {n for n, _ in train_gpt.param_groups(gated)["scalar"]}
+    assert "skip_gates" in names
+    with pytest.raises(ValueError, match="^SKIP_GATES=True: needs UNET_SKIPS=1"):
+        tiny_h(unet_skips=False, skip_gates=True)
+
+
+def test_skip_gates_at_init_mix_half_the_stream_and_half_the_weighted_skip():
+    """Decoder entry j reads sigmoid(0) * x + (1 - sigmoid(0)) * w_j * skip = 0.5 * x + 0.5 * w_j * skip (LIFO)."""
+    torch.manual_seed(0)
+    model = randomized(GPT(tiny_h(num_layers=4, skip_gates=True)))
+    with torch.no_grad():
+        model.skip_gates.zero_()
+    outs, ins = [], []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, args: ins.append(args[0]))
+        block.register_forward_hook(lambda m, args, out: outs.append(out))
+    model.forward_logits(torch.randint(0, 1024, (2, 16)))
+    w = model.skip_weights.detach()
+    torch.testing.assert_close(ins[2], 0.5 * outs[1] + 0.5 * w[0] * outs[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ins[3], 0.5 * outs[2] + 0.5 * w[1] * outs[0], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        model.skip_gates.fill_(2.0)  # sigmoid(2) of the stream, the rest of the skip
+    ins.clear(), outs.clear()
+    model.forward_logits(torch.randint(0, 1024, (2, 16)))
+    g = torch.sigmoid(torch.tensor(2.0))
+    torch.testing.assert_close(ins[3], g * outs[2] + (1 - g) * w[1] * outs[0], rtol=1e-5, atol=1e-5)
+
+
 # ---- SmearGate -------------------------------------------------------------------------------------------
 
 
