@@ -150,6 +150,10 @@ class Hyperparameters:
     bigram_vocab_size: int = knob(3072, model=True)  # buckets of the hashed (previous, current) token pair; 0 = off
     bigram_dim: int = knob(112, "[1, inf)", model=True)
     xsa_last_n: int = knob(-1, model=True)  # exclusive self-attention on the last N layers; -1 = all, 0 = off
+    # per-head attention output gates from the attention input (PR #1667 out, #1787 sparse, #1736 dense); none = off
+    attn_gate: str = knob("none", choices=("none", "out", "sparse", "dense"), model=True)
+    attn_gate_window: int = knob(12, "[1, inf)", model=True)  # out and sparse read the first N channels of x
+    attn_gate_scale: float = knob(1.0, "(0, inf)", model=True)  # sparse: g = sigmoid(scale * W x) (records: 0.5)
     ln_scale: bool = knob(True, model=True)  # scale the block's normed inputs by 1/sqrt(layer + 1)
     ve_dim: int = knob(128, "[1, inf)", model=True)
     ve_layers: str = knob("-2,-1", model=True)  # layers whose c_v gets the shared value embedding; "" = off
@@ -278,6 +282,11 @@ class Hyperparameters:
             ("ROPE_NTK_LEN", self.rope_ntk_len >= 0 and (self.rope_ntk_len == 0 or (self.rope_dims or hd) > 2),
              "must be >= 0, and needs more than 2 rotated dims"),
             ("SKIP_GATES", self.unet_skips or not self.skip_gates, "needs UNET_SKIPS=1 (it gates those skips)"),
+            ("ATTN_GATE_WINDOW", self.attn_gate_window <= self.model_dim
+             and (self.attn_gate in ("out", "sparse") or self.attn_gate_window == 12),
+             f"must be <= MODEL_DIM={self.model_dim}, and stay 12 unless ATTN_GATE is out or sparse (which read it)"),
+            ("ATTN_GATE_SCALE", self.attn_gate == "sparse" or self.attn_gate_scale == 1.0,
+             "must stay 1.0 unless ATTN_GATE=sparse (which reads it)"),
             ("BIGRAM_VOCAB_SIZE", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2,
              "must be 0 (off) or >= 2 (one bucket is reserved)"),
             ("XSA_LAST_N", -1 <= self.xsa_last_n <= self.num_layers,
@@ -974,6 +983,21 @@ class CausalSelfAttention(nn.Module):
         self.c_q, self.c_k, self.c_v = QATLinear(dim, dim), QATLinear(dim, h.kv_dim), QATLinear(dim, h.kv_dim)
         self.proj = QATLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.gate, self.gate_scale = h.attn_gate, h.attn_gate_scale
+        self.gate_window = dim if h.attn_gate == "dense" else h.attn_gate_window
+        if h.attn_gate != "none":  # a bare Parameter (not a Linear): the scalar AdamW group, never Muon
+            self.gate_w = nn.Parameter(torch.zeros(h.num_heads, self.gate_window))
+            if h.attn_gate == "dense":
+                nn.init.normal_(self.gate_w, std=0.005)
+
+    def head_gate(self, x: Tensor) -> Tensor:
+        """(B, T, H) per-token, per-head output gate from the attention input x: out = 2 sigmoid(W x[:window])
+        (1 at init, PR #1667); sparse = sigmoid(scale W x[:window]) (0.5 at init, PR #1787); dense =
+        sigmoid(W x) with W ~ N(0, 0.005) (about 0.5, PR #1736, arXiv 2505.06708's G1)."""
+        z = F.linear(x[..., : self.gate_window], self.gate_w.to(x.dtype))
+        if self.gate == "out":
+            return 2 * torch.sigmoid(z)
+        return torch.sigmoid(z * self.gate_scale if self.gate == "sparse" else z)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
@@ -986,6 +1010,8 @@ class CausalSelfAttention(nn.Module):
         y = attention(q, k, v, self.use_fa3)
         if self.xsa:
             y = exclude_self_value(y, v)
+        if self.gate != "none":
+            y = y * self.head_gate(x)[..., None]
         return self.proj(y.reshape(B, T, -1))
 
 
@@ -1203,7 +1229,9 @@ def describe_features(h: Hyperparameters) -> str:
     return (f"features unet_skips:{int(h.unet_skips)} skip_gates:{int(h.skip_gates)} smear_gate:{int(h.smear_gate)} "
             f"bigram:{f'{h.bigram_vocab_size}x{h.bigram_dim}' if h.bigram_vocab_size else 'off'} "
             f"xsa_layers:{','.join(map(str, xsa)) or 'none'} rope_dims:{rd}/{h.head_dim} "
-            f"rope_base:{base:.1f} ln_scale:{int(h.ln_scale)} "
+            f"rope_base:{base:.1f} ln_scale:{int(h.ln_scale)} attn_gate:{h.attn_gate}"
+            f"{f'@{h.attn_gate_window}' if h.attn_gate in ('out', 'sparse') else ''}"
+            f"{f'x{h.attn_gate_scale}' if h.attn_gate == 'sparse' else ''} "
             f"value_embed:{f'{h.ve_dim}@' + ','.join(map(str, ve)) if ve else 'off'} "
             f"mlp:{h.mlp_act}x{h.mlp_mult}{f' leaky_slope:{h.mlp_leaky_slope}' if h.mlp_act == 'leaky_relu2' else ''} "
             f"ortho_init:{int(h.ortho_init)}")

@@ -148,6 +148,82 @@ def test_xsa_in_the_model_uses_the_value_with_its_value_embedding():
     assert tiny_h().xsa_layers == [0, 1] and tiny_h(xsa_last_n=0).xsa_layers == []
 
 
+# ---- attention output gates (PR #1667, #1736, #1787) -----------------------------------------------------
+
+
+def _attn_output(attn, x, cos):
+    """The attention output as proj reads it, (B, T, H, D)."""
+    seen = []
+    handle = attn.proj.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    attn(x, cos, torch.zeros_like(cos))
+    handle.remove()
+    return seen[0].view(*x.shape[:2], attn.num_heads, attn.head_dim)
+
+
+@pytest.mark.parametrize("gate, factor", [("out", 1.0), ("sparse", 0.5), ("dense", 0.5)])
+def test_attention_gates_at_init(gate, factor):
+    """At init `out` is the identity on each head's output, `sparse` halves it, `dense` about halves it."""
+    torch.manual_seed(0)
+    h = tiny_h(num_heads=4, num_kv_heads=2)
+    plain = randomized(GPT(h)).blocks[1].attn
+    gated = GPT(tiny_h(num_heads=4, num_kv_heads=2, attn_gate=gate)).blocks[1].attn
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    assert gated.gate_w.shape == (4, 64 if gate == "dense" else 12)
+    x, cos = torch.randn(2, 12, 64), torch.ones(1, 12, 1, 4)
+    y, y_gated = _attn_output(plain, x, cos), _attn_output(gated, x, cos)
+    if gate == "dense":  # W ~ N(0, 0.005): |W x| ~ 0.04 for a unit-RMS x, so g = 0.5 +- 0.01
+        g = gated.head_gate(x)
+        assert (g - 0.5).abs().max() < 0.05 and not torch.equal(g, torch.full_like(g, 0.5))
+        torch.testing.assert_close(y_gated, g[..., None] * y)
+    else:
+        assert torch.equal(y_gated, factor * y)
+
+
+@pytest.mark.parametrize("gate", ["out", "sparse", "dense"])
+def test_attention_gate_is_per_head_and_per_token(gate):
+    torch.manual_seed(0)
+    attn = randomized(GPT(tiny_h(num_heads=4, num_kv_heads=2, attn_gate=gate, attn_gate_scale=0.5
+                                 if gate == "sparse" else 1.0))).blocks[0].attn
+    x = torch.randn(2, 12, 64)
+    g = attn.head_gate(x)
+    assert g.shape == (2, 12, 4) and len(set(g[0, 0].tolist())) == 4  # one gate per head
+    x2 = x.clone()
+    x2[0, 5, :3] += 1.0  # inside every window
+    changed = (attn.head_gate(x2) != g).any(-1)
+    assert changed[0, 5] and changed.sum() == 1  # only that token's gates move
+    z = x[..., : attn.gate_window] @ attn.gate_w.T
+    expected = {"out": 2 * torch.sigmoid(z), "sparse": torch.sigmoid(0.5 * z), "dense": torch.sigmoid(z)}[gate]
+    torch.testing.assert_close(g, expected)
+
+
+@pytest.mark.parametrize("gate", ["out", "sparse", "dense"])
+def test_attention_gates_none_is_todays_model_and_each_gate_changes_it(gate):
+    torch.manual_seed(0)
+    x = torch.randint(0, 1024, (2, 32))
+    model = randomized(GPT(tiny_h()))
+    off = GPT(tiny_h(attn_gate="none"))
+    off.load_state_dict(model.state_dict())
+    assert torch.equal(off.forward_logits(x), model.forward_logits(x))
+    gated = GPT(tiny_h(attn_gate=gate))
+    gated.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in gated.blocks:
+            block.attn.gate_w.normal_()
+    assert not torch.allclose(gated.forward_logits(x), model.forward_logits(x))
+    groups = {k: {n for n, _ in v} for k, v in train_gpt.param_groups(gated).items()}
+    assert {"blocks.0.attn.gate_w", "blocks.1.attn.gate_w"} <= groups["scalar"]
+
+
+def test_attention_gate_knobs_are_never_silently_ignored():
+    with pytest.raises(ValueError, match="^ATTN_GATE_WINDOW=8: must be <= MODEL_DIM=64, and stay 12 unless"):
+        tiny_h(attn_gate="dense", attn_gate_window=8)
+    with pytest.raises(ValueError, match="^ATTN_GATE_WINDOW=65: must be <= MODEL_DIM=64"):
+        tiny_h(attn_gate="out", attn_gate_window=65)
+    with pytest.raises(ValueError, match="^ATTN_GATE_SCALE=0.5: must stay 1.0 unless ATTN_GATE=sparse"):
+        tiny_h(attn_gate="out", attn_gate_scale=0.5)
+    assert tiny_h(attn_gate="sparse", attn_gate_window=8, attn_gate_scale=0.5).attn_gate_window == 8
+
+
 # ---- partial RoPE ----------------------------------------------------------------------------------------
 
 
