@@ -146,7 +146,10 @@ class Hyperparameters:
     # seed-stack techniques
     unet_skips: bool = knob(True, model=True)  # encoder-half outputs added to the decoder half with learned weights
     skip_gates: bool = knob(False, model=True)  # sigmoid-gated skips: x <- lerp(w*skip, x, sigmoid(g)) (PR #1218)
-    smear_gate: bool = knob(True, model=True)  # blend the previous position's embedding in (never across a BOS)
+    # blend the previous position's embedding in, never across a BOS: off | static (PR #1019's per-channel gate on
+    # the normed embedding) | input (PR #1667's token-dependent gate on the raw embedding, BOS-masked per PR #1851)
+    smear_gate: str = knob("static", choices=("off", "static", "input"), model=True)
+    smear_gate_window: int = knob(12, "[1, inf)", model=True)  # input: the gate reads the first N channels
     bigram_vocab_size: int = knob(3072, model=True)  # buckets of the hashed (previous, current) token pair; 0 = off
     bigram_dim: int = knob(112, "[1, inf)", model=True)
     xsa_last_n: int = knob(-1, model=True)  # exclusive self-attention on the last N layers; -1 = all, 0 = off
@@ -287,6 +290,9 @@ class Hyperparameters:
              f"must be <= MODEL_DIM={self.model_dim}, and stay 12 unless ATTN_GATE is out or sparse (which read it)"),
             ("ATTN_GATE_SCALE", self.attn_gate == "sparse" or self.attn_gate_scale == 1.0,
              "must stay 1.0 unless ATTN_GATE=sparse (which reads it)"),
+            ("SMEAR_GATE_WINDOW", self.smear_gate_window <= self.model_dim
+             and (self.smear_gate == "input" or self.smear_gate_window == 12),
+             f"must be <= MODEL_DIM={self.model_dim}, and stay 12 unless SMEAR_GATE=input (which reads it)"),
             ("BIGRAM_VOCAB_SIZE", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2,
              "must be 0 (off) or >= 2 (one bucket is reserved)"),
             ("XSA_LAST_N", -1 <= self.xsa_last_n <= self.num_layers,
@@ -1086,6 +1092,22 @@ class SmearGate(nn.Module):
         return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
+class InputSmearGate(nn.Module):
+    """PR #1667's input-dependent SmearGate on the raw embedding e: e_t <- e_t + lam * sigmoid(w . e_t[:N]) *
+    e_{t-1} for t >= 1, w (N) and the scalar lam zero-init (the identity at init). The gate is 0 where the
+    current token is BOS (PR #1851's fix: without the mask a packed stream leaks a document into the next)."""
+
+    def __init__(self, window: int, bos_id: int):
+        super().__init__()
+        self.w, self.lam = nn.Parameter(torch.zeros(window)), nn.Parameter(torch.zeros(()))
+        self.window, self.bos_id = window, bos_id
+
+    def forward(self, e: Tensor, ids: Tensor) -> Tensor:
+        g = self.lam.to(e.dtype) * torch.sigmoid(e[..., : self.window] @ self.w.to(e.dtype))
+        g = g * (ids != self.bos_id).to(e.dtype)
+        return e + g.unsqueeze(-1) * F.pad(e[:, :-1], (0, 0, 1, 0))
+
+
 class ValueEmbedding(nn.Module):
     """A token embedding shared by the VE layers, projected to the KV width and added to c_v's output."""
 
@@ -1113,7 +1135,9 @@ class GPT(nn.Module):
         if h.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         self.bigram = BigramHash(h) if h.bigram_vocab_size else None
-        self.smear = SmearGate(h.model_dim, bos_id) if h.smear_gate else None
+        self.smear_kind = h.smear_gate
+        self.smear = None if h.smear_gate == "off" else SmearGate(h.model_dim, bos_id) if h.smear_gate == "static" \
+            else InputSmearGate(h.smear_gate_window, bos_id)
         self.blocks = nn.ModuleList(Block(h, i, use_fa3) for i in range(h.num_layers))
         self.num_encoder = h.num_layers // 2 if h.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, h.num_layers - self.num_encoder),
@@ -1139,8 +1163,10 @@ class GPT(nn.Module):
             e = e.to(torch.get_autocast_dtype(device))
         if self.bigram is not None:
             e = e + self.bigram(input_ids).to(e.dtype)
+        if self.smear_kind == "input":  # on the whole input embedding (token + bigram), before the norm
+            e = self.smear(e, input_ids)
         x = rms_norm(e)
-        if self.smear is not None:
+        if self.smear_kind == "static":
             x = self.smear(x, input_ids)
         x0 = x
         ve = self.ve_shared(input_ids) if self.ve_shared is not None else None
@@ -1226,7 +1252,8 @@ def forward_flops_per_token(h: Hyperparameters, seq_len: int) -> tuple[float, fl
 def describe_features(h: Hyperparameters) -> str:
     rd, base = h.rope
     xsa, ve = h.xsa_layers, h.value_embed_layers
-    return (f"features unet_skips:{int(h.unet_skips)} skip_gates:{int(h.skip_gates)} smear_gate:{int(h.smear_gate)} "
+    return (f"features unet_skips:{int(h.unet_skips)} skip_gates:{int(h.skip_gates)} smear_gate:{h.smear_gate}"
+            f"{f'@{h.smear_gate_window}' if h.smear_gate == 'input' else ''} "
             f"bigram:{f'{h.bigram_vocab_size}x{h.bigram_dim}' if h.bigram_vocab_size else 'off'} "
             f"xsa_layers:{','.join(map(str, xsa)) or 'none'} rope_dims:{rd}/{h.head_dim} "
             f"rope_base:{base:.1f} ln_scale:{int(h.ln_scale)} attn_gate:{h.attn_gate}"

@@ -93,6 +93,80 @@ def test_smear_gate_blends_the_previous_position_but_never_across_bos():
     assert not torch.equal(smear(x2, ids)[0, 3], out[0, 3])  # within a document the blend acts
 
 
+def _input_smear(window=8, seed=0):
+    torch.manual_seed(seed)
+    smear = train_gpt.InputSmearGate(window, BOS)
+    with torch.no_grad():
+        smear.w.copy_(torch.randn(window)), smear.lam.fill_(0.7)
+    return smear
+
+
+def test_input_smear_gate_is_the_identity_at_init_and_reads_the_current_token():
+    """e_t <- e_t + lam * sigmoid(w . e_t[:N]) * e_{t-1} (PR #1667): w and lam zero-init, so exactly e at init."""
+    e, ids = torch.randn(2, 6, 16), torch.tensor([[5, 6, 7, 8, 9, 4]] * 2)
+    assert torch.equal(train_gpt.InputSmearGate(8, BOS)(e, ids), e)
+    smear = _input_smear()
+    out = smear(e, ids)
+    g = 0.7 * torch.sigmoid(e[..., :8] @ smear.w.detach())
+    torch.testing.assert_close(out[:, 1:], e[:, 1:] + g[:, 1:, None] * e[:, :-1])
+    assert torch.equal(out[:, 0], e[:, 0])  # nothing before the first position
+    e2 = e.clone()
+    e2[0, 3, :8] += torch.randn(8)  # the current token's gate channels: its coefficient on e_2 changes
+    coefficient = lambda o, x: ((o[0, 3] - x[0, 3]) / x[0, 2]).mean()  # noqa: E731
+    assert not torch.isclose(coefficient(smear(e2, ids), e2), coefficient(out, e))
+    e3 = e.clone()
+    e3[0, 3, 8:] += 1.0  # channels outside the window leave the gate alone
+    torch.testing.assert_close(coefficient(smear(e3, ids), e3), coefficient(out, e))
+
+
+def test_input_smear_gate_never_crosses_a_bos():
+    """A packed stream: document B starts with BOS right after document A. Changing every token of A leaves B's
+    embeddings, x0, unchanged (the records' ungated version, PR #1667, leaked A's last token into B's BOS)."""
+    smear = _input_smear(window=12)
+    model = randomized(GPT(tiny_h(smear_gate="input", bigram_vocab_size=0)))  # the bigram pair crosses by design
+    with torch.no_grad():
+        model.smear.load_state_dict(_input_smear(window=12).state_dict())
+    x0 = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: x0.append(args[1]))
+    ids = torch.randint(2, 1024, (1, 24))
+    ids[0, 10] = BOS
+    model.forward_logits(ids)
+    other = ids.clone()
+    other[0, :10] = torch.randint(2, 1024, (10,))
+    model.forward_logits(other)
+    assert torch.equal(x0[1][0, 10:], x0[0][0, 10:]) and not torch.equal(x0[1][0, 1:10], x0[0][0, 1:10])
+    e = torch.randn(1, 24, 16)
+    e2 = e.clone()
+    e2[0, :10] = torch.randn(10, 16)
+    assert torch.equal(smear(e2, ids)[0, 10:], smear(e, ids)[0, 10:])
+    ids[0, 10] = 7  # without the BOS the blend does cross
+    assert not torch.equal(smear(e2, ids)[0, 10], smear(e, ids)[0, 10])
+
+
+def test_smear_gate_static_is_the_default_and_every_value_changes_the_model():
+    torch.manual_seed(0)
+    x = torch.randint(0, 1024, (2, 32))
+    x[:, 9] = BOS
+    model = randomized(GPT(tiny_h()))
+    assert tiny_h().smear_gate == "static" and isinstance(model.smear, train_gpt.SmearGate)
+    static = GPT(tiny_h(smear_gate="static"))
+    static.load_state_dict(model.state_dict())
+    assert torch.equal(static.forward_logits(x), model.forward_logits(x))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("smear.")}
+    off, smeared = GPT(tiny_h(smear_gate="off")), GPT(tiny_h(smear_gate="input"))
+    off.load_state_dict(state)
+    smeared.load_state_dict(state, strict=False)
+    assert torch.equal(smeared.forward_logits(x), off.forward_logits(x))  # the identity at init
+    assert not torch.allclose(off.forward_logits(x), model.forward_logits(x))
+    smeared.smear.load_state_dict(_input_smear(window=12).state_dict())
+    assert not torch.allclose(smeared.forward_logits(x), off.forward_logits(x))
+    assert {"smear.w", "smear.lam"} <= {n for n, _ in train_gpt.param_groups(smeared)["scalar"]}
+    with pytest.raises(ValueError, match="^SMEAR_GATE_WINDOW=8: must be <= MODEL_DIM=64, and stay 12 unless"):
+        tiny_h(smear_gate_window=8)
+    with pytest.raises(ValueError, match="^SMEAR_GATE='1': must be one of off, static, input"):
+        Hyperparameters.from_env({"SMEAR_GATE": "1"})  # the old boolean spelling is refused, not misread
+
+
 # ---- BigramHash ------------------------------------------------------------------------------------------
 
 
