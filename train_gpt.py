@@ -141,6 +141,7 @@ class Hyperparameters:
     rope_ntk_len: int = knob(1024, model=True)  # NTK base scaling for TRAIN_SEQ_LEN above this length; 0 = none
     train_seq_len: int = knob(2048, "[1, inf)", model=True)  # training and validation length; fixes the RoPE base
     logit_softcap: float = knob(30.0, "(0, inf)", model=True)
+    logit_softcap_asym: bool = knob(False, model=True)  # two trained caps, for z >= 0 and z < 0 (PR #1923)
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = knob(0.005, "[0, inf)")
     # seed-stack techniques
@@ -1131,6 +1132,10 @@ class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, bos_id: int = 1, use_fa3: bool = False, qat: bool = True):
         super().__init__()
         self.logit_softcap = h.logit_softcap
+        # PR #1923's asymmetric cap, both 0-dim and trained in the scalar AdamW group (the records' pair was in no
+        # optimizer and stayed at LOGIT_SOFTCAP, so it was the symmetric cap, PR #1945/#2014)
+        self.softcap_pos, self.softcap_neg = (nn.Parameter(torch.tensor(h.logit_softcap)) for _ in range(2)) \
+            if h.logit_softcap_asym else (None, None)
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         if h.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
@@ -1182,7 +1187,10 @@ class GPT(nn.Module):
                 skips.append(x)
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).float()
-        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        if self.softcap_pos is None:
+            return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        cap = torch.where(logits >= 0, self.softcap_pos.float(), self.softcap_neg.float())  # fp32, as the loss
+        return cap * torch.tanh(logits / cap)
 
     def add_skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
         """Decoder entry j: x + w_j * skip, or with SKIP_GATES the gated mix sigmoid(g_j) * x + (1 - sigmoid(g_j))
@@ -1261,7 +1269,7 @@ def describe_features(h: Hyperparameters) -> str:
             f"{f'x{h.attn_gate_scale}' if h.attn_gate == 'sparse' else ''} "
             f"value_embed:{f'{h.ve_dim}@' + ','.join(map(str, ve)) if ve else 'off'} "
             f"mlp:{h.mlp_act}x{h.mlp_mult}{f' leaky_slope:{h.mlp_leaky_slope}' if h.mlp_act == 'leaky_relu2' else ''} "
-            f"ortho_init:{int(h.ortho_init)}")
+            f"ortho_init:{int(h.ortho_init)} logit_softcap:{h.logit_softcap}{'/asym' if h.logit_softcap_asym else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------------

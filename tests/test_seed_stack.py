@@ -393,6 +393,38 @@ def test_orthogonal_init():
     assert not torch.allclose(w @ w.T, eye, atol=0.1)  # PyTorch's default init without the knob
 
 
+# ---- asymmetric logit softcap (PR #1923) -----------------------------------------------------------------
+
+
+def test_asymmetric_softcap_starts_as_the_symmetric_cap_and_trains_both_scalars():
+    torch.manual_seed(0)
+    h = tiny_h(logit_softcap_asym=True)
+    x = torch.randint(0, 1024, (4, 64))
+    model = randomized(GPT(tiny_h()))
+    off = GPT(tiny_h(logit_softcap_asym=False))
+    off.load_state_dict(model.state_dict())
+    assert torch.equal(off.forward_logits(x), model.forward_logits(x))
+    asym = GPT(h)
+    asym.load_state_dict(model.state_dict(), strict=False)
+    assert sum(p.numel() for p in asym.parameters()) == sum(p.numel() for p in model.parameters()) + 2
+    assert asym.softcap_pos.dim() == 0 and asym.softcap_pos.item() == asym.softcap_neg.item() == 30.0
+    assert torch.equal(asym.forward_logits(x), model.forward_logits(x))  # at init: exactly the symmetric cap
+    with torch.no_grad():
+        asym.softcap_pos.fill_(4.0), asym.softcap_neg.fill_(8.0)
+    logits, raw = asym.forward_logits(x), (model.forward_logits(x) / 30).atanh() * 30  # |z| ~ 2, far below 30
+    torch.testing.assert_close(logits, torch.where(raw >= 0, 4 * torch.tanh(raw / 4), 8 * torch.tanh(raw / 8)),
+                               rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        asym.softcap_pos.fill_(30.0), asym.softcap_neg.fill_(30.0)
+    groups = {k: {n for n, _ in v} for k, v in train_gpt.param_groups(asym).items()}
+    assert {"softcap_pos", "softcap_neg"} <= groups["scalar"]
+    opt = train_gpt.Optimizers(h, asym, train_gpt.bank_block_matrices(asym, CPU), CPU)
+    asym(x, torch.roll(x, -1, 1)).backward()
+    assert asym.softcap_pos.grad != 0 and asym.softcap_neg.grad != 0
+    opt.step(1.0, h.muon_momentum)
+    assert asym.softcap_pos.item() != 30.0 and asym.softcap_neg.item() != 30.0
+
+
 # ---- gradients reach the new parameters ------------------------------------------------------------------
 
 
