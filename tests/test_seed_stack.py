@@ -446,6 +446,32 @@ def test_skip_weights_bigram_table_and_value_embeddings_receive_gradients():
     assert model.bigram.embed.weight.any()  # the zero table has been trained
 
 
+@pytest.mark.parametrize("gate", ["out", "sparse", "dense"])
+def test_frontier_parameters_train_in_the_scalar_group_and_export_in_fp16(gate):
+    """Skip gates, attention gates, the input SmearGate and the asymmetric caps all get gradients once the
+    zero-initialised paths open (a few steps), are AdamW scalars (never Muon) and are stored in fp16."""
+    torch.manual_seed(0)
+    h = tiny_h(mlp_leaky_slope=0.3, skip_gates=True, attn_gate=gate, smear_gate="input", logit_softcap_asym=True,
+               num_layers=4)
+    model = GPT(h)
+    new = ["skip_gates", "smear.w", "smear.lam", "softcap_pos", "softcap_neg"] + \
+        [f"blocks.{i}.attn.gate_w" for i in range(4)]
+    scalar = dict(train_gpt.param_groups(model)["scalar"])
+    assert set(new) <= set(scalar)
+    assert all(train_gpt.quant_bits(h, n, "scalar", scalar[n].shape) == train_gpt.FP16 for n in new)
+    before = {n: scalar[n].detach().clone() for n in new}
+    opt = train_gpt.Optimizers(h, model, train_gpt.bank_block_matrices(model, CPU), CPU)
+    x = torch.randint(0, 1024, (4, 64))
+    x[:, 20] = BOS
+    for step in range(4):
+        model(x, torch.roll(x, -1, 1)).backward()
+        if step < 3:
+            opt.step(1.0, h.muon_momentum)
+            opt.zero_grad()
+    for n in new:
+        assert scalar[n].grad.abs().sum() > 0 and not torch.equal(scalar[n].detach(), before[n]), n
+
+
 def test_a_zero_bigram_projection_would_starve_the_table():
     """Why the projection is re-initialised: with it at zero too, the zero table never gets a gradient."""
     model = GPT(tiny_h())

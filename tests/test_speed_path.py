@@ -58,10 +58,17 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
+# every frontier model knob on (PR #1948, #1218, #1667/#1736/#1787, #1667/#1851, #1923), one attention gate each
+FRONTIER = dict(mlp_leaky_slope=0.3, skip_gates=True, smear_gate="input", logit_softcap_asym=True)
+
+
+@pytest.mark.parametrize("config", [{}, {**FRONTIER, "attn_gate": "sparse", "attn_gate_scale": 0.5},
+                                    {**FRONTIER, "attn_gate": "out"}, {**FRONTIER, "attn_gate": "dense"}],
+                         ids=["defaults", "frontier-sparse", "frontier-out", "frontier-dense"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_the_model_forward_has_no_graph_breaks(autocast):
+def test_the_model_forward_has_no_graph_breaks(autocast, config):
     """Also under bf16 autocast (CUDA's path), where the model reads the autocast state to pick its dtype."""
-    h = tiny_h()
+    h = tiny_h(**config)
     model = GPT(h)
     x = torch.randint(0, 1024, (2, 32))
     for mode in ("train", "eval"):
