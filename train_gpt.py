@@ -1248,10 +1248,12 @@ def build_model(h: Hyperparameters, d: Dist, bos_id: int, qat: bool = True) -> G
 
 def forward_flops_per_token(h: Hyperparameters, seq_len: int) -> tuple[float, float]:
     """Forward FLOPs per token of a causal pass over seq_len tokens, as (matmuls, attention): 2 per weight of
-    every projection (blocks, bigram and value-embedding projections, the head), and 4 x heads x head_dim per
+    every projection (blocks, attention gates, bigram and value-embedding projections, the head; an input
+    SmearGate's N-wide gate is negligible and left out), and 4 x heads x head_dim per
     attended position (scores and mixing), (seq_len + 1) / 2 positions on average. Backward costs twice this."""
     hd, kv, hidden = h.head_dim, h.kv_dim, h.mlp_hidden
-    block = 2 * h.model_dim * h.model_dim + 2 * h.model_dim * kv + 2 * h.model_dim * hidden
+    gate = {"none": 0, "dense": h.model_dim}.get(h.attn_gate, h.attn_gate_window) * h.num_heads
+    block = 2 * h.model_dim * h.model_dim + 2 * h.model_dim * kv + 2 * h.model_dim * hidden + gate
     extra = h.model_dim * h.vocab_size + (h.bigram_dim * h.model_dim if h.bigram_vocab_size else 0) + \
         (h.ve_dim * kv if h.value_embed_layers else 0)
     return 2.0 * (h.num_layers * block + extra), h.num_layers * 4.0 * h.num_heads * hd * (seq_len + 1) / 2

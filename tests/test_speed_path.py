@@ -143,3 +143,12 @@ def test_newton_schulz_compiles_once_per_bank_shape_and_batches_exactly():
 def test_default_model_flops():
     mm, att = train_gpt.forward_flops_per_token(train_gpt.Hyperparameters(), 2048)
     assert (mm, att) == (2 * 26_566_656, 11 * 4 * 512 * 2049 / 2)  # the record's model, 2048-token sequences
+
+
+@pytest.mark.parametrize("gate, width", [("out", 12), ("sparse", 12), ("dense", 512)])
+def test_attention_gates_count_their_weights_in_the_flops(gate, width):
+    import dataclasses
+
+    h = dataclasses.replace(train_gpt.Hyperparameters(), attn_gate=gate)
+    mm, _ = train_gpt.forward_flops_per_token(h, 2048)
+    assert mm == 2 * 26_566_656 + 2 * 11 * 8 * width  # heads x window (dense: x model_dim) per layer
