@@ -1221,12 +1221,16 @@ def init_orthogonal(model: GPT, num_layers: int):
 def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Route parameters by structure rather than by name, so a new parameter cannot be missed: 'matrix' =
     weights of the Linear layers inside blocks (Muon); 'embed' = embedding tables (token, bigram, value);
-    'head' = an untied output head; 'scalar' = everything else (control tensors, gains, gates, skip weights,
-    the bigram and value-embedding projections), as in the records' scalar AdamW group."""
-    groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    'head' = an untied output head; 'softcap' = the trained logit caps (LOGIT_SOFTCAP_ASYM), which AdamW moves at
+    the scalar LR without weight decay (decay would pull a cap towards 0); 'scalar' = everything else (control
+    tensors, gains, gates, skip weights, the bigram and value-embedding projections), as in the records' scalar
+    AdamW group."""
+    groups = {"matrix": [], "embed": [], "head": [], "softcap": [], "scalar": []}
     for name, p in model.named_parameters():
         owner = model.get_submodule(name.rpartition(".")[0])
-        if owner is model.lm_head:
+        if p is model.softcap_pos or p is model.softcap_neg:
+            kind = "softcap"
+        elif owner is model.lm_head:
             kind = "head"
         elif isinstance(owner, nn.Embedding):
             kind = "embed"
@@ -1422,8 +1426,9 @@ class Optimizers:
     def __init__(self, h: Hyperparameters, model: GPT, banks: list[types.SimpleNamespace], d: Dist,
                  ns_fn=zeropower_via_newtonschulz5):
         groups = param_groups(model)
-        lrs = {"embed": h.tied_embed_lr if h.tie_embeddings else h.embed_lr, "head": h.head_lr, "scalar": h.scalar_lr}
-        wds = {"embed": h.embed_wd, "head": h.adam_wd, "scalar": h.adam_wd}
+        lrs = {"embed": h.tied_embed_lr if h.tie_embeddings else h.embed_lr, "head": h.head_lr,
+               "softcap": h.scalar_lr, "scalar": h.scalar_lr}
+        wds = {"embed": h.embed_wd, "head": h.adam_wd, "softcap": 0.0, "scalar": h.adam_wd}
         adam_groups = [dict(params=[p for _, p in groups[k]], lr=lr, base_lr=lr, weight_decay=wds[k])
                        for k, lr in lrs.items() if groups[k]]
         self.replicated = [p for g in adam_groups for p in g["params"]]

@@ -417,8 +417,10 @@ def test_asymmetric_softcap_starts_as_the_symmetric_cap_and_trains_both_scalars(
     with torch.no_grad():
         asym.softcap_pos.fill_(30.0), asym.softcap_neg.fill_(30.0)
     groups = {k: {n for n, _ in v} for k, v in train_gpt.param_groups(asym).items()}
-    assert {"softcap_pos", "softcap_neg"} <= groups["scalar"]
+    assert groups["softcap"] == {"softcap_pos", "softcap_neg"}  # the scalar LR, no weight decay
     opt = train_gpt.Optimizers(h, asym, train_gpt.bank_block_matrices(asym, CPU), CPU)
+    caps = next(g for g in opt.adam.param_groups if any(p is asym.softcap_pos for p in g["params"]))
+    assert caps["weight_decay"] == 0.0 and caps["lr"] == h.scalar_lr
     asym(x, torch.roll(x, -1, 1)).backward()
     assert asym.softcap_pos.grad != 0 and asym.softcap_neg.grad != 0
     opt.step(1.0, h.muon_momentum)
@@ -456,7 +458,8 @@ def test_frontier_parameters_train_in_the_scalar_group_and_export_in_fp16(gate):
     model = GPT(h)
     new = ["skip_gates", "smear.w", "smear.lam", "softcap_pos", "softcap_neg"] + \
         [f"blocks.{i}.attn.gate_w" for i in range(4)]
-    scalar = dict(train_gpt.param_groups(model)["scalar"])
+    groups = train_gpt.param_groups(model)
+    scalar = dict(groups["scalar"] + groups["softcap"])  # AdamW at the scalar LR (the caps without decay)
     assert set(new) <= set(scalar)
     assert all(train_gpt.quant_bits(h, n, "scalar", scalar[n].shape) == train_gpt.FP16 for n in new)
     before = {n: scalar[n].detach().clone() for n in new}
