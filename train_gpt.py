@@ -1132,8 +1132,8 @@ class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, bos_id: int = 1, use_fa3: bool = False, qat: bool = True):
         super().__init__()
         self.logit_softcap = h.logit_softcap
-        # PR #1923's asymmetric cap, both 0-dim and trained in the scalar AdamW group (the records' pair was in no
-        # optimizer and stayed at LOGIT_SOFTCAP, so it was the symmetric cap, PR #1945/#2014)
+        # PR #1923's asymmetric cap, both 0-dim and trained by AdamW (param_groups' 'softcap' group; the records' pair
+        # was in no optimizer and stayed at LOGIT_SOFTCAP, so it was the symmetric cap, PR #1945/#2014)
         self.softcap_pos, self.softcap_neg = (nn.Parameter(torch.tensor(h.logit_softcap)) for _ in range(2)) \
             if h.logit_softcap_asym else (None, None)
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
