@@ -2225,26 +2225,36 @@ class TrainResult:
     eval_model: nn.Module  # the model as compiled for evaluation
 
 
+def prepare_training(h: Hyperparameters, d: Dist, base_model: GPT) -> tuple[nn.Module, Optimizers]:
+    """(the model to step, its optimizers): the block matrices banked and the optimizers built before the model
+    and Newton-Schulz are compiled (when compiling), so the compiled graph sees the banked views."""
+    compiled = use_compile(h, d)
+    ns_fn = torch.compile(zeropower_via_newtonschulz5, dynamic=False) if compiled else zeropower_via_newtonschulz5
+    opt = Optimizers(h, base_model, bank_block_matrices(base_model, d), d, ns_fn)
+    return (torch.compile(base_model, dynamic=False, fullgraph=True) if compiled else base_model), opt
+
+
+def train_step(h: Hyperparameters, d: Dist, model: nn.Module, opt: Optimizers, loader: DistributedTokenLoader,
+               step: int, scale: float, wd_scale: float = 1.0, after_micro=None) -> Tensor:
+    """Forward and backward of this rank's micro-batches (after_micro() after each one, for timing), then the
+    optimizer step, which does all the communication; no host-device synchronisation. Returns the mean loss."""
+    total = torch.zeros((), device=d.device)
+    for _ in range(d.grad_accum_steps):
+        x, y = loader.next_batch(h.train_batch_tokens // MICROBATCHES, h.train_seq_len, d.device)
+        with d.autocast():
+            loss = model(x, y)
+        (loss / d.grad_accum_steps).backward()
+        total += loss.detach()
+        if after_micro is not None:
+            after_micro()
+    opt.step(scale, muon_momentum(h, step), wd_scale)
+    opt.zero_grad()
+    return total / d.grad_accum_steps
+
+
 def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val: ValidationData,
           log) -> TrainResult:
-    ns_fn = torch.compile(zeropower_via_newtonschulz5, dynamic=False) if use_compile(h, d) else zeropower_via_newtonschulz5
-    opt = Optimizers(h, base_model, bank_block_matrices(base_model, d), d, ns_fn)  # banked before compiling
-    model = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile(h, d) else base_model
-    local_tokens = h.train_batch_tokens // MICROBATCHES
-
-    def train_step(loader: DistributedTokenLoader, step: int, scale: float, wd_scale: float = 1.0) -> Tensor:
-        """Forward and backward of this rank's micro-batches, then the optimizer step (which does all the
-        communication); no host-device synchronisation."""
-        total = torch.zeros((), device=d.device)
-        for _ in range(d.grad_accum_steps):
-            x, y = loader.next_batch(local_tokens, h.train_seq_len, d.device)
-            with d.autocast():
-                loss = model(x, y)
-            (loss / d.grad_accum_steps).backward()
-            total += loss.detach()
-        opt.step(scale, muon_momentum(h, step), wd_scale)
-        opt.zero_grad()
-        return total / d.grad_accum_steps
+    model, opt = prepare_training(h, d, base_model)
 
     def new_loader() -> DistributedTokenLoader:
         return DistributedTokenLoader(data, d.rank, d.world_size)
@@ -2255,7 +2265,7 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
         snapshot = copy.deepcopy((base_model.state_dict(), opt.state_dict()))
         loader = new_loader()
         for i in range(h.warmup_steps):
-            train_step(loader, 0, 1.0)
+            train_step(h, d, model, opt, loader, 0, 1.0)
             log(f"warmup_step:{i + 1}/{h.warmup_steps}")
         base_model.load_state_dict(snapshot[0])
         opt.load_state_dict(snapshot[1])
@@ -2288,7 +2298,7 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
             set_qat(base_model, True)
             qat = True
             log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
-        loss = train_step(loader, step, scale, muon_wd_scale(h, step, elapsed_ms))
+        loss = train_step(h, d, model, opt, loader, step, scale, muon_wd_scale(h, step, elapsed_ms))
         step += 1
         if averager is not None:
             averager.step(params, step, scale)

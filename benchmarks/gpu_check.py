@@ -262,9 +262,13 @@ def _ms_stats(values: list[float]) -> dict:
 def time_training_step(h: tg.Hyperparameters, d: tg.Dist, steps: int, warmup_steps: int = WARMUP_STEPS,
                        backend: str | None = "inductor", log=print) -> dict:
     """World-size-1 steps of h's model on the shards of h.data_path, built, banked and compiled as
-    train_gpt.train does (backend None: not compiled, for tests). Returns the per-micro-step and optimizer times,
+    train_gpt.train does, by train_gpt.prepare_training and train_gpt.train_step (backend "inductor", what
+    train_gpt.py compiles with, or None: not compiled, for tests). Returns the per-micro-step and optimizer times,
     the projection to 8 GPUs, MFU, memory and torch._dynamo's counts."""
     from torch._dynamo.utils import counters
+
+    if backend not in ("inductor", None):
+        raise ValueError(f"backend={backend!r}: train_gpt.py compiles with inductor, or not at all (None)")
 
     T, local_tokens = h.train_seq_len, h.train_batch_tokens // tg.MICROBATCHES
     mm, att = tg.forward_flops_per_token(h, T)
@@ -283,33 +287,21 @@ def time_training_step(h: tg.Hyperparameters, d: tg.Dist, steps: int, warmup_ste
         torch.manual_seed(h.seed)
         base = tg.build_model(h, d, sp.bos_id())
         report["attention"] = "fa3" if base.blocks[0].attn.use_fa3 else "sdpa"
-        ns_fn = tg.zeropower_via_newtonschulz5
-        if backend:
-            ns_fn = torch.compile(ns_fn, dynamic=False, backend=backend)
-        opt = tg.Optimizers(h, base, tg.bank_block_matrices(base, d), d, ns_fn)  # banked before compiling
-        model = torch.compile(base, dynamic=False, fullgraph=True, backend=backend) if backend else base
+        model, opt = tg.prepare_training(dataclasses.replace(h, compile="1" if backend else "0"), d, base)
         averager, params = tg.make_averager(h, base, lambda m: None), list(base.parameters())
         loader = tg.DistributedTokenLoader(tg.TrainingData(train_files, h.vocab_size), d.rank, d.world_size)
 
         def step(i: int, marks: list | None) -> torch.Tensor:
-            """train_gpt.train's step: the micro-steps, the optimizer, the EMA; a mark after each part."""
-            total = torch.zeros((), device=d.device)
-            for _ in range(d.grad_accum_steps):
-                x, y = loader.next_batch(local_tokens, T, d.device)
-                with d.autocast():
-                    loss = model(x, y)
-                (loss / d.grad_accum_steps).backward()
-                total += loss.detach()
-                if marks is not None:
-                    marks.append(clock.mark())
-            opt.step(1.0, tg.muon_momentum(h, i))
-            opt.zero_grad()
+            """train_gpt.train's step (train_gpt.train_step, then the EMA); a mark after each micro-step and after
+            the optimizer."""
+            mark = None if marks is None else (lambda: marks.append(clock.mark()))
+            loss = tg.train_step(h, d, model, opt, loader, i, 1.0, after_micro=mark)
             if averager is not None:
                 averager.step(params, i + 1, 1.0)
-            if marks is not None:
-                marks.append(clock.mark())
+            if mark is not None:
+                mark()
             d.sync()  # the training loop synchronises once per step (its clock all-reduce)
-            return total / d.grad_accum_steps
+            return loss
 
         t0 = time.perf_counter()
         for i in range(warmup_steps):
