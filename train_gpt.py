@@ -159,6 +159,12 @@ class Hyperparameters:
     attn_gate_window: int = knob(12, "[1, inf)", model=True)  # out and sparse read the first N channels of x
     attn_gate_scale: float = knob(1.0, "(0, inf)", model=True)  # sparse: g = sigmoid(scale * W x) (records: 0.5)
     ln_scale: bool = knob(True, model=True)  # scale the block's normed inputs by 1/sqrt(layer + 1)
+    # depth recurrence (PR #1493): layers LOOP_START..LOOP_END (inclusive) run 1 + NUM_LOOPS times, weights shared
+    num_loops: int = knob(0, "[0, inf)", model=True)  # 0 = off
+    loop_start: int = knob(3, "[0, inf)", model=True)
+    loop_end: int = knob(5, "[0, inf)", model=True)
+    enable_looping_at: float = knob(0.35, "[0, 1]")  # training fraction from which the loop runs (eval: always)
+    parallel_start_layer: int = knob(0, "[0, inf)", model=True)  # two-lane residuals on decoder layers >= N (PR #1529)
     ve_dim: int = knob(128, "[1, inf)", model=True)
     ve_layers: str = knob("-2,-1", model=True)  # layers whose c_v gets the shared value embedding; "" = off
     ortho_init: bool = True  # orthogonal init of the matrices, projections into the stream scaled 1/sqrt(2L)
@@ -286,6 +292,15 @@ class Hyperparameters:
             ("ROPE_NTK_LEN", self.rope_ntk_len >= 0 and (self.rope_ntk_len == 0 or (self.rope_dims or hd) > 2),
              "must be >= 0, and needs more than 2 rotated dims"),
             ("SKIP_GATES", self.unet_skips or not self.skip_gates, "needs UNET_SKIPS=1 (it gates those skips)"),
+            ("LOOP_END", self.loop_start <= self.loop_end < self.num_layers if self.num_loops else
+             (self.loop_start, self.loop_end) == (3, 5), f"must be in [LOOP_START={self.loop_start}, NUM_LAYERS="
+             f"{self.num_layers}) (LOOP_START..LOOP_END, both stay 3..5 unless NUM_LOOPS > 0, which reads them)"),
+            ("ENABLE_LOOPING_AT", self.num_loops > 0 or self.enable_looping_at == 0.35,
+             "must stay 0.35 unless NUM_LOOPS > 0 (which reads it)"),
+            ("PARALLEL_START_LAYER", self.parallel_start_layer < self.num_layers and (
+                not self.num_loops or not self.parallel_start_layer or self.parallel_start_layer > self.loop_end),
+             f"must be 0 (off) or below NUM_LAYERS={self.num_layers}, and above LOOP_END={self.loop_end} when "
+             "NUM_LOOPS > 0 (once split, the lanes stay split)"),
             ("ATTN_GATE_WINDOW", self.attn_gate_window <= self.model_dim
              and (self.attn_gate in ("out", "sparse") or self.attn_gate_window == 12),
              f"must be <= MODEL_DIM={self.model_dim}, and stay 12 unless ATTN_GATE is out or sparse (which read it)"),
@@ -344,6 +359,15 @@ class Hyperparameters:
     @property
     def value_embed_layers(self) -> list[int]:
         return layer_list(self.ve_layers, self.num_layers)
+
+    def layer_order(self, looped: bool = True) -> list[int]:
+        """The physical layer of each virtual layer: with NUM_LOOPS (and looped), LOOP_START..LOOP_END run 1 +
+        NUM_LOOPS times (11 layers, 3..5 twice more: 0 1 2 3 4 5 3 4 5 3 4 5 6 7 8 9 10, PR #1493)."""
+        order = list(range(self.num_layers))
+        if not (looped and self.num_loops):
+            return order
+        loop = order[self.loop_start : self.loop_end + 1]
+        return order[: self.loop_start] + loop * (self.num_loops + 1) + order[self.loop_end + 1 :]
 
     @property
     def eval_len(self) -> int:
@@ -1053,6 +1077,16 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, cos, sin, ve)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
 
+    def parallel(self, lanes: tuple[Tensor, Tensor], x0: Tensor, post: Tensor, resid: Tensor, cos: Tensor,
+                 sin: Tensor, ve: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Two-lane form (PR #1529): attention reads lane 0 (mixed with x0), the MLP reads lane 1 as it came in,
+        and lane k <- resid[k] * lane k + post[0, k] * attention + post[1, k] * MLP."""
+        (a, m), mix = lanes, self.resid_mix.to(x0.dtype)
+        y = self.attn_scale.to(a.dtype) * self.attn(rms_norm(mix[0] * a + mix[1] * x0) * self.ln_scale, cos, sin, ve)
+        f = self.mlp_scale.to(m.dtype) * self.mlp(rms_norm(m) * self.ln_scale)
+        post, resid = post.to(a.dtype), resid.to(a.dtype)
+        return tuple(resid[k] * lane + post[0, k] * y + post[1, k] * f for k, lane in enumerate(lanes))
+
 
 def bigram_hash(ids: Tensor, buckets: int) -> Tensor:
     """Bucket of each (previous, current) token pair, per sequence row (PR #1019's BigramHash): position 0 has no
@@ -1144,9 +1178,16 @@ class GPT(nn.Module):
         self.smear = None if h.smear_gate == "off" else SmearGate(h.model_dim, bos_id) if h.smear_gate == "static" \
             else InputSmearGate(h.smear_gate_window, bos_id)
         self.blocks = nn.ModuleList(Block(h, i, use_fa3) for i in range(h.num_layers))
-        self.num_encoder = h.num_layers // 2 if h.unet_skips else 0
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, h.num_layers - self.num_encoder),
-                                                    h.model_dim)) if h.unet_skips else None
+        # the virtual layers of a plain and of a looped pass; each splits into an encoder half (its first
+        # len // 2 entries) and a decoder half for the U-Net skips. looping: eval and TTT always loop, train()
+        # switches it on at ENABLE_LOOPING_AT (a second compiled graph)
+        self.orders, self.looping = {False: h.layer_order(False), True: h.layer_order(True)}, h.num_loops > 0
+        self.skip_weights = nn.Parameter(torch.ones(len(self.orders[True]) // 2, h.model_dim)) if h.unet_skips else None
+        self.parallel_start = h.parallel_start_layer
+        if self.parallel_start:  # (L, 2, 2) lane weights, (L, 2) residual gains; layers below the start never
+            # read theirs, kept so the parameter count is the records' (PR #1855: 35,945,671)
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(h.num_layers, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((h.num_layers, 2), 1.1))
         # per-channel skip gates, sigmoid(0) = 0.5 at init (PR #1218)
         self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if h.skip_gates else None
         ve_layers = h.value_embed_layers
@@ -1177,15 +1218,23 @@ class GPT(nn.Module):
         ve = self.ve_shared(input_ids) if self.ve_shared is not None else None
         angles = torch.outer(torch.arange(input_ids.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
         cos, sin = (f(angles)[None, :, None, :].to(x.dtype) for f in (torch.cos, torch.sin))
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = self.add_skip(x, skips.pop(), i - self.num_encoder)
-            k = self.ve_index.get(i)
-            x = block(x, x0, cos, sin, None if k is None else ve * self.ve_layer_scales[k].to(ve.dtype))
-            if i < self.num_encoder:
+        order = self.orders[self.looping]
+        skips, lane1, n_enc = [], None, len(order) // 2 if self.skip_weights is not None else 0
+        for j, i in enumerate(order):
+            if j >= n_enc and 0 < self.parallel_start <= i and lane1 is None:
+                lane1 = x  # the lanes split here; the skip goes into lane 0 (x) only
+            if j >= n_enc and skips:
+                x = self.add_skip(x, skips.pop(), j - n_enc)
+            k, block = self.ve_index.get(i), self.blocks[i]
+            vek = None if k is None else ve * self.ve_layer_scales[k].to(ve.dtype)
+            if lane1 is None:
+                x = block(x, x0, cos, sin, vek)
+            else:
+                x, lane1 = block.parallel((x, lane1), x0, self.parallel_post_lambdas[i],
+                                          self.parallel_resid_lambdas[i], cos, sin, vek)
+            if j < n_enc:
                 skips.append(x)
-        x = rms_norm(x)
+        x = rms_norm(x if lane1 is None else 0.5 * (x + lane1))
         logits = F.linear(x, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).float()
         if self.softcap_pos is None:
             return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -1250,17 +1299,19 @@ def build_model(h: Hyperparameters, d: Dist, bos_id: int, qat: bool = True) -> G
     return GPT(h, bos_id, use_fa3=flash_attn_func is not None and d.cuda, qat=qat).to(d.device)
 
 
-def forward_flops_per_token(h: Hyperparameters, seq_len: int) -> tuple[float, float]:
+def forward_flops_per_token(h: Hyperparameters, seq_len: int, looped: bool = True) -> tuple[float, float]:
     """Forward FLOPs per token of a causal pass over seq_len tokens, as (matmuls, attention): 2 per weight of
     every projection (blocks, attention gates, bigram and value-embedding projections, the head; an input
     SmearGate's N-wide gate is negligible and left out), and 4 x heads x head_dim per
-    attended position (scores and mixing), (seq_len + 1) / 2 positions on average. Backward costs twice this."""
+    attended position (scores and mixing), (seq_len + 1) / 2 positions on average; blocks counted once per
+    virtual layer (looped: with the recurrence's repeats). Backward costs twice this."""
     hd, kv, hidden = h.head_dim, h.kv_dim, h.mlp_hidden
     gate = {"none": 0, "dense": h.model_dim}.get(h.attn_gate, h.attn_gate_window) * h.num_heads
     block = 2 * h.model_dim * h.model_dim + 2 * h.model_dim * kv + 2 * h.model_dim * hidden + gate
     extra = h.model_dim * h.vocab_size + (h.bigram_dim * h.model_dim if h.bigram_vocab_size else 0) + \
         (h.ve_dim * kv if h.value_embed_layers else 0)
-    return 2.0 * (h.num_layers * block + extra), h.num_layers * 4.0 * h.num_heads * hd * (seq_len + 1) / 2
+    n = len(h.layer_order(looped))
+    return 2.0 * (n * block + extra), n * 4.0 * h.num_heads * hd * (seq_len + 1) / 2
 
 
 def describe_features(h: Hyperparameters) -> str:
@@ -1275,7 +1326,9 @@ def describe_features(h: Hyperparameters) -> str:
             f"{f'x{h.attn_gate_scale}' if h.attn_gate == 'sparse' else ''} "
             f"value_embed:{f'{h.ve_dim}@' + ','.join(map(str, ve)) if ve else 'off'} "
             f"mlp:{h.mlp_act}x{h.mlp_mult}{f' leaky_slope:{h.mlp_leaky_slope}' if h.mlp_act == 'leaky_relu2' else ''} "
-            f"ortho_init:{int(h.ortho_init)} logit_softcap:{h.logit_softcap}{'/asym' if h.logit_softcap_asym else ''}")
+            f"ortho_init:{int(h.ortho_init)} logit_softcap:{h.logit_softcap}{'/asym' if h.logit_softcap_asym else ''} "
+            f"loops:{f'{h.loop_start}-{h.loop_end}x{h.num_loops}@{h.enable_looping_at}' if h.num_loops else 'off'} "
+            f"parallel_from:{h.parallel_start_layer or 'off'}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1495,6 +1548,11 @@ def muon_wd_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     if start == 0 or frac <= start:
         return 1.0
     return 1.0 + (h.muon_wd_taper_factor - 1.0) * (frac - start) / (1.0 - start)
+
+
+def looping_at(h: Hyperparameters, frac: float) -> bool:
+    """Whether training runs the looped layers at training fraction frac (from ENABLE_LOOPING_AT on)."""
+    return h.num_loops > 0 and frac >= h.enable_looping_at
 
 
 def muon_momentum(h: Hyperparameters, step: int) -> float:
@@ -2264,13 +2322,16 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
     if h.warmup_steps > 0:
         snapshot = copy.deepcopy((base_model.state_dict(), opt.state_dict()))
         loader = new_loader()
-        for i in range(h.warmup_steps):
-            train_step(h, d, model, opt, loader, 0, 1.0)
-            log(f"warmup_step:{i + 1}/{h.warmup_steps}")
+        for looping in sorted({looping_at(h, 0.0), h.num_loops > 0}):  # each graph the run will use
+            base_model.looping = looping
+            for i in range(h.warmup_steps):
+                train_step(h, d, model, opt, loader, 0, 1.0)
+                log(f"warmup_step:{i + 1}/{h.warmup_steps}{' looped' if looping else ''}")
         base_model.load_state_dict(snapshot[0])
         opt.load_state_dict(snapshot[1])
         opt.zero_grad()
     loader, averager, params = new_loader(), make_averager(h, base_model, log), list(base_model.parameters())
+    base_model.looping = looping_at(h, 0.0)
     d.sync()
     warmup_ms, val_ms = 1000 * (time.perf_counter() - t0), 0.0
 
@@ -2281,6 +2342,12 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
     t0 = time.perf_counter()
     while True:
         last = step == h.iterations or step == stop_after
+        if last:  # evaluation always runs the looped model
+            base_model.looping = h.num_loops > 0
+        elif not base_model.looping and looping_at(h, training_frac(h, step, elapsed_ms)):
+            base_model.looping = True
+            log(f"layer_loop:enabled step:{step} frac:{training_frac(h, step, elapsed_ms):.3f} "
+                f"order:{','.join(map(str, base_model.orders[True]))}")
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             d.sync()
             train_ms += 1000 * (time.perf_counter() - t0)

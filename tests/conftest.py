@@ -45,6 +45,9 @@ TINY_ENV = read_env(CONFIGS / "tiny.env")
 # The official baseline's settings (the README runs them from this file).
 BASELINE_ENV = read_env(CONFIGS / "baseline.env")
 
+# The frontier preset (model, optimizer, schedule of the final records).
+FRONTIER_ENV = read_env(CONFIGS / "frontier.env")
+
 # quickstart.sh's configuration, cut to 3 steps for tests that need whole runs.
 QUICKSTART_ENV = {**read_env(CONFIGS / "quickstart.env"), "ITERATIONS": "3", "VAL_LOSS_EVERY": "0"}
 

@@ -170,7 +170,7 @@ def test_knob_rules_live_beside_their_fields_and_variants_revalidate():
         "tie_embeddings", "rope_base", "rope_dims", "rope_ntk_len", "train_seq_len", "logit_softcap",
         "logit_softcap_asym", "unet_skips", "skip_gates", "smear_gate", "smear_gate_window", "bigram_vocab_size",
         "bigram_dim", "xsa_last_n", "attn_gate", "attn_gate_window", "attn_gate_scale", "ln_scale", "ve_dim",
-        "ve_layers"}
+        "ve_layers", "num_loops", "loop_start", "loop_end", "parallel_start_layer"}
     # derived values are computed once, as properties
     assert (h.head_dim, h.kv_dim, h.mlp_hidden, h.eval_len) == (64, 256, 1536, 2048)
     assert h.uses_hessians and h.uses_train_calibration and h.loop_cap_ms == 596_000

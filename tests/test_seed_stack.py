@@ -29,7 +29,7 @@ def test_all_techniques_off_is_the_foundation_baseline():
 
 def test_unet_skips_off_removes_them():
     model = GPT(tiny_h(unet_skips=False, num_layers=4, ve_layers="3"))
-    assert model.skip_weights is None and model.num_encoder == 0
+    assert model.skip_weights is None
 
 
 def test_skip_gates_off_is_todays_model_and_on_changes_it():

@@ -59,7 +59,8 @@ print("ok")
 
 
 # every frontier model knob on (PR #1948, #1218, #1667/#1736/#1787, #1667/#1851, #1923), one attention gate each
-FRONTIER = dict(mlp_leaky_slope=0.3, skip_gates=True, smear_gate="input", logit_softcap_asym=True)
+FRONTIER = dict(mlp_leaky_slope=0.3, skip_gates=True, smear_gate="input", logit_softcap_asym=True,
+                num_loops=2, loop_start=0, loop_end=0, parallel_start_layer=1)  # + PR #1493's loop, #1529's lanes
 
 
 @pytest.mark.parametrize("config", [{}, {**FRONTIER, "attn_gate": "sparse", "attn_gate_scale": 0.5},
