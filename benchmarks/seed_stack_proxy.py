@@ -16,14 +16,11 @@ the seed stack's are 4000 and 1500 of about 6,920. Rows:
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from proxy import DATA, PROXY, ROOT, TOKENIZER, config, ensure_sample
+from proxy import PROXY, config, ensure_sample, train_run
 
 # the proxy's shape and schedule, without its quantization settings, logging every 50 steps
 SHAPE = {**{k: v for k, v in PROXY.items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
@@ -46,20 +43,6 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
     }
 
 
-def run(name: str, env: dict[str, str], steps: int, seed: int, workdir: Path) -> dict:
-    full = {**os.environ, **env, **SHAPE, "ITERATIONS": str(steps),
-            "SEED": str(seed), "DATA_PATH": str(DATA), "TOKENIZER_PATH": str(TOKENIZER), "RUN_ID": "proxy"}
-    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=workdir, env=full, capture_output=True,
-                       text=True)
-    if r.returncode:
-        sys.exit(f"{name}: train_gpt.py failed:\n{r.stderr[-2000:]}")
-    out = r.stdout
-    last = re.findall(rf"^step:{steps}/{steps} val_loss:\S+ val_bpb:(\S+) train_time:(\d+)ms", out, re.M)[-1]
-    return dict(name=name, seed=seed, val_bpb=float(last[0]), tok_s=steps * int(SHAPE["TRAIN_BATCH_TOKENS"])
-                / (int(last[1]) / 1000), rss=int(re.search(r"peak memory rss: (\d+) MiB", out).group(1)),
-                params=int(re.search(r"model_params:(\d+)", out).group(1)))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
@@ -70,7 +53,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
             for name, env in configs(a.steps).items():
-                rows.append(run(name, env, a.steps, seed, Path(tmp)))
+                rows.append(train_run(name, {**env, **SHAPE}, a.steps, seed, Path(tmp)))
                 print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
     print("| config | seed | params | pre-quant val_bpb | train tokens/s | peak RSS MiB |\n|---|---|---|---|---|---|")
     for r in rows:

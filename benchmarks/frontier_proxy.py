@@ -1,0 +1,112 @@
+"""CPU proxy comparison of the seed stack, the frontier preset and the frontier preset with each technique
+removed in turn, plus the full-size preset's FLOPs and projected 8xH100 step time.
+
+    python3 benchmarks/frontier_proxy.py [--steps 300] [--seeds 1337 42] [--only NAME ...]
+
+1. Proxy: every row trains train_gpt.py on the bundled sample (sp1024) for the same steps of the same tokens at
+   the proxy size (configs/proxy.env: 4 layers, d=128, sequence 256, 8,192 tokens a step) and prints
+   pre-quantization val_bpb (the last validation before export), ms per step and parameters. The frontier
+   preset is configs/frontier.env with the proxy's shape and data. Its layer indices are moved to 4 layers the
+   way the records place them in 11: the loop covers the middle layers 1..2 (the records' 3..5 at the U-Net
+   hinge; 8 virtual layers), the parallel lanes the last layer (the records' last three, 8..10); the
+   progressive context keeps its fractions with lengths 64/128/256 (the records' 1024/2048/3072 cannot all
+   divide the proxy's 1,024-token micro-batch). Step-count schedules are scaled by the records' fractions: the
+   seed stack's warmdown 4000 and momentum warm-up 1500 of about 6,920 steps, the frontier's momentum warm-up
+   1500 and context warm-up 32 of about 4,900. The vocabulary stays 1024 for every row (8192 would make the
+   embedding most of a d=128 model).
+2. Full size: forward FLOPs per token of the frontier preset, plain and looped, and the projected ms per step on
+   8xH100 at the model FLOP utilisation PR #1019 reached with the seed stack (86.7 ms/step), against the final
+   records' measured ~96 ms/step before the loop switch, ~141 after, ~122 on average (PR #1855, #2014).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from proxy import PROXY, config, ensure_sample, train_run
+import train_gpt as tg
+
+SHAPE = {**{k: v for k, v in PROXY.items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
+         "TRAIN_LOG_EVERY": "50"}
+# the full-size preset's indices moved to the proxy's 4 layers (see the docstring)
+PROXY_FRONTIER = dict(LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", TRAIN_SEQ_LEN="256",
+                      TRAIN_SEQ_SCHEDULE="64@0.100,128@0.700,256@1.000")
+# frontier minus one technique: knobs set to their seed-stack (off) value; None removes a knob from the preset
+ABLATIONS = {
+    "- recurrence": dict(NUM_LOOPS="0", LOOP_START=None, LOOP_END=None, ENABLE_LOOPING_AT=None),
+    "- parallel residuals": dict(PARALLEL_START_LAYER="0"),
+    "- sparse attention gate": dict(ATTN_GATE="none", ATTN_GATE_SCALE=None),
+    "- input SmearGate": dict(SMEAR_GATE="off"),
+    "- skip gates": dict(SKIP_GATES="0"),
+    "- trained asymmetric softcap": dict(LOGIT_SOFTCAP_ASYM="0"),
+    "leaky slope 0.5 (not 0.3)": dict(MLP_LEAKY_SLOPE="0.5"),
+    "MLP 3x (not 4x)": dict(MLP_MULT="3.0"),
+    "QK gain 1.5 (not 5.25)": dict(QK_GAIN_INIT=None),
+    "- MuonEq-R": dict(MUON_ROW_NORM="0"),
+    "- Polar Express (quintic NS)": dict(MUON_NS_COEFFS="quintic"),
+    "- MIN_LR floor": dict(MIN_LR="0"),
+    "- document packing": dict(DOC_PACKING="0"),
+    "- progressive context": dict(TRAIN_SEQ_SCHEDULE=None, SEQ_CHANGE_WARMUP_STEPS=None),
+}
+RECORD_MS = {"plain": 96.0, "looped": 141.0, "average": 122.0}  # PR #1855 / #2014 logs, 8xH100
+
+
+def configs(steps: int) -> dict[str, dict[str, str]]:
+    frontier = {k: v for k, v in config("frontier").items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE")}
+    frontier.update(PROXY_FRONTIER, MUON_MOMENTUM_WARMUP_STEPS=str(round(steps * 1500 / 4900)),
+                    SEQ_CHANGE_WARMUP_STEPS=str(max(1, round(steps * 32 / 4900))))
+    rows = {"seed stack": dict(WARMDOWN_ITERS=str(round(steps * 4000 / 6920)),
+                               MUON_MOMENTUM_WARMUP_STEPS=str(round(steps * 1500 / 6920))),
+            "frontier": frontier}
+    for name, change in ABLATIONS.items():
+        rows[name] = {k: v for k, v in {**frontier, **change}.items() if v is not None}
+    return rows
+
+
+def projection():
+    h = tg.Hyperparameters.from_env({**config("frontier"), "TRAIN_SEQ_LEN": "2048"})
+    seed = tg.Hyperparameters()
+    mm, att = tg.forward_flops_per_token(seed, seed.train_seq_len)
+    mfu_1019 = 3 * (mm + att) * seed.train_batch_tokens / 0.0867 / (8 * tg.H100_BF16_FLOPS)
+    print(f"\nFull-size frontier preset ({tg.describe_features(h)}), sequence {h.train_seq_len}:\n"
+          f"| pass | forward FLOPs/token (matmul + attention) | PFLOP/step | projected ms/step at PR #1019's MFU "
+          f"({mfu_1019:.1%}) | records' ms/step |\n|---|---|---|---|---|")
+    for looped in (False, True):
+        mm, att = tg.forward_flops_per_token(h, h.train_seq_len, looped)
+        step = 3 * (mm + att) * h.train_batch_tokens
+        name = "looped" if looped else "plain"
+        print(f"| {name} ({len(h.layer_order(looped))} layers) | {mm:.4g} + {att:.4g} | {step / 1e15:.3f} | "
+              f"{step / (mfu_1019 * 8 * tg.H100_BF16_FLOPS) * 1000:.1f} | {RECORD_MS[name]:.0f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 42])
+    p.add_argument("--only", nargs="+", help="row names to run (default: all)")
+    a = p.parse_args(argv)
+    ensure_sample()
+    rows, todo = [], {k: v for k, v in configs(a.steps).items() if not a.only or k in a.only}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, env in todo.items():
+            for seed in a.seeds:
+                rows.append(train_run(name, {**env, **SHAPE}, a.steps, seed, Path(tmp)))
+                print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
+    base = {r["seed"]: r["val_bpb"] for r in rows if r["name"] == "frontier"}
+    print(f"{a.steps} steps, seeds {' '.join(map(str, a.seeds))}; Δ = paired difference to the frontier row\n"
+          "| config | params | pre-quant val_bpb (mean) | per seed | Δ vs frontier | ms/step |\n|---|---|---|---|---|---|")
+    for name in todo:
+        rs = [r for r in rows if r["name"] == name]
+        bpbs, delta = [r["val_bpb"] for r in rs], [r["val_bpb"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        shown = f"{statistics.mean(delta):+.4f}" if delta and name != "frontier" else "–"
+        print(f"| {name} | {rs[0]['params']:,} | {statistics.mean(bpbs):.4f} | {' '.join(f'{b:.4f}' for b in bpbs)} | "
+              f"{shown} | {statistics.mean(r['ms'] for r in rs):.0f} |")
+    projection()
+
+
+if __name__ == "__main__":
+    main()
