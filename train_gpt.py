@@ -203,6 +203,11 @@ class Hyperparameters:
     quant_mlp_bits: int = knob(6, choices=BITS)  # per-row int-N of the MLP matrices, 4-8, or 16 = fp16
     quant_attn_bits: int = knob(6, choices=BITS)  # attention matrices
     quant_embed_bits: int = knob(8, choices=BITS)  # embedding tables and an untied head
+    quant_clip: str = knob("search", choices=("search", "sdclip"))  # row clip: candidates searched | k * row std
+    quant_sigmas_mlp: float = knob(11.5, "(0, inf)")  # SDClip's k for the MLP matrices (PR #1855) ...
+    quant_sigmas_attn: float = knob(13.0, "(0, inf)")  # ... the attention matrices ...
+    quant_sigmas_embed: float = knob(14.0, "(0, inf)")  # ... and the embedding tables and an untied head
+    quant_sdclip_lambda: float = knob(0.0, "[0, inf)")  # Hessian-aware SDClip (PR #1412: 0.175); 0 = plain
     fp16_max_numel: int = knob(65_536, "[0, inf)")  # tensors up to this many elements are stored in fp16
     gptq_calibration: str = knob("train", choices=("train", "selfgen"))  # training tokens in the budget | model samples
     gptq_calib_tokens: int = knob(262_144, "[1, inf)")  # calibration tokens, all ranks together
@@ -324,6 +329,13 @@ class Hyperparameters:
              f"must be >= EVAL_SEQ_LEN={eval_len} (one TTT sequence)"),
             ("TTT_FREEZE_BLOCKS", 0 <= self.ttt_freeze_blocks <= self.num_layers,
              f"must be in [0, NUM_LAYERS={self.num_layers}]"),
+            ("QUANT_CLIP", self.quant_clip == "search" or self.quant_method != "gptq_lite",
+             "must be search with QUANT_METHOD=gptq_lite (that method is the clip search SDClip replaces)"),
+            *[(k, self.quant_clip == "sdclip" or getattr(self, k.lower()) == v, f"must stay {v} unless QUANT_CLIP="
+               "sdclip (which reads it)") for k, v in (("QUANT_SIGMAS_MLP", 11.5), ("QUANT_SIGMAS_ATTN", 13.0),
+                                                       ("QUANT_SIGMAS_EMBED", 14.0), ("QUANT_SDCLIP_LAMBDA", 0.0))],
+            ("QUANT_SDCLIP_LAMBDA", self.quant_sdclip_lambda == 0 or self.quant_method == "gptq",
+             "needs QUANT_METHOD=gptq (the Hessians it reads)"),
             ("WARMDOWN_FRAC", self.warmdown_frac == 0 or self.warmdown_iters == 0,
              f"must be 0 while WARMDOWN_ITERS={self.warmdown_iters} > 0 (one LR schedule at a time)"),
         ]
@@ -1687,23 +1699,36 @@ def _gptq(W: Tensor, S: Tensor, H: Tensor, qmax: int, block: int, damp: float, k
     return Q[:, torch.argsort(perm)]
 
 
+def sdclip(w: Tensor, sigmas: float, H: Tensor | None = None, lam: float = 0.0) -> Tensor:
+    """SDClip's row clip (PR #1394): k * std of the row; Hessian-aware with lam > 0 (PR #1412): times
+    1 + lam * (r_i - 1), r_i = mean_j |w_ij| d_j with d = diag(H) / mean(diag(H)), r normalised to mean 1."""
+    clip = sigmas * w.std(dim=1)
+    if H is None or lam == 0:
+        return clip
+    r = (w.abs() * (H.diagonal() / H.diagonal().mean())).mean(1)
+    return clip * (1 + lam * (r / r.mean() - 1))
+
+
 def quantize_rows(w: Tensor, bits: int, H: Tensor | None = None, clips: tuple[float, ...] = CLIP_QUANTILES,
-                  keep: Tensor | None = None, block: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+                  keep: Tensor | None = None, block: int = 128, damp: float = 0.01,
+                  clip: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row symmetric int-N: w ~ q * scale[:, None], q in [-(2^(N-1) - 1), 2^(N-1) - 1] (int8 container),
     fp16 scales. Every clip candidate (a row quantile of |w|) is tried on every row and each row keeps the one
     with the least error: with the layer input's Hessian H = E[x x^T], GPTQ and the output error
     dW H dW^T (rows are independent in GPTQ, so the choice can be per row); without, round to nearest and
-    the squared error. One clip at 1.0 and no H is plain round-to-nearest; clips and no H is GPTQ-lite."""
+    the squared error. One clip at 1.0 and no H is plain round-to-nearest; clips and no H is GPTQ-lite. A
+    given per-row `clip` (SDClip) is the one candidate instead."""
     qmax, w = 2 ** (bits - 1) - 1, w.float()
-    scales = torch.stack([row_scale(abs_quantile(w, c), qmax) for c in clips]).float()  # (K, rows)
-    W, S = w.repeat(len(clips), 1), scales.flatten()
-    K = keep.repeat(len(clips), 1) if keep is not None else None
+    cands = [abs_quantile(w, c) for c in clips] if clip is None else [clip.float()]
+    scales = torch.stack([row_scale(c, qmax) for c in cands]).float()  # (K, rows)
+    W, S = w.repeat(len(cands), 1), scales.flatten()
+    K = keep.repeat(len(cands), 1) if keep is not None else None
     if H is None:
         Q = to_grid(W, S[:, None], qmax) * (K if K is not None else 1)
     else:
         Q = _gptq(W, S, H.float(), qmax, block, damp, K)
     err = quant_error(W, Q, S, H)
-    pick = err.view(len(clips), -1).argmin(0) * w.size(0) + torch.arange(w.size(0), device=w.device)
+    pick = err.view(len(cands), -1).argmin(0) * w.size(0) + torch.arange(w.size(0), device=w.device)
     return Q[pick].to(torch.int8), scales.flatten()[pick].half()
 
 
@@ -1830,7 +1855,8 @@ def quantize_state(h: Hyperparameters, sd: dict[str, Tensor], kinds: dict[str, s
         elif info["bits"] == FP16:
             out[name] = t.detach().cpu().half()
         else:
-            out[name + ".q"], out[name + ".scale"] = quantize_tensor(h, t, info["bits"], hessian_of(h, hessians, name))
+            out[name + ".q"], out[name + ".scale"] = quantize_tensor(h, name, t, info["bits"],
+                                                                     hessian_of(h, hessians, name))
         meta["tensors"][name] = info
     return out, meta
 
@@ -1839,10 +1865,17 @@ def hessian_of(h: Hyperparameters, hessians: dict[str, Tensor] | None, name: str
     return hessians.get(name) if hessians and h.quant_method == "gptq" else None
 
 
-def quantize_tensor(h: Hyperparameters, t: Tensor, bits: int, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
+def quantize_tensor(h: Hyperparameters, name: str, t: Tensor, bits: int,
+                    hessian: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One int-N tensor by QUANT_METHOD and QUANT_CLIP; SDClip's k by group as quant_bits groups (MLP and
+    attention matrices of the blocks, embedding tables)."""
     keep = t.abs() > abs_quantile(t.flatten(), h.prune_frac) if h.prune_frac > 0 else None
-    clips = (1.0,) if h.quant_method == "rtn" else CLIP_QUANTILES
-    q, s = quantize_rows(t, bits, hessian, clips, keep, h.gptq_block_size, h.gptq_damp)
+    clips, clip = (1.0,) if h.quant_method == "rtn" else CLIP_QUANTILES, None
+    if h.quant_clip == "sdclip":
+        k = h.quant_sigmas_mlp if ".mlp." in name else h.quant_sigmas_attn if name.startswith("blocks.") \
+            else h.quant_sigmas_embed
+        clip = sdclip(t.float(), k, hessian, h.quant_sdclip_lambda)
+    q, s = quantize_rows(t, bits, hessian, clips, keep, h.gptq_block_size, h.gptq_damp, clip)
     return q.cpu(), s.cpu()
 
 
@@ -1962,7 +1995,7 @@ def narrow_to_fit(h: Hyperparameters, sd: dict[str, Tensor], hessians: dict[str,
         if bits < 4:
             return None
         hessian, w = hessian_of(h, hessians, name), sd[name]
-        q, s = quantize_tensor(h, w, bits, hessian)
+        q, s = quantize_tensor(h, name, w, bits, hessian)
         old_q, old_s = tensors[name + ".q"], tensors[name + ".scale"]
         saved = entropy_bytes(old_q) - entropy_bytes(q)
         if saved <= 0:  # no smaller: never worth the error
@@ -2060,8 +2093,10 @@ def export(h: Hyperparameters, model: GPT, hessians: dict[str, Tensor] | None, c
     blob = fit_artifact(h, model.state_dict(), kinds, hessians, CAP_BYTES - code_bytes - h.fit_margin_bytes, log)
     write_atomic(h.artifact_path, blob)
     write_atomic(ARTIFACT_PATH, blob)  # the latest run's artifact, as the official scripts name it
+    clip = f"sdclip@mlp{h.quant_sigmas_mlp}/attn{h.quant_sigmas_attn}/embed{h.quant_sigmas_embed}" + \
+        (f"/lambda{h.quant_sdclip_lambda}" if h.quant_sdclip_lambda else "") if h.quant_clip == "sdclip" else "search"
     log(f"quantization method:{h.quant_method} bits:mlp{h.quant_mlp_bits}/attn{h.quant_attn_bits}/"
-        f"embed{h.quant_embed_bits} fit:{h.fit_strategy} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        f"embed{h.quant_embed_bits} clip:{clip} fit:{h.fit_strategy} time:{1000 * (time.perf_counter() - t0):.0f}ms")
     label, total = f"{quant_label(h)}+{h.compressor}", code_bytes + len(blob)
     log(f"Serialized model {label}: {len(blob)} bytes")
     log(f"Code size: {code_bytes} bytes")

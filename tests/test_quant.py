@@ -50,6 +50,56 @@ def test_clip_search_is_never_worse_than_round_to_nearest():
     assert (row_err(lite) <= row_err(rtn) + 1e-6).all() and row_err(lite).sum() < row_err(rtn).sum()
 
 
+def test_sdclip_clips_each_row_at_k_standard_deviations():
+    """SDClip (PR #1394): row i's clip is k * std(w_i): scale = that / qmax rounded up to fp16, values past it
+    clamp to +-qmax, and a wider k gives fewer bytes (lower symbol entropy), the rule's monotonicity."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 512) * torch.logspace(-2, 0, 32)[:, None]
+    sizes = []
+    for k in (3.0, 6.0, 12.85):
+        q, s = train_gpt.quantize_rows(w, 6, clip=train_gpt.sdclip(w, k))
+        assert torch.equal(s, train_gpt.row_scale(k * w.std(dim=1), 31))
+        inside = w.abs() <= k * w.std(dim=1, keepdim=True)
+        err, step = (w - q * s.float()[:, None]).abs(), s.float()[:, None].expand_as(w)
+        assert (q[~inside].abs() == 31).all() and (err[inside] <= step[inside] / 2).all()
+        sizes.append(train_gpt.entropy_bytes(q))
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_hessian_aware_sdclip_widens_the_rows_on_important_inputs():
+    """PR #1412: clip_i * (1 + lam (r_i - 1)), r_i = mean_j |w_ij| diag(H)_j / mean(diag H), normalised to mean 1;
+    lam = 0 (or no H) is plain SDClip."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 8)
+    w[0, :2] = 5.0  # row 0 is large on the inputs that matter
+    H = torch.diag(torch.tensor([10.0, 10.0, 1, 1, 1, 1, 1, 1]))
+    plain, aware = train_gpt.sdclip(w, 12.0), train_gpt.sdclip(w, 12.0, H, 0.175)
+    assert torch.equal(train_gpt.sdclip(w, 12.0, H, 0.0), plain)
+    assert torch.equal(train_gpt.sdclip(w, 12.0, None, 0.175), plain)
+    r = (w.abs() * (H.diagonal() / H.diagonal().mean())).mean(1)
+    assert torch.allclose(aware, plain * (1 + 0.175 * (r / r.mean() - 1))) and aware[0] > plain[0]
+
+
+def test_sdclip_takes_k_by_tensor_group_and_off_is_the_clip_search():
+    h = _h(quant_method="rtn", quant_clip="sdclip", quant_sigmas_mlp=5.0, quant_sigmas_attn=7.0,
+           quant_sigmas_embed=9.0)
+    _, sd, kinds = _state(h)
+    out, _ = train_gpt.quantize_state(h, sd, kinds)
+    for name, k in (("blocks.0.mlp.fc.weight", 5.0), ("blocks.1.attn.c_q.weight", 7.0), ("tok_emb.weight", 9.0)):
+        bits = train_gpt.quant_bits(h, name, kinds[name], sd[name].shape)
+        clip = k * sd[name].float().std(dim=1)
+        assert torch.equal(out[name + ".scale"], train_gpt.row_scale(clip, 2 ** (bits - 1) - 1))
+    search, _ = train_gpt.quantize_state(_h(quant_method="rtn"), sd, kinds)
+    rtn = train_gpt.quantize_rows(sd["tok_emb.weight"], 8, clips=(1.0,))
+    assert torch.equal(search["tok_emb.weight.scale"], rtn[1])
+    for env, message in (({"QUANT_SIGMAS_MLP": "10"}, "QUANT_SIGMAS_MLP=10.0: must stay 11.5 unless QUANT_CLIP=sdclip"),
+                         ({"QUANT_CLIP": "sdclip", "QUANT_METHOD": "gptq_lite"}, "QUANT_CLIP='sdclip': must be search"),
+                         ({"QUANT_CLIP": "sdclip", "QUANT_METHOD": "rtn", "QUANT_SDCLIP_LAMBDA": "0.1"},
+                          "QUANT_SDCLIP_LAMBDA=0.1: needs QUANT_METHOD=gptq")):
+        with pytest.raises(train_gpt.ConfigError, match=message):
+            train_gpt.Hyperparameters.from_env(env)
+
+
 def _nextafter_row_scale(clip, qmax):
     """The eager definition: round to fp16, then one fp16 step up where that fell below clip / qmax."""
     s = (clip.float() / qmax).clamp_min(2.0**-24)
