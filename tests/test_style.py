@@ -5,6 +5,8 @@ import ast
 import dataclasses
 import re
 
+import pytest
+
 from conftest import ROOT
 
 import train_gpt
@@ -63,10 +65,11 @@ def test_ci_runs_the_readme_test_command():
     assert command in ci.splitlines()
 
 
-def test_readme_runs_the_baseline_from_its_config_file():
-    command = re.search(r"<!-- baseline-env -->\s*```bash\n(.+?)\n```", README, flags=re.S).group(1).strip()
-    assert command.startswith("env $(grep -v '^#' configs/baseline.env | xargs) torchrun ")
-    assert command.endswith(" train_gpt.py") and (ROOT / "configs" / "baseline.env").is_file()
+@pytest.mark.parametrize("name", ["baseline", "frontier"])
+def test_readme_runs_the_presets_from_their_config_files(name):
+    command = re.search(rf"<!-- {name}-env -->\s*```bash\n(.+?)\n```", README, flags=re.S).group(1).strip()
+    assert command.startswith(f"env $(grep -v '^#' configs/{name}.env | xargs) torchrun ")
+    assert command.endswith(" train_gpt.py") and (ROOT / "configs" / f"{name}.env").is_file()
 
 
 def test_readme_setup_pins_a_torch_that_requirements_accept_and_greps_scores_not_source():
