@@ -12,6 +12,7 @@ Notable features:
   embeddings, leaky-ReLU^2, orthogonal init; each a knob, and all off is the official baseline
 - wall-clock schedule: the LR warmdown ends at the cap and every rank stops at the same step; compile
   warm-up steps are excluded from the clock and undone (weights, optimizer state and data restored)
+- optional document packing with varlen attention (PR #1530) and a progressive training length (PR #2014)
 - Muon (Newton-Schulz 5) for the block matrices, AdamW for embeddings and control tensors; EMA or SWA
   weights are exported; late QAT that really acts under torch.compile
 - export: per-row int-N with full-Hessian GPTQ (calibrated inside the training budget, or on self-generated
