@@ -12,6 +12,7 @@ Notable features:
   embeddings, leaky-ReLU^2, orthogonal init; each a knob, and all off is the official baseline
 - wall-clock schedule: the LR warmdown ends at the cap and every rank stops at the same step; compile
   warm-up steps are excluded from the clock and undone (weights, optimizer state and data restored)
+- optional document packing with varlen attention (PR #1530) and a progressive training length (PR #2014)
 - Muon (Newton-Schulz 5) for the block matrices, AdamW for embeddings and control tensors; EMA or SWA
   weights are exported; late QAT that really acts under torch.compile
 - export: per-row int-N with full-Hessian GPTQ (calibrated inside the training budget, or on self-generated
@@ -20,7 +21,7 @@ Notable features:
 - device-agnostic: CUDA (NCCL, bf16 autocast, torch.compile, FlashAttention 3 when installed) or CPU (gloo,
   fp32, SDPA), so the whole file is testable without a GPU
 
-Budget: this file stays under 2600 lines; its bytes count toward the 16,000,000-byte artifact.
+Budget: this file stays under 2700 lines; its bytes count toward the 16,000,000-byte artifact.
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ import zstandard
 from torch import Tensor
 
 try:  # FlashAttention 3 (Hopper); optional, used only on CUDA
-    from flash_attn_interface import flash_attn_func
+    from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
 except ImportError:
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
 try:  # optional compressor (COMPRESSOR=brotli)
     import brotli
 except ImportError:
@@ -140,6 +141,10 @@ class Hyperparameters:
     rope_dims: int = knob(16, model=True)  # rotated dims per head (partial RoPE); 0 = all
     rope_ntk_len: int = knob(1024, model=True)  # NTK base scaling for TRAIN_SEQ_LEN above this length; 0 = none
     train_seq_len: int = knob(2048, "[1, inf)", model=True)  # training and validation length; fixes the RoPE base
+    # progressive training length 'L@f,...' (PR #2014): L while the training fraction is <= f; "" = TRAIN_SEQ_LEN
+    train_seq_schedule: str = knob("")
+    seq_change_warmup_steps: int = knob(0, "[0, inf)")  # LR ramp over N steps after each length switch; 0 = none
+    doc_packing: bool = knob(False)  # one packed row per micro-batch, attention within documents (varlen, PR #1530)
     logit_softcap: float = knob(30.0, "(0, inf)", model=True)
     logit_softcap_asym: bool = knob(False, model=True)  # two trained caps, for z >= 0 and z < 0 (PR #1923)
     qk_gain_init: float = 1.5
@@ -278,7 +283,11 @@ class Hyperparameters:
 
     def _rules(self) -> list[tuple[str, bool, str]]:
         """The rules that relate fields to each other: (variable, holds, what was expected)."""
-        hd, nh, eval_len = self.head_dim, self.num_heads, self.eval_len
+        hd, nh, eval_len, local = self.head_dim, self.num_heads, self.eval_len, self.train_batch_tokens // MICROBATCHES
+        try:
+            stages, bad_schedule = seq_schedule(self.train_seq_schedule), ""
+        except ValueError as e:
+            stages, bad_schedule = [], str(e)
         return [
             ("NUM_KV_HEADS", self.num_kv_heads >= 1 and nh % self.num_kv_heads == 0,
              f"must be >= 1 and divide NUM_HEADS={nh}"),
@@ -338,6 +347,13 @@ class Hyperparameters:
              "needs QUANT_METHOD=gptq (the Hessians it reads)"),
             ("WARMDOWN_FRAC", self.warmdown_frac == 0 or self.warmdown_iters == 0,
              f"must be 0 while WARMDOWN_ITERS={self.warmdown_iters} > 0 (one LR schedule at a time)"),
+            ("TRAIN_SEQ_SCHEDULE", not bad_schedule, bad_schedule),
+            ("TRAIN_SEQ_SCHEDULE", all(local % n == 0 for n, _ in stages),
+             f"every L must divide the micro-batch TRAIN_BATCH_TOKENS/{MICROBATCHES}={local} tokens"),
+            ("TRAIN_SEQ_LEN", not stages or self.train_seq_len == max(n for n, _ in stages),
+             "must equal the largest L of TRAIN_SEQ_SCHEDULE (it fixes the RoPE base and the validation length)"),
+            ("SEQ_CHANGE_WARMUP_STEPS", not self.seq_change_warmup_steps or bad_schedule or len(dict(stages)) > 1,
+             "must stay 0 unless TRAIN_SEQ_SCHEDULE switches length (the ramp follows each switch)"),
         ]
 
     # Derived values: computed here once, read everywhere as h.<name>.
@@ -380,6 +396,11 @@ class Hyperparameters:
             return order
         loop = order[self.loop_start : self.loop_end + 1]
         return order[: self.loop_start] + loop * (self.num_loops + 1) + order[self.loop_end + 1 :]
+
+    @property
+    def seq_stages(self) -> list[tuple[int, float]]:
+        """(L, f) of each training-length stage: TRAIN_SEQ_SCHEDULE, or one stage of TRAIN_SEQ_LEN."""
+        return seq_schedule(self.train_seq_schedule) or [(self.train_seq_len, 1.0)]
 
     @property
     def eval_len(self) -> int:
@@ -429,6 +450,24 @@ def layer_list(text: str, num_layers: int) -> list[int] | None:
     layers = [i + num_layers if i < 0 else i for i in given if i >= -num_layers]
     ok = len(set(layers)) == len(layers) and all(i < num_layers for i in layers) and (layers or not given)
     return layers if ok else None
+
+
+def seq_schedule(text: str) -> list[tuple[int, float]]:
+    """'1024@0.1,2048@0.7' -> [(1024, 0.1), (2048, 0.7), (2048, 1.0)]; '' -> []. Stages 'L@f' with L > 0 and f in
+    (0, 1], f increasing; a last f below 1 gets the stage (last L, 1.0) appended (PR #2014). ValueError: what was
+    expected."""
+    if not text.strip():
+        return []
+    try:
+        stages = [(int(n), float(f)) for n, f in (part.split("@") for part in text.split(","))]
+    except ValueError:
+        raise ValueError("must be comma-separated stages L@f (a length and a training fraction), e.g. "
+                         "1024@0.1,2048@0.7,3072@1.0") from None
+    if not all(n > 0 and 0 < f <= 1 for n, f in stages):
+        raise ValueError("every stage L@f needs L > 0 and f in (0, 1]")
+    if any(a[1] >= b[1] for a, b in zip(stages, stages[1:])):
+        raise ValueError("the fractions f must increase from stage to stage")
+    return stages + [(stages[-1][0], 1.0)] * (stages[-1][1] < 1)
 
 
 OUR_PREFIXES = ("TTT_", "GPTQ_", "QUANT_", "MUON_", "EMA_", "SWA_", "BIGRAM_", "ROPE_", "XSA_", "VE_", "EVAL_",
@@ -702,26 +741,49 @@ class TokenStream:
             return np.concatenate(parts)
 
 
+CU_SEQLENS_MULTIPLE = 64  # packed rows' boundary lists are padded to a multiple of this: few compiled shapes (PR #1530)
+
+
+def cu_seqlens(ids: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
+    """Segment boundaries (int32) of one packed row for varlen attention (PR #1530): a segment starts at
+    position 0 (the row usually starts mid-document) and at every BOS; one longer than max_len is cut into
+    max_len-token pieces from its start. The list (starts, then the row length) is padded to a multiple of
+    CU_SEQLENS_MULTIPLE entries by repeating the length (empty trailing segments)."""
+    starts = np.flatnonzero(np.arange(len(ids)) * (ids != bos_id) == 0)  # 0 and the BOS positions
+    pieces = -(-np.diff(starts, append=len(ids)) // max_len)
+    offsets = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    bounds = np.append(np.repeat(starts, pieces) + offsets * max_len, len(ids))
+    return np.pad(bounds, (0, -len(bounds) % CU_SEQLENS_MULTIPLE), mode="edge").astype(np.int32)
+
+
 class DistributedTokenLoader:
     """Each call consumes world_size * (local_tokens + 1) consecutive stream tokens and hands rank r the r-th
     span, so ranks never share data, and over the MICROBATCHES micro-batches of a step the ranks together
     cover the same stretch of the stream whatever the world size. The +1 token is the last target. While the
     caller computes, a background thread already reads the next batch of the same size (into pinned memory and
     a non-blocking copy on CUDA); a read-ahead that is not used is given back, so the batches are exactly
-    those of reading on demand and the stream position is the end of the last batch handed out."""
+    those of reading on demand and the stream position is the end of the last batch handed out. With a bos_id
+    (DOC_PACKING) a batch is one packed row (1, local_tokens) of the same tokens and its segments (cu_seqlens,
+    seq_len), computed in the thread, seq_len capping the segments instead of shaping rows."""
 
-    def __init__(self, data: TrainingData, rank: int, world_size: int):
-        self.stream, self.rank, self.world_size = TokenStream(data), rank, world_size
+    def __init__(self, data: TrainingData, rank: int, world_size: int, bos_id: int | None = None):
+        self.stream, self.rank, self.world_size, self.bos_id = TokenStream(data), rank, world_size, bos_id
         self.pool, self.pending, self.mark = concurrent.futures.ThreadPoolExecutor(1), None, None
 
-    def _read(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _read(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple:
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
-        t = torch.from_numpy(chunk.astype(np.int64))
-        t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-        return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+        t = self._to(chunk.astype(np.int64), device)
+        if self.bos_id is None:
+            return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+        return t[None, :-1], t[None, 1:], (self._to(cu_seqlens(chunk[:-1], self.bos_id, seq_len), device), seq_len)
 
-    def _read_ahead(self, args: tuple | None) -> tuple[Tensor, Tensor] | None:
+    @staticmethod
+    def _to(a: np.ndarray, device: torch.device) -> Tensor:
+        t = torch.from_numpy(a)
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+    def _read_ahead(self, args: tuple | None) -> tuple | None:
         """The batch read ahead if it was read for args; otherwise None, and the stream goes back to where it
         was before that read."""
         if self.pending is None:
@@ -733,7 +795,8 @@ class DistributedTokenLoader:
         self.stream = self.mark
         return None
 
-    def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple:
+        """(inputs, targets) as (local_tokens / seq_len, seq_len) rows, or packed (inputs, targets, segments)."""
         self.stream.data.check_open("next_batch")
         args = (local_tokens, seq_len, device)
         batch = self._read_ahead(args) or self._read(*args)
@@ -921,15 +984,27 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, use_fa3: bool) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, use_fa3: bool, segments: tuple[Tensor, int] | None = None) -> Tensor:
     """Causal attention on (B, T, H, D) tensors with grouped KV heads: query head h reads KV head
-    h // (H / Hkv). FlashAttention 3 and SDPA compute the same function; FA3 needs bf16 inputs."""
+    h // (H / Hkv). FlashAttention 3 and SDPA compute the same function; FA3 needs bf16 inputs. With segments
+    (cu_seqlens, max_seqlen) of a packed (1, T) row, a position attends only within its segment: FA3's varlen
+    kernel, or SDPA with the block-diagonal causal mask (T x T booleans: for CPU and tests, not 98k-token rows)."""
     if use_fa3:
-        y = flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+        qkv = [t.bfloat16() for t in (q, k, v)]
+        if segments is None:
+            y = flash_attn_func(*qkv, causal=True)
+        else:
+            cu, n = segments
+            y = flash_attn_varlen_func(*(t[0] for t in qkv), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
+                                       max_seqlen_k=n, causal=True)
         y = y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the log-sum-exp
-        return y.to(q.dtype)  # as it came under autocast, where q is bf16
+        return y.view_as(q).to(q.dtype)  # as it came under autocast, where q is bf16
+    mask = None
+    if segments is not None:  # document of each position: the number of segment starts at or before it
+        doc = torch.bucketize(torch.arange(q.size(1), device=q.device), segments[0], right=True)
+        mask = (doc[:, None] == doc[None, :]).tril()
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=True)
+                                       attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     return y.transpose(1, 2)
 
 
@@ -1042,7 +1117,8 @@ class CausalSelfAttention(nn.Module):
             return 2 * torch.sigmoid(z)
         return torch.sigmoid(z * self.gate_scale if self.gate == "sparse" else z)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None,
+                segments: tuple[Tensor, int] | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -1050,7 +1126,7 @@ class CausalSelfAttention(nn.Module):
         v = (v if ve is None else v + ve.to(v.dtype)).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)  # QK-norm, then RoPE
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = attention(q, k, v, self.use_fa3)
+        y = attention(q, k, v, self.use_fa3, segments)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.gate != "none":
@@ -1083,18 +1159,21 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None,
+                segments: tuple[Tensor, int] | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, cos, sin, ve)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, cos, sin, ve, segments)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
 
     def parallel(self, lanes: tuple[Tensor, Tensor], x0: Tensor, post: Tensor, resid: Tensor, cos: Tensor,
-                 sin: Tensor, ve: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 sin: Tensor, ve: Tensor | None = None, segments: tuple[Tensor, int] | None = None
+                 ) -> tuple[Tensor, Tensor]:
         """Two-lane form (PR #1529): attention reads lane 0 (mixed with x0), the MLP reads lane 1 as it came in,
         and lane k <- resid[k] * lane k + post[0, k] * attention + post[1, k] * MLP."""
         (a, m), mix = lanes, self.resid_mix.to(x0.dtype)
-        y = self.attn_scale.to(a.dtype) * self.attn(rms_norm(mix[0] * a + mix[1] * x0) * self.ln_scale, cos, sin, ve)
+        y = self.attn_scale.to(a.dtype) * self.attn(rms_norm(mix[0] * a + mix[1] * x0) * self.ln_scale, cos, sin, ve,
+                                                    segments)
         f = self.mlp_scale.to(m.dtype) * self.mlp(rms_norm(m) * self.ln_scale)
         post, resid = post.to(a.dtype), resid.to(a.dtype)
         return tuple(resid[k] * lane + post[0, k] * y + post[1, k] * f for k, lane in enumerate(lanes))
@@ -1177,7 +1256,7 @@ class GPT(nn.Module):
 
     def __init__(self, h: Hyperparameters, bos_id: int = 1, use_fa3: bool = False, qat: bool = True):
         super().__init__()
-        self.logit_softcap = h.logit_softcap
+        self.logit_softcap, self.bos_id = h.logit_softcap, bos_id  # the BOS of SmearGate and of DOC_PACKING
         # PR #1923's asymmetric cap, both 0-dim and trained by AdamW (param_groups' 'softcap' group; the records' pair
         # was in no optimizer and stayed at LOGIT_SOFTCAP, so it was the symmetric cap, PR #1945/#2014)
         self.softcap_pos, self.softcap_neg = (nn.Parameter(torch.tensor(h.logit_softcap)) for _ in range(2)) \
@@ -1215,7 +1294,7 @@ class GPT(nn.Module):
         if qat:  # a model for evaluation and TTT skips the fake-quantization work entirely
             configure_qat(self, h)
 
-    def forward_logits(self, input_ids: Tensor) -> Tensor:
+    def forward_logits(self, input_ids: Tensor, segments: tuple[Tensor, int] | None = None) -> Tensor:
         e, device = self.tok_emb(input_ids), input_ids.device.type
         if torch.is_autocast_enabled(device):  # the activations in its dtype from here on, as the records ran
             e = e.to(torch.get_autocast_dtype(device))
@@ -1240,10 +1319,10 @@ class GPT(nn.Module):
             k, block = self.ve_index.get(i), self.blocks[i]
             vek = None if k is None else ve * self.ve_layer_scales[k].to(ve.dtype)
             if lane1 is None:
-                x = block(x, x0, cos, sin, vek)
+                x = block(x, x0, cos, sin, vek, segments)
             else:
                 x, lane1 = block.parallel((x, lane1), x0, self.parallel_post_lambdas[i],
-                                          self.parallel_resid_lambdas[i], cos, sin, vek)
+                                          self.parallel_resid_lambdas[i], cos, sin, vek, segments)
             if j < n_enc:
                 skips.append(x)
         x = rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -1259,9 +1338,11 @@ class GPT(nn.Module):
         s = self.skip_weights[j].to(x.dtype) * skip
         return x + s if self.skip_gates is None else torch.lerp(s, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, reduction: str = "mean") -> Tensor:
-        """Cross-entropy in fp32: the mean (training) or per position, shaped like target_ids (evaluation)."""
-        logits = self.forward_logits(input_ids)
+    def forward(self, input_ids: Tensor, target_ids: Tensor, reduction: str = "mean",
+                segments: tuple[Tensor, int] | None = None) -> Tensor:
+        """Cross-entropy in fp32: the mean (training) or per position, shaped like target_ids (evaluation).
+        segments: a packed row's (cu_seqlens, max_seqlen), see attention."""
+        logits = self.forward_logits(input_ids, segments)
         loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction=reduction)
         return loss if reduction == "mean" else loss.view_as(target_ids)
 
@@ -1340,7 +1421,9 @@ def describe_features(h: Hyperparameters) -> str:
             f"mlp:{h.mlp_act}x{h.mlp_mult}{f' leaky_slope:{h.mlp_leaky_slope}' if h.mlp_act == 'leaky_relu2' else ''} "
             f"ortho_init:{int(h.ortho_init)} logit_softcap:{h.logit_softcap}{'/asym' if h.logit_softcap_asym else ''} "
             f"loops:{f'{h.loop_start}-{h.loop_end}x{h.num_loops}@{h.enable_looping_at}' if h.num_loops else 'off'} "
-            f"parallel_from:{h.parallel_start_layer or 'off'}")
+            f"parallel_from:{h.parallel_start_layer or 'off'} "
+            f"doc_packing:{int(h.doc_packing)} train_seq:{','.join(f'{n}@{f}' for n, f in h.seq_stages)}"
+            f"{f' seq_change_warmup:{h.seq_change_warmup_steps}' if h.seq_change_warmup_steps else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1551,6 +1634,20 @@ def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
         if remaining_ms <= warmdown_ms:
             scale = min(scale, remaining_ms / max(warmdown_ms, 1e-9))
     return max(scale, h.min_lr)
+
+
+def seq_len_at(h: Hyperparameters, frac: float) -> int:
+    """The training length at training fraction frac: the L of the first stage with frac <= f (inclusive)."""
+    return next(n for n, f in h.seq_stages if frac <= f)
+
+
+def seq_ramp(h: Hyperparameters, step: int, switch_step: int) -> float:
+    """Multiplier of every optimizer's LR after a length switch at switch_step > 0 (PR #2014): min(1, (step -
+    switch_step + 1) / SEQ_CHANGE_WARMUP_STEPS), so decoupled WD (p <- p*(1 - lr*wd)) ramps with it; 1 before any
+    switch or when the ramp is off. Late QAT and SWA read the unramped lr_scale."""
+    if h.seq_change_warmup_steps == 0 or switch_step <= 0:
+        return 1.0
+    return min(1.0, (step - switch_step + 1) / h.seq_change_warmup_steps)
 
 
 def muon_wd_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
@@ -2323,21 +2420,61 @@ def prepare_training(h: Hyperparameters, d: Dist, base_model: GPT) -> tuple[nn.M
     and Newton-Schulz are compiled (when compiling), so the compiled graph sees the banked views."""
     compiled = use_compile(h, d)
     ns_fn = torch.compile(zeropower_via_newtonschulz5, dynamic=False) if compiled else zeropower_via_newtonschulz5
+    if compiled:  # a graph for each shape (PR #2014 raised the limit to 128), plus evaluation's
+        shapes = len(warmup_shapes(h)) + len(warmup_shapes(h, True))
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, shapes + 8)
     opt = Optimizers(h, base_model, bank_block_matrices(base_model, d), d, ns_fn)
     return (torch.compile(base_model, dynamic=False, fullgraph=True) if compiled else base_model), opt
 
 
+CU_SEQLENS_WARM = 256  # packed shapes are compiled before the clock up to this many cu_seqlens entries (PR #2014)
+
+
+def warmup_shapes(h: Hyperparameters, looping: bool = False) -> list[tuple[int, int]]:
+    """The training shapes (L, cu_seqlens entries) compiled before the clock by one forward/backward each, beyond
+    the warm-up steps' own: each stage's L (0 entries: rows of L); packed, each L with every padded cu_seqlens
+    length from the least that holds a row's L-capped segments to CU_SEQLENS_WARM (a row of more segments
+    compiles in the loop). Of the stages that run plain (looping False: a stage that starts before
+    ENABLE_LOOPING_AT) or looped (one that ends at or after it), as PR #2014's 'auto' mode. Empty without a
+    schedule or packing: the warm-up steps compile the one shape."""
+    if len(h.seq_stages) == 1 and not h.doc_packing:
+        return []
+    local, m, shapes, stages = h.train_batch_tokens // MICROBATCHES, CU_SEQLENS_MULTIPLE, [], h.seq_stages
+    lows = [0.0] + [f for _, f in stages[:-1]]
+    runs = [looping_at(h, f) if looping else not looping_at(h, lo) for (_, f), lo in zip(stages, lows)]
+    for n in dict.fromkeys(n for (n, _), run in zip(stages, runs) if run):
+        least = -(-(local // n + 1) // m) * m
+        shapes += [(n, e) for e in range(least, max(least, CU_SEQLENS_WARM) + 1, m)] if h.doc_packing else [(n, 0)]
+    return shapes
+
+
+def warmup_segments(local_tokens: int, seq_len: int, entries: int, device: torch.device) -> tuple[Tensor, int]:
+    """Segments of a packed row with `entries` cu_seqlens entries after padding: as many equal segments (each
+    <= seq_len) as that padded length holds."""
+    n = max(local_tokens // seq_len, entries - CU_SEQLENS_MULTIPLE)
+    bounds = np.linspace(0, local_tokens, n + 1).round().astype(np.int32)
+    return torch.from_numpy(np.pad(bounds, (0, entries - n - 1), mode="edge")).to(device), seq_len
+
+
+def forward_backward(h: Hyperparameters, d: Dist, model: nn.Module, loader: DistributedTokenLoader, seq_len: int,
+                     segments: tuple[Tensor, int] | None = None) -> Tensor:
+    """Loss and backward of one micro-batch at training length seq_len (a packed row's segment cap); segments
+    replace a packed batch's own (compile warm-up of a cu_seqlens length)."""
+    x, y, *packed = loader.next_batch(h.train_batch_tokens // MICROBATCHES, seq_len, d.device)
+    with d.autocast():
+        loss = model(x, y, segments=segments or (packed[0] if packed else None))
+    (loss / d.grad_accum_steps).backward()
+    return loss.detach()
+
+
 def train_step(h: Hyperparameters, d: Dist, model: nn.Module, opt: Optimizers, loader: DistributedTokenLoader,
-               step: int, scale: float, wd_scale: float = 1.0, after_micro=None) -> Tensor:
-    """Forward and backward of this rank's micro-batches (after_micro() after each one, for timing), then the
-    optimizer step, which does all the communication; no host-device synchronisation. Returns the mean loss."""
+               step: int, scale: float, wd_scale: float = 1.0, after_micro=None, seq_len: int | None = None) -> Tensor:
+    """Forward and backward of this rank's micro-batches at seq_len (TRAIN_SEQ_LEN when None; after_micro() after
+    each one, for timing), then the optimizer step, which does all the communication; no host-device
+    synchronisation. Returns the mean loss."""
     total = torch.zeros((), device=d.device)
     for _ in range(d.grad_accum_steps):
-        x, y = loader.next_batch(h.train_batch_tokens // MICROBATCHES, h.train_seq_len, d.device)
-        with d.autocast():
-            loss = model(x, y)
-        (loss / d.grad_accum_steps).backward()
-        total += loss.detach()
+        total += forward_backward(h, d, model, loader, seq_len or h.train_seq_len)
         if after_micro is not None:
             after_micro()
     opt.step(scale, muon_momentum(h, step), wd_scale)
@@ -2350,18 +2487,24 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
     model, opt = prepare_training(h, d, base_model)
 
     def new_loader() -> DistributedTokenLoader:
-        return DistributedTokenLoader(data, d.rank, d.world_size)
+        return DistributedTokenLoader(data, d.rank, d.world_size, base_model.bos_id if h.doc_packing else None)
 
-    # Compile warm-up: real steps, then weights, optimizer state and data position go back to the start.
-    t0 = time.perf_counter()
+    # Compile warm-up: a pass for each shape, real steps at the first, then weights, optimizer state and data
+    # position go back to the start.
+    t0, seq_len, switched = time.perf_counter(), h.seq_stages[0][0], 0
     if h.warmup_steps > 0:
         snapshot = copy.deepcopy((base_model.state_dict(), opt.state_dict()))
         loader = new_loader()
         for looping in sorted({looping_at(h, 0.0), h.num_loops > 0}):  # each graph the run will use
-            base_model.looping = looping
+            base_model.looping, tag = looping, " looped" if looping else ""
+            for n, entries in warmup_shapes(h, looping):
+                segments = warmup_segments(h.train_batch_tokens // MICROBATCHES, n, entries, d.device)
+                forward_backward(h, d, model, loader, n, segments if entries else None)
+                opt.zero_grad()
+                log(f"warmup_shape seq_len:{n} cu_seqlens:{entries}{tag}")
             for i in range(h.warmup_steps):
-                train_step(h, d, model, opt, loader, 0, 1.0)
-                log(f"warmup_step:{i + 1}/{h.warmup_steps}{' looped' if looping else ''}")
+                train_step(h, d, model, opt, loader, 0, 1.0, seq_len=seq_len)
+                log(f"warmup_step:{i + 1}/{h.warmup_steps}{tag}")
         base_model.load_state_dict(snapshot[0])
         opt.load_state_dict(snapshot[1])
         opt.zero_grad()
@@ -2400,7 +2543,12 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
             set_qat(base_model, True)
             qat = True
             log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
-        loss = train_step(h, d, model, opt, loader, step, scale, muon_wd_scale(h, step, elapsed_ms))
+        stage_len = seq_len_at(h, training_frac(h, step, elapsed_ms))
+        if stage_len != seq_len:  # the loader gives back its read-ahead for the old length: no data is skipped
+            seq_len, switched = stage_len, step
+            log(f"seq_len_switch step:{step} seq_len:{seq_len}")
+        loss = train_step(h, d, model, opt, loader, step, scale * seq_ramp(h, step, switched),
+                          muon_wd_scale(h, step, elapsed_ms), seq_len=seq_len)
         step += 1
         if averager is not None:
             averager.step(params, step, scale)

@@ -68,19 +68,28 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
 
 
 def projection():
-    h = tg.Hyperparameters.from_env({**config("frontier"), "TRAIN_SEQ_LEN": "2048"})
-    seed = tg.Hyperparameters()
+    h, seed = tg.Hyperparameters.from_env(config("frontier")), tg.Hyperparameters()
     mm, att = tg.forward_flops_per_token(seed, seed.train_seq_len)
-    mfu_1019 = 3 * (mm + att) * seed.train_batch_tokens / 0.0867 / (8 * tg.H100_BF16_FLOPS)
-    print(f"\nFull-size frontier preset ({tg.describe_features(h)}), sequence {h.train_seq_len}:\n"
-          f"| pass | forward FLOPs/token (matmul + attention) | PFLOP/step | projected ms/step at PR #1019's MFU "
-          f"({mfu_1019:.1%}) | records' ms/step |\n|---|---|---|---|---|")
-    for looped in (False, True):
-        mm, att = tg.forward_flops_per_token(h, h.train_seq_len, looped)
+    peak = 8 * tg.H100_BF16_FLOPS
+    mfu_1019 = 3 * (mm + att) * seed.train_batch_tokens / 0.0867 / peak
+    print(f"\nFull-size frontier preset ({tg.describe_features(h)}): projected 8xH100 ms/step at PR #1019's MFU "
+          f"({mfu_1019:.1%}), attention counted causal over the whole length L (packing only shortens it)\n"
+          "| training fraction | L | pass | forward FLOPs/token (matmul + attention) | PFLOP/step | projected ms/step |"
+          "\n|---|---|---|---|---|---|")
+    cuts = sorted({0.0, h.enable_looping_at, *(f for _, f in h.seq_stages)})
+    total = 0.0
+    for lo, hi in zip(cuts, cuts[1:]):
+        n, looped = tg.seq_len_at(h, hi), tg.looping_at(h, lo)
+        mm, att = tg.forward_flops_per_token(h, n, looped)
         step = 3 * (mm + att) * h.train_batch_tokens
-        name = "looped" if looped else "plain"
-        print(f"| {name} ({len(h.layer_order(looped))} layers) | {mm:.4g} + {att:.4g} | {step / 1e15:.3f} | "
-              f"{step / (mfu_1019 * 8 * tg.H100_BF16_FLOPS) * 1000:.1f} | {RECORD_MS[name]:.0f} |")
+        ms = step / (mfu_1019 * peak) * 1000
+        total += (hi - lo) / ms  # steps per ms of training, weighted by the fraction of the time
+        print(f"| {lo:.2f}-{hi:.2f} | {n} | {'looped' if looped else 'plain'} ({len(h.layer_order(looped))} layers) | "
+              f"{mm:.4g} + {att:.4g} | {step / 1e15:.3f} | {ms:.1f} |")
+    loop_s = h.loop_cap_ms / 1000
+    print(f"Time-weighted mean {1 / total:.1f} ms/step, {int(loop_s * 1000 * total):,} steps in {loop_s:.0f} s; the "
+          f"records measured {RECORD_MS['plain']:.0f} ms/step before the loop switch and {RECORD_MS['looped']:.0f} "
+          f"after (PR #1855, 2048 throughout), {RECORD_MS['average']:.0f} on average and 4,882-4,888 steps (PR #2014).")
 
 
 def main(argv=None):

@@ -45,7 +45,7 @@ def test_single_process_run_reports_a_checked_artifact_and_score(runs):
     assert "world_size:1 grad_accum_steps:8" in out and "hparam num_layers:2" in out
     assert ("features unet_skips:1 skip_gates:0 smear_gate:static bigram:256x32 xsa_layers:0,1 rope_dims:8/16 "
             "rope_base:10000.0 ln_scale:1 attn_gate:none value_embed:32@1 mlp:leaky_relu2x3.0 leaky_slope:0.5 ortho_init:1 "
-            "logit_softcap:30.0 loops:off parallel_from:off") in out
+            "logit_softcap:30.0 loops:off parallel_from:off doc_packing:0 train_seq:64@1.0") in out
     assert int(field(out, "val_data", "tokens")) > 0 and int(field(out, "val_data", "bytes")) > 0
     assert "device:cpu compile:0 autocast:off attention:sdpa" in out
     assert float(field(out, "model_flops", "matmul")) > 0 and float(field(out, "train_throughput", "tokens_per_s")) > 0

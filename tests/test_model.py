@@ -82,8 +82,8 @@ def _activation_dtypes(model: GPT, x, monkeypatch) -> set:
     what the kernel returns, of the attention output after XSA (proj's input) and of every block's output."""
     seen, attention = set(), train_gpt.attention
 
-    def spy(q, k, v, use_fa3):
-        y = attention(q, k, v, use_fa3)
+    def spy(q, k, v, use_fa3, segments=None):
+        y = attention(q, k, v, use_fa3, segments)
         seen.update((q.dtype, k.dtype, v.dtype, y.dtype))
         return y
 

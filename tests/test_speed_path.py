@@ -27,21 +27,32 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None):
                                          v.float().transpose(1, 2), is_causal=True, enable_gqa=True)
     out = out.transpose(1, 2).bfloat16()
     return (out, None) if RETURNS_TUPLE else out
+varlen_calls = []
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                           causal=False):
+    """FA3's varlen convention: (total, H, D) bf16 tensors, int32 boundaries (0, ..., total), causal in each segment."""
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16 and causal and softmax_scale is None and q.dim() == 3
+    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    varlen_calls.append((cu_seqlens_q.tolist(), max_seqlen_q, max_seqlen_k, tuple(q.shape), tuple(k.shape)))
+    out, b = torch.zeros_like(q), cu_seqlens_q.tolist()
+    for s, e in zip(b, b[1:]):
+        assert e - s <= max_seqlen_q
+        if e > s:
+            seg = [t[s:e].float().transpose(0, 1)[None] for t in (q, k, v)]
+            out[s:e] = F.scaled_dot_product_attention(*seg, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+    return (out, None) if RETURNS_TUPLE else out
 module = types.ModuleType("flash_attn_interface")
-module.flash_attn_func = flash_attn_func
+module.flash_attn_func, module.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
 sys.modules["flash_attn_interface"] = module
 '''
 
 
-@pytest.mark.parametrize("returns_tuple", [False, True])
-def test_flash_attention_3_standin_is_called_with_its_real_convention(returns_tuple):
-    """Installed as the module train_gpt imports, the stand-in is picked up at import, receives (B, T, H, D)
-    with the 2 KV heads undoubled, and the model output equals the SDPA path's up to bf16 rounding."""
-    code = f"RETURNS_TUPLE = {returns_tuple}\n" + FA3_STANDIN + f'''
+# after FA3_STANDIN: an SDPA model and an FA3 model with the same weights
+STANDIN_MODELS = f'''
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 import train_gpt
 from conftest import tiny_h
-assert train_gpt.flash_attn_func is flash_attn_func
+assert train_gpt.flash_attn_func is flash_attn_func and train_gpt.flash_attn_varlen_func is flash_attn_varlen_func
 torch.manual_seed(0)
 h = tiny_h()
 sdpa = train_gpt.GPT(h, use_fa3=False)
@@ -49,13 +60,41 @@ for p in sdpa.parameters():
     torch.nn.init.normal_(p, std=0.1)
 fa3 = train_gpt.GPT(h, use_fa3=True)
 fa3.load_state_dict(sdpa.state_dict())
+'''
+
+
+def _run_with_standin(returns_tuple: bool, checks: str):
+    code = f"RETURNS_TUPLE = {returns_tuple}\n" + FA3_STANDIN + STANDIN_MODELS + checks + "print('ok')\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("returns_tuple", [False, True])
+def test_flash_attention_3_standin_is_called_with_its_real_convention(returns_tuple):
+    """Installed as the module train_gpt imports, the stand-in is picked up at import, receives (B, T, H, D)
+    with the 2 KV heads undoubled, and the model output equals the SDPA path's up to bf16 rounding."""
+    _run_with_standin(returns_tuple, '''
 x = torch.randint(0, 1024, (2, 24))
 torch.testing.assert_close(fa3.forward_logits(x), sdpa.forward_logits(x), atol=0.15, rtol=0.05)
 assert calls == [((2, 24, 4, 16), (2, 24, 2, 16), (2, 24, 2, 16))] * h.num_layers, calls
-print("ok")
-'''
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+''')
+
+
+@pytest.mark.parametrize("returns_tuple", [False, True])
+def test_flash_attention_3_varlen_standin_gets_the_packed_rows_segments(returns_tuple):
+    """A packed row (DOC_PACKING): FA3's varlen kernel receives the flattened (T, H, D) tensors and exactly the
+    loader's cu_seqlens and cap, and the model output equals the SDPA path's block-diagonal mask."""
+    _run_with_standin(returns_tuple, '''
+x = torch.randint(2, 1024, (1, 70))
+x[0, [9, 20, 21, 50]] = 1
+cu = train_gpt.cu_seqlens(x[0].numpy(), 1, 16)
+assert cu.tolist()[:7] == [0, 9, 20, 21, 37, 50, 66] and set(cu.tolist()[7:]) == {70}
+segments = (torch.from_numpy(cu), 16)
+out = fa3.forward_logits(x, segments)
+torch.testing.assert_close(out, sdpa.forward_logits(x, segments), atol=0.15, rtol=0.05)
+assert not torch.allclose(out, sdpa.forward_logits(x), atol=0.15, rtol=0.05)  # the tolerance tells the masks apart
+assert varlen_calls == [(cu.tolist(), 16, 16, (70, 4, 16), (70, 2, 16))] * h.num_layers and not calls
+''')
 
 
 # every frontier model knob on (PR #1948, #1218, #1667/#1736/#1787, #1667/#1851, #1923), one attention gate each
@@ -77,6 +116,18 @@ def test_the_model_forward_has_no_graph_breaks(autocast, config):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             explanation = torch._dynamo.explain(model)(x, x.roll(-1, 1))
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_every_frontier_feature_with_a_packed_row_has_no_graph_break(looping):
+    """The frontier model knobs, the recurrence (plain and looped) and the parallel lanes on a packed row."""
+    model = GPT(tiny_h(**FRONTIER, attn_gate="sparse", attn_gate_scale=0.5))
+    model.looping = looping
+    x = torch.randint(0, 1024, (1, 128))
+    x[0, [0, 50, 51, 90]] = 1
+    segments = (torch.from_numpy(train_gpt.cu_seqlens(x[0].numpy(), 1, 32)), 32)
+    explanation = torch._dynamo.explain(model)(x, x.roll(-1, 1), segments=segments)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
 def test_qat_and_mode_switches_recompile_at_most_once():
