@@ -1580,7 +1580,7 @@ PRUNE_THREADS = 4  # concurrent trial encodes of the pruning search (lzma 9e nee
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # row-clip candidates of the GPTQ-lite search (PR #414)
 ARTIFACT_MAGIC, ARTIFACT_FORMAT = b"PGART", 2
 COMPRESSORS = ("lzma", "zstd", "brotli", "zlib", "rans")
-RANS_BITS, RANS_LANES, RANS_GRID = 12, 4096, 4  # table precision, interleaved states, spread codes per octave
+RANS_BITS, RANS_LANES, RANS_GRID = 12, 4096, 2  # table precision, most interleaved states, spread codes per octave
 CONTAINER_MAGIC = b"PGTENSORS1"
 CONTAINER_DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
@@ -1837,34 +1837,33 @@ def spread_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     model's context is their sum, the log of a row scale times a column scale."""
     sq = q.astype(np.float64) ** 2
     code = lambda ms: np.clip(np.round(RANS_GRID / 2 * np.log2(ms + 1e-6)), -64, 63).astype(np.int8)  # noqa: E731
-    return code(sq.sum(1) / max(q.shape[1], 1)), code(sq.sum(0) / max(q.shape[0], 1) / max(sq.mean() if sq.size else 1, 1e-6))
+    rows, cols = sq.sum(1) / max(q.shape[1], 1), sq.sum(0) / max(q.shape[0], 1)
+    return code(rows), code(cols / max(sq.mean() if sq.size else 1, 1e-6))
 
 
-def rans_contexts(rest: dict[str, Tensor], meta: dict) -> tuple[list[str], np.ndarray]:
-    """The coded tensors' names, in container order, and each symbol's context: bit width, row + column code."""
-    names = [n[:-10] for n in rest if n.endswith(".rans_rows")]
-    keys = [(min(meta.get("tensors", {}).get(n[:-2], {}).get("bits", 8), 8) << 8) + 128 + np.add.outer(
+def rans_contexts(rest: dict[str, Tensor], meta: dict, table: np.ndarray | None) -> tuple[list, np.ndarray, np.ndarray]:
+    """The coded tensors' names (container order), the table of context keys (None: those that occur) and each
+    symbol's row in it (-1: absent). A symbol's key: its tensor's bit width << 8 | 128 + row code + column code."""
+    names, info = [n[:-10] for n in rest if n.endswith(".rans_rows")], meta.get("tensors", {})
+    keys = [(min(info.get(n[:-2], {}).get("bits", 8), 8) << 8) + 128 + np.add.outer(
         rest[n + ".rans_rows"].numpy().astype(np.int32), rest[n + ".rans_cols"].numpy()).ravel() for n in names]
-    return names, np.concatenate(keys + [np.zeros(0, np.int32)])
-
-
-def rans_luts(table: np.ndarray, freq: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Each symbol's table row (the index of its context in `table`, whose rows `freq` are), cumulative freqs."""
+    keys = np.concatenate([np.zeros(0, np.int32), *keys])
+    table = np.flatnonzero(np.bincount(keys, minlength=1)).astype(np.int32) if table is None else table
     row = np.full(9 << 8, -1, np.int32)
     row[table] = np.arange(len(table))
-    return row[keys], np.cumsum(freq, 1) - freq
+    return names, table, row[keys]
 
 
 def rans_encode(data: bytes) -> bytes:
     """Interleaved rANS (Duda 2013; Giesen 2014, "Interleaved entropy coders") of a container's int8 tensors, all
-    in one stream: symbol i goes to state i % RANS_LANES and all states step together (numpy); 32-bit states,
+    in one stream: symbol i goes to state i % lanes and all states step together (numpy); 32-bit states,
     16-bit renormalization. The model: one order-0 table per context (rans_contexts), its counts scaled to total
     2^RANS_BITS, every seen symbol at least 1. The tables, the spread codes and every other tensor form a
     container compressed by the smallest of lzma, zstd and brotli. Payload: that compressor's index, the u32
     length of its output, the output, then u16 words: the final states' low and high halves, then the
     renormalization words in decoding order."""
     tensors, meta = unpack_tensors(data)
-    rest, syms, meta["rans_shapes"] = {}, [], {}
+    rest, syms, meta["rans_shapes"] = {}, [np.zeros(0, np.uint8)], {}
     for n, t in tensors.items():
         if t.dtype != torch.int8:
             rest[n] = t
@@ -1874,17 +1873,14 @@ def rans_encode(data: bytes) -> bytes:
         rest[n + ".rans_rows"], rest[n + ".rans_cols"] = map(torch.from_numpy, spread_codes(q))
         syms.append(q.view(np.uint8).ravel())
         meta["rans_shapes"][n] = list(t.shape)
-    _, keys = rans_contexts(rest, meta)
-    syms, M = np.concatenate(syms + [np.zeros(0, np.uint8)]), 1 << RANS_BITS
-    table = np.flatnonzero(np.bincount(keys, minlength=1)).astype(np.int32)
-    ctx, _ = rans_luts(table, np.zeros((len(table), 256)), keys)
-    counts = np.bincount(ctx * 256 + syms, minlength=len(table) * 256).reshape(-1, 256)
+    _, table, ctx = rans_contexts(rest, meta, None)
+    i = ctx * 256 + np.concatenate(syms)
+    counts = np.bincount(i, minlength=len(table) * 256).reshape(-1, 256)
     freq = np.where(counts > 0, np.maximum(1, (counts << RANS_BITS) // counts.sum(1, keepdims=True).clip(1)), 0)
-    freq[np.arange(len(freq)), freq.argmax(1)] += M - freq.sum(1)  # the rounding, to the likeliest
+    freq[np.arange(len(freq)), freq.argmax(1)] += (1 << RANS_BITS) - freq.sum(1)  # the rounding, to the likeliest
     rest["rans.table"], rest["rans.freq"] = torch.from_numpy(table), torch.from_numpy(freq.astype(np.int32))
-    i = ctx * 256 + syms
     f, c = freq.astype(np.uint32).ravel()[i], (np.cumsum(freq, 1) - freq).astype(np.uint32).ravel()[i]
-    n, lanes, chunks = len(syms), min(RANS_LANES, len(syms)), []
+    n, lanes, chunks = len(i), min(RANS_LANES, -(-len(i) // 1024)), []
     x = np.full(lanes, 1 << 16, np.uint32)
     for lo in reversed(range(0, n, max(lanes, 1))):
         xs, fs = x[: n - lo], f[lo : lo + lanes]
@@ -1901,22 +1897,21 @@ def rans_encode(data: bytes) -> bytes:
 
 def rans_decode(payload: bytes) -> bytes:
     """rans_encode's container, bit-exact; a stream must end exactly at the encoder's initial states."""
-    size = int.from_bytes(payload[1:5], "little")
+    size, M = int.from_bytes(payload[1:5], "little"), 1 << RANS_BITS
     if len(payload) < 5 + size or payload[0] >= 3 or (len(payload) - 5 - size) % 2:
         raise ValueError("rans: truncated stream")
     rest, meta = unpack_tensors(decompress(payload[5 : 5 + size], COMPRESSORS[payload[0]]))
-    words, M = np.frombuffer(payload[5 + size :], "<u2").astype(np.uint32), 1 << RANS_BITS
     table, freq = rest.pop("rans.table").numpy(), rest.pop("rans.freq").numpy().astype(np.int64)
-    names, keys = rans_contexts(rest, meta)
     if (freq < 0).any() or (freq.sum(1) != M).any() or not ((0 <= table) & (table < 9 << 8)).all():
         raise ValueError("rans: bad frequency tables")
-    ctx, cum = rans_luts(table, freq, keys)
+    names, _, ctx = rans_contexts(rest, meta, table)
     if (ctx < 0).any():
         raise ValueError("rans: a context without a table")
     lut_s = np.concatenate([np.repeat(np.arange(256, dtype=np.uint8), r) for r in freq] + [np.zeros(0, np.uint8)])
-    row = np.arange(len(freq)).repeat(M)
-    lut_f, lut_b = freq[row, lut_s].astype(np.uint16), (np.tile(np.arange(M), len(freq)) - cum[row, lut_s]).astype(np.uint16)
-    n, base, pos = len(keys), ctx.astype(np.uint32) << RANS_BITS, 2 * min(RANS_LANES, len(keys))
+    row, cum = np.arange(len(freq)).repeat(M), np.cumsum(freq, 1) - freq
+    lut_f, lut_b = np.stack([freq[row, lut_s], np.tile(np.arange(M), len(freq)) - cum[row, lut_s]]).astype(np.uint16)
+    words, n = np.frombuffer(payload[5 + size :], "<u2").astype(np.uint32), len(ctx)
+    base, pos = ctx.astype(np.uint32) << RANS_BITS, 2 * min(RANS_LANES, -(-n // 1024))
     if len(words) < pos:
         raise ValueError("rans: truncated stream")
     x, out = words[: pos // 2] | words[pos // 2 : pos] << 16, np.empty(n, np.uint8)

@@ -2,6 +2,8 @@
 
     python3 benchmarks/entropy_coder.py [--steps 300] [--artifact PATH ...] [--skip-full-size]
 
+--steps 0 skips the proxy model; --artifact also takes a packed container (train_gpt.pack_tensors).
+
 1. Models: the seed stack at the CPU proxy size trained --steps steps, exported as the default export does
    (GPTQ int6 matrices, int8 embeddings, every matrix quantized); the full-size default configuration (27M
    parameters) trained 2 steps on CPU as benchmarks/quant_proxy.py step 4 does (near its initialization, so
@@ -9,10 +11,9 @@
 2. For each: the whole artifact payload (the packed container) compressed by lzma-9e, zstd-22, brotli-11 and
    rans, with rans relative to the best of the others; the int8 symbols' order-0 entropy (one table per tensor)
    and what rans spends on them; seconds to encode and decode.
-3. Variants of the rANS model (RANS_GRID: spread codes per octave; 0 = one table per bit width and no spread
-   codes is approximated by a grid so coarse every code rounds to 0), and of the general-purpose compressors:
-   each tensor's rows sorted by their rms (a similarity sort), and the symbols split into a high and a low
-   nibble stream.
+3. Variants: the rANS model's RANS_GRID (spread codes per octave; 1 = coarse, few tables), and for the
+   general-purpose compressors on the symbols alone: as stored, each tensor's rows sorted by their rms (a
+   similarity sort), and the symbols split into a high-nibble and a low-nibble stream.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def full_size_artifact(work: Path) -> Path:
 
 
 def artifact_container(path: Path) -> bytes:
+    """The packed container inside an artifact (or the file itself if it is a container)."""
     blob = path.read_bytes()
+    if blob.startswith(tg.CONTAINER_MAGIC):
+        return blob
     head = len(tg.ARTIFACT_MAGIC) + 2 + 32
     return tg.decompress(blob[head:], tg.COMPRESSORS[blob[len(tg.ARTIFACT_MAGIC) + 1]])
 
@@ -142,10 +146,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     ensure_sample()
     torch.manual_seed(0)
-    variants(*compare(f"proxy size (4L d=128), trained {a.steps} steps on the sample, GPTQ int6/int8",
-                      proxy_container(a.steps)))
+    if a.steps:
+        variants(*compare(f"proxy size (4L d=128), trained {a.steps} steps on the sample, GPTQ int6/int8",
+                          proxy_container(a.steps)))
     for path in a.artifact:
-        compare(f"artifact {path}", artifact_container(path))
+        variants(*compare(f"artifact {path}", artifact_container(path)))
     if not a.skip_full_size:
         with tempfile.TemporaryDirectory() as tmp:
             path = full_size_artifact(Path(tmp))
