@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_gpt
+from test_quant import _h, _state
 
 
 def _laplace(rows, cols, bits, scale, seed):
@@ -72,3 +73,13 @@ def test_coded_size_is_at_the_models_entropy_bound():
         bound += float((counts * np.log2(counts.sum() / counts)).sum()) / 8
     assert bound < info < bound * 1.001 and len(words) * 2 < info + 4 * lanes
     assert bound < 0.97 * train_gpt.entropy_bytes(torch.from_numpy(q))
+
+
+@pytest.mark.slow  # over 5 s on 2 CPU cores (a dozen encodes)
+def test_pruning_to_a_byte_target_works_with_rans():
+    h = _h(fp16_max_numel=1024, quant_mlp_bits=5, quant_attn_bits=5, compressor="rans")
+    _, sd, kinds = _state(h)
+    tensors, meta = train_gpt.quantize_state(h, sd, kinds)
+    full = len(train_gpt.encode_artifact(tensors, meta, "rans"))
+    blob = train_gpt.prune_to_fit(h, tensors, meta, None, full - 400, lambda m: None)
+    assert len(blob) <= full - 400 and train_gpt.decode_artifact(blob, h, "x").keys() == sd.keys()
