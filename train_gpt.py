@@ -15,8 +15,8 @@ Notable features:
 - Muon (Newton-Schulz 5) for the block matrices, AdamW for embeddings and control tensors; EMA or SWA
   weights are exported; late QAT that really acts under torch.compile
 - export: per-row int-N with full-Hessian GPTQ (calibrated inside the training budget, or on self-generated
-  text), selective pruning to the decimal byte cap, lzma/zstd/brotli, a checksummed pickle-free artifact read
-  back from disk into a fresh model and scored again
+  text), selective pruning to the decimal byte cap, lzma/zstd/brotli or our rANS coder, a checksummed
+  pickle-free artifact read back from disk into a fresh model and scored again
 - device-agnostic: CUDA (NCCL, bf16 autocast, torch.compile, FlashAttention 3 when installed) or CPU (gloo,
   fp32, SDPA), so the whole file is testable without a GPU
 
