@@ -16,8 +16,8 @@ Notable features:
 - Muon (Newton-Schulz 5) for the block matrices, AdamW for embeddings and control tensors; EMA or SWA
   weights are exported; late QAT that really acts under torch.compile
 - export: per-row int-N with full-Hessian GPTQ (calibrated inside the training budget, or on self-generated
-  text), selective pruning to the decimal byte cap, lzma/zstd/brotli, a checksummed pickle-free artifact read
-  back from disk into a fresh model and scored again
+  text), selective pruning to the decimal byte cap, lzma/zstd/brotli or our rANS coder, a checksummed
+  pickle-free artifact read back from disk into a fresh model and scored again
 - device-agnostic: CUDA (NCCL, bf16 autocast, torch.compile, FlashAttention 3 when installed) or CPU (gloo,
   fp32, SDPA), so the whole file is testable without a GPU
 
@@ -222,7 +222,7 @@ class Hyperparameters:
     prune_frac: float = knob(0.0, "[0, 1)")  # magnitude pruning of each int-N tensor before quantization
     fit_strategy: str = knob("bits", choices=("bits", "prune", "none"))  # over the byte target: narrow, then prune
     fit_margin_bytes: int = knob(1000, "[0, inf)")  # byte target = 16,000,000 - code bytes - this
-    compressor: str = knob("lzma", choices=("lzma", "zstd", "brotli", "zlib"))
+    compressor: str = knob("lzma", choices=("lzma", "zstd", "brotli", "zlib", "rans"))  # rans: our entropy coder
     # final evaluation of the artifact
     eval_seq_len: int = knob(0, "[0, inf)")  # sliding-window length; 0 = TRAIN_SEQ_LEN
     eval_stride: int = 64  # window advance; = the window length is the plain evaluator
@@ -1746,7 +1746,8 @@ def apply_average(model: nn.Module, averager) -> str:
 PRUNE_THREADS = 4  # concurrent trial encodes of the pruning search (lzma 9e needs ~0.7 GB each)
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # row-clip candidates of the GPTQ-lite search (PR #414)
 ARTIFACT_MAGIC, ARTIFACT_FORMAT = b"PGART", 2
-COMPRESSORS = ("lzma", "zstd", "brotli", "zlib")
+COMPRESSORS = ("lzma", "zstd", "brotli", "zlib", "rans")
+RANS_BITS, RANS_LANES, RANS_GRID = 12, 4096, 2  # table precision, most interleaved states, spread codes per octave
 CONTAINER_MAGIC = b"PGTENSORS1"
 CONTAINER_DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
@@ -2019,7 +2020,116 @@ def unpack_tensors(data: bytes) -> tuple[dict[str, Tensor], dict]:
     return tensors, header["meta"]
 
 
+def spread_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """round(RANS_GRID * log2 rms) of each row, and of each column relative to the whole tensor's rms: the rANS
+    model's context is their sum, the log of a row scale times a column scale."""
+    sq = q.astype(np.float64) ** 2
+    code = lambda ms: np.clip(np.round(RANS_GRID / 2 * np.log2(ms + 1e-6)), -64, 63).astype(np.int8)  # noqa: E731
+    rows, cols = sq.sum(1) / max(q.shape[1], 1), sq.sum(0) / max(q.shape[0], 1)
+    return code(rows), code(cols / max(sq.mean() if sq.size else 1, 1e-6))
+
+
+def rans_contexts(rest: dict[str, Tensor], meta: dict, table: np.ndarray | None) -> tuple[list, np.ndarray, np.ndarray]:
+    """The coded tensors' names (container order), the table of context keys (None: those that occur) and each
+    symbol's row in it (-1: absent). A symbol's key: its tensor's bit width << 8 | 128 + row code + column code."""
+    names, info = [n[:-10] for n in rest if n.endswith(".rans_rows")], meta.get("tensors", {})
+    keys = [(min(info.get(n[:-2], {}).get("bits", 8), 8) << 8) + 128 + np.add.outer(
+        rest[n + ".rans_rows"].numpy().astype(np.int32), rest[n + ".rans_cols"].numpy()).ravel() for n in names]
+    keys = np.concatenate([np.zeros(0, np.int32), *keys])
+    table = np.flatnonzero(np.bincount(keys, minlength=1)).astype(np.int32) if table is None else table
+    row = np.full(9 << 8, -1, np.int32)
+    row[table] = np.arange(len(table))
+    return names, table, row[keys]
+
+
+def rans_encode(data: bytes) -> bytes:
+    """Interleaved rANS (Duda 2013; Giesen 2014, "Interleaved entropy coders") of a container's int8 tensors, all
+    in one stream: symbol i goes to state i % lanes and all states step together (numpy); 32-bit states,
+    16-bit renormalization. The model: one order-0 table per context (rans_contexts), its counts scaled to total
+    2^RANS_BITS, every seen symbol at least 1. The tables, the spread codes and every other tensor form a
+    container compressed by the smallest of lzma, zstd and brotli. Payload: that compressor's index, the u32
+    length of its output, the output, then u16 words: the final states' low and high halves, then the
+    renormalization words in decoding order."""
+    tensors, meta = unpack_tensors(data)
+    rest, syms, meta["rans_shapes"] = {}, [np.zeros(0, np.uint8)], {}
+    for n, t in tensors.items():
+        if t.dtype != torch.int8:
+            rest[n] = t
+            continue
+        cols = t.shape[-1] if t.dim() else 1
+        q = t.numpy().reshape(t.numel() // max(cols, 1), cols)
+        rest[n + ".rans_rows"], rest[n + ".rans_cols"] = map(torch.from_numpy, spread_codes(q))
+        syms.append(q.view(np.uint8).ravel())
+        meta["rans_shapes"][n] = list(t.shape)
+    _, table, ctx = rans_contexts(rest, meta, None)
+    i = ctx * 256 + np.concatenate(syms)
+    counts = np.bincount(i, minlength=len(table) * 256).reshape(-1, 256)
+    freq = np.where(counts > 0, np.maximum(1, (counts << RANS_BITS) // counts.sum(1, keepdims=True).clip(1)), 0)
+    freq[np.arange(len(freq)), freq.argmax(1)] += (1 << RANS_BITS) - freq.sum(1)  # the rounding, to the likeliest
+    rest["rans.table"], rest["rans.freq"] = torch.from_numpy(table), torch.from_numpy(freq.astype(np.int32))
+    f, c = freq.astype(np.uint32).ravel()[i], (np.cumsum(freq, 1) - freq).astype(np.uint32).ravel()[i]
+    n, lanes, chunks = len(i), min(RANS_LANES, -(-len(i) // 1024)), []
+    x = np.full(lanes, 1 << 16, np.uint32)
+    for lo in reversed(range(0, n, max(lanes, 1))):
+        xs, fs = x[: n - lo], f[lo : lo + lanes]
+        big = xs >> (32 - RANS_BITS) >= fs  # x >= f 2^(32 - RANS_BITS): emit 16 bits first
+        chunks.append(xs[big] & 0xFFFF)
+        xs[big] >>= 16
+        d = (xs / fs).astype(np.uint32)  # exact: a float64 quotient is never rounded up to the next integer here
+        xs[:] = (d << RANS_BITS) + xs - d * fs + c[lo : lo + lanes]
+    words = np.concatenate([x & 0xFFFF, x >> 16, *chunks[::-1]]).astype("<u2").tobytes()
+    heads = [(compress(pack_tensors(rest, meta), m), m) for m in ("lzma", "zstd", "brotli")[: 3 if brotli else 2]]
+    head, method = min(heads, key=lambda hm: len(hm[0]))
+    return bytes([COMPRESSORS.index(method)]) + len(head).to_bytes(4, "little") + head + words
+
+
+def rans_decode(payload: bytes) -> bytes:
+    """rans_encode's container, bit-exact; a stream must end exactly at the encoder's initial states."""
+    size, M = int.from_bytes(payload[1:5], "little"), 1 << RANS_BITS
+    if len(payload) < 5 + size or payload[0] >= 3 or (len(payload) - 5 - size) % 2:
+        raise ValueError("rans: truncated stream")
+    rest, meta = unpack_tensors(decompress(payload[5 : 5 + size], COMPRESSORS[payload[0]]))
+    table, freq = rest.pop("rans.table").numpy(), rest.pop("rans.freq").numpy().astype(np.int64)
+    if (freq < 0).any() or (freq.sum(1) != M).any() or not ((0 <= table) & (table < 9 << 8)).all():
+        raise ValueError("rans: bad frequency tables")
+    names, _, ctx = rans_contexts(rest, meta, table)
+    if (ctx < 0).any():
+        raise ValueError("rans: a context without a table")
+    lut_s = np.concatenate([np.repeat(np.arange(256, dtype=np.uint8), r) for r in freq] + [np.zeros(0, np.uint8)])
+    row, cum = np.arange(len(freq)).repeat(M), np.cumsum(freq, 1) - freq
+    lut_f, lut_b = np.stack([freq[row, lut_s], np.tile(np.arange(M), len(freq)) - cum[row, lut_s]]).astype(np.uint16)
+    words, n = np.frombuffer(payload[5 + size :], "<u2").astype(np.uint32), len(ctx)
+    base, pos = ctx.astype(np.uint32) << RANS_BITS, 2 * min(RANS_LANES, -(-n // 1024))
+    if len(words) < pos:
+        raise ValueError("rans: truncated stream")
+    x, out = words[: pos // 2] | words[pos // 2 : pos] << 16, np.empty(n, np.uint8)
+    for lo in range(0, n, max(len(x), 1)):
+        xs = x[: n - lo]
+        i = base[lo : lo + len(x)] | xs & (M - 1)
+        out[lo : lo + len(x)] = lut_s[i]
+        xs = lut_f[i] * (xs >> RANS_BITS) + lut_b[i]
+        small = xs < 1 << 16
+        k = np.count_nonzero(small)
+        if pos + k > len(words):
+            raise ValueError("rans: truncated stream")
+        xs[small], pos = xs[small] << 16 | words[pos : pos + k], pos + k
+        x[: len(xs)] = xs
+    if pos != len(words) or (x != 1 << 16).any():
+        raise ValueError("rans: corrupt stream (the states do not end where encoding began)")
+    tensors, shapes, at = {}, meta.pop("rans_shapes"), 0
+    for name, t in rest.items():
+        if name.endswith(".rans_rows"):
+            shape = shapes[name[:-10]]
+            tensors[name[:-10]] = torch.from_numpy(out[at : at + math.prod(shape)].view(np.int8)).reshape(shape)
+            at += math.prod(shape)
+        elif not name.endswith(".rans_cols"):
+            tensors[name] = t
+    return pack_tensors(tensors, meta)
+
+
 def compress(data: bytes, method: str) -> bytes:
+    if method == "rans":
+        return rans_encode(data)
     if method == "lzma":
         return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
     if method == "zstd":
@@ -2030,6 +2140,8 @@ def compress(data: bytes, method: str) -> bytes:
 
 
 def decompress(data: bytes, method: str) -> bytes:
+    if method == "rans":
+        return rans_decode(data)
     if method == "lzma":
         return lzma.decompress(data)
     if method == "zstd":

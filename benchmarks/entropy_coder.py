@@ -1,0 +1,162 @@
+"""COMPRESSOR=rans against the general-purpose compressors, on the quantized symbols of trained models.
+
+    python3 benchmarks/entropy_coder.py [--steps 300] [--artifact PATH ...] [--skip-full-size]
+
+--steps 0 skips the proxy model; --artifact also takes a packed container (train_gpt.pack_tensors).
+
+1. Models: the seed stack at the CPU proxy size trained --steps steps, exported as the default export does
+   (GPTQ int6 matrices, int8 embeddings, every matrix quantized); the full-size default configuration (27M
+   parameters) trained 2 steps on CPU as benchmarks/quant_proxy.py step 4 does (near its initialization, so
+   not representative of trained weight statistics); and any --artifact (e.g. final_model.ptz of a GPU run).
+2. For each: the whole artifact payload (the packed container) compressed by lzma-9e, zstd-22, brotli-11 and
+   rans, with rans relative to the best of the others; the int8 symbols' order-0 entropy (one table per tensor)
+   and what rans spends on them; seconds to encode and decode.
+3. Variants: the rANS model's RANS_GRID (spread codes per octave; 1 = coarse, few tables), and for the
+   general-purpose compressors on the symbols alone: as stored, each tensor's rows sorted by their rms (a
+   similarity sort), and the symbols split into a high-nibble and a low-nibble stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+# proxy first: it puts the repository root and data/ on sys.path
+from proxy import CPU, DATA, PROXY, ROOT, SAMPLE, TOKENIZER, ensure_sample
+import build_shards
+import train_gpt as tg
+
+GENERAL = ("lzma", "zstd", "brotli") if tg.brotli else ("lzma", "zstd")
+
+
+def proxy_container(steps: int) -> bytes:
+    """The proxy model trained `steps` steps, quantized as export does; the packed container."""
+    env = {**PROXY, "ITERATIONS": str(steps), "WARMDOWN_ITERS": str(round(steps * 4000 / 6920)),
+           "MUON_MOMENTUM_WARMUP_STEPS": str(round(steps * 1500 / 6920)), "DATA_PATH": str(DATA),
+           "TOKENIZER_PATH": str(TOKENIZER)}
+    h = tg.Hyperparameters.from_env(env)
+    sp, train_files, val_files = tg.check_inputs(h)
+    torch.manual_seed(h.seed)
+    val = tg.load_validation(h, sp, val_files, CPU.device)
+    model = tg.build_model(h, CPU, sp.bos_id())
+    result = tg.train(h, CPU, model, tg.TrainingData(train_files, h.vocab_size), val, lambda m: None)
+    hessians = tg.finish_training(h, CPU, model, result, tg.TimeLedger(CPU, lambda m: None), sp.bos_id(),
+                                  lambda m: None)
+    kinds = {n: k for k, members in tg.param_groups(model).items() for n, _ in members}
+    return tg.pack_tensors(*tg.quantize_state(h, model.state_dict(), kinds, hessians))
+
+
+def full_size_artifact(work: Path) -> Path:
+    """The default configuration, 2 steps on CPU, exported (benchmarks/quant_proxy.py step 4)."""
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
+    shards = work / "shards"
+    shards.mkdir()
+    encode = lambda ts: np.concatenate([[sp.bos_id()] + sp.encode(t) for t in ts]).astype(np.uint16)  # noqa: E731
+    build_shards.write_shard(shards / "fineweb_val_000000.bin", encode(texts[:10]))
+    build_shards.write_shard(shards / "fineweb_train_000000.bin", encode(texts[100:]))
+    env = {**os.environ, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(TOKENIZER), "DEVICE": "cpu",
+           "ITERATIONS": "2", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "16384",
+           "VAL_BATCH_SIZE": "16384", "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_CALIB_TOKENS": "8192", "RUN_ID": "full",
+           "EVAL_STRIDE": "2048"}
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=work, env=env, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"full-size run failed:\n{r.stderr[-3000:]}")
+    return work / tg.ARTIFACT_PATH
+
+
+def artifact_container(path: Path) -> bytes:
+    """The packed container inside an artifact (or the file itself if it is a container)."""
+    blob = path.read_bytes()
+    if blob.startswith(tg.CONTAINER_MAGIC):
+        return blob
+    head = len(tg.ARTIFACT_MAGIC) + 2 + 32
+    return tg.decompress(blob[head:], tg.COMPRESSORS[blob[len(tg.ARTIFACT_MAGIC) + 1]])
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def compare(label: str, data: bytes):
+    tensors, meta = tg.unpack_tensors(data)
+    symbols = {n: t for n, t in tensors.items() if t.dtype == torch.int8}
+    n = sum(t.numel() for t in symbols.values())
+    h0 = sum(tg.entropy_bytes(t) for t in symbols.values())
+    sizes = {}
+    print(f"\n{label}: container {len(data):,} bytes, {n:,} int8 symbols, order-0 entropy (per tensor) "
+          f"{h0:,.0f} bytes ({8 * h0 / max(n, 1):.3f} bits/symbol)")
+    print("| compressor | bytes | / best general | encode s | decode s |\n|---|---|---|---|---|")
+    rows = []
+    for m in (*GENERAL, "rans"):
+        out, enc = timed(tg.compress, data, m)
+        back, dec = timed(tg.decompress, out, m)
+        assert back == data
+        sizes[m] = len(out)
+        rows.append((m, len(out), enc, dec))
+        if m == "rans":
+            head = int.from_bytes(out[1:5], "little")
+            words = len(out) - 5 - head
+    best = min(sizes[m] for m in GENERAL)
+    for m, size, enc, dec in rows:
+        print(f"| {m} | {size:,} | {size / best:.4f} | {enc:.1f} | {dec:.2f} |")
+    print(f"rans: symbol stream {words:,} bytes ({words / h0:.4f} x order-0 entropy, final states included), "
+          f"the rest (scales, fp16 tensors, metadata, tables, spread codes) {head + 5:,} bytes via "
+          f"{tg.COMPRESSORS[out[0]]}")
+    return tensors, meta, symbols
+
+
+def variants(tensors: dict, meta: dict, symbols: dict):
+    data = tg.pack_tensors(tensors, meta)
+    print("\n| variant | bytes |\n|---|---|")
+    grid = tg.RANS_GRID
+    for g in (1, 2, 4, 8):
+        tg.RANS_GRID = g
+        print(f"| rans RANS_GRID={g}{' (default)' if g == grid else ''} | {len(tg.compress(data, 'rans')):,} |")
+    tg.RANS_GRID = grid
+    raw = b"".join(t.numpy().tobytes() for t in symbols.values())
+    sort = b"".join(t.view(t.shape[0] if t.dim() else 1, -1)[
+        torch.argsort(t.view(t.shape[0] if t.dim() else 1, -1).float().square().mean(1))].numpy().tobytes()
+        for t in symbols.values())
+    u = np.frombuffer(raw, np.uint8)
+    split = ((u >> 4).astype(np.uint8).tobytes(), (u & 15).astype(np.uint8).tobytes())
+    for m in GENERAL:
+        print(f"| {m}, symbols only, as stored | {len(tg.compress(raw, m)):,} |")
+        print(f"| {m}, symbols only, rows sorted by rms | {len(tg.compress(sort, m)):,} |")
+        print(f"| {m}, symbols only, high/low nibble streams | {sum(len(tg.compress(s, m)) for s in split):,} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--artifact", type=Path, action="append", default=[])
+    p.add_argument("--skip-full-size", action="store_true")
+    a = p.parse_args(argv)
+    ensure_sample()
+    torch.manual_seed(0)
+    if a.steps:
+        variants(*compare(f"proxy size (4L d=128), trained {a.steps} steps on the sample, GPTQ int6/int8",
+                          proxy_container(a.steps)))
+    for path in a.artifact:
+        variants(*compare(f"artifact {path}", artifact_container(path)))
+    if not a.skip_full_size:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = full_size_artifact(Path(tmp))
+            variants(*compare("full-size default configuration (27M parameters), 2 CPU steps from initialization",
+                              artifact_container(path)))
+
+
+if __name__ == "__main__":
+    main()
