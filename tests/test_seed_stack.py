@@ -383,9 +383,9 @@ def test_orthogonal_init():
         w = model.get_submodule(name).weight
         small = w @ w.T if w.size(0) <= w.size(1) else w.T @ w
         torch.testing.assert_close(small, torch.eye(min(w.shape)), atol=1e-5, rtol=0)
-    for name in ("bigram.proj", "ve_shared.proj"):  # into the stream from outside the blocks: x 1/sqrt(2L)
+    for name in ("bigram.proj", "ve_shared.proj"):  # gain 1, as PR #1019 (AdamW trains them)
         s = torch.linalg.svdvals(model.get_submodule(name).weight)
-        torch.testing.assert_close(s, torch.full_like(s, 6 ** -0.5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0)
     assert not model.blocks[0].attn.proj.weight.any() and not model.blocks[0].mlp.proj.weight.any()
     assert not model.bigram.embed.weight.any()
     plain = GPT(tiny_h(ortho_init=False, num_layers=3, ve_layers="2", model_dim=128))
