@@ -709,3 +709,18 @@ def test_awq_lite_columns_are_quantized_on_the_fine_grid_inside_the_same_solve()
     q, s, s_hi = train_gpt.quantize_rows(w, 4, H, clips=(1.0,), hi=hi)
     q0, s0 = train_gpt.quantize_rows(w, 4, H, clips=(1.0,))
     assert out_err(train_gpt.dequantize_rows(q, s, (hi, s_hi))) < out_err(train_gpt.dequantize_rows(q0, s0))
+
+
+def test_the_export_log_line_names_the_extras_that_are_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    for kw, extras in (({}, "none"), (dict(attn_gate="sparse", quant_gate_bits=8, gptq_embed=True, lqer_rank=2,
+                                           lqer_top_k=4, lqer_group=32, awq_lite_groups=1),
+                                      "gptq_embed+gate_int8+lqer_r2_top4_g32+awq1x64_int8")):
+        h = _h(run_id="x", compressor="zlib", **kw)
+        model = randomized(GPT(h))
+        hessians, _ = train_gpt.collect_hessians(model, [torch.randint(0, 1024, (2, 64))], CPU, h.gptq_embed)
+        lines = []
+        train_gpt.export(h, model, hessians, 1000, lines.append)
+        line = next(l for l in lines if l.startswith("quantization method:gptq bits:mlp6/attn6/embed8 clip:search"))
+        assert f" extras:{extras} " in line
