@@ -213,6 +213,14 @@ class Hyperparameters:
     quant_sigmas_attn: float = knob(13.0, "(0, inf)")  # ... the attention matrices ...
     quant_sigmas_embed: float = knob(14.0, "(0, inf)")  # ... and the embedding tables and an untied head
     quant_sdclip_lambda: float = knob(0.0, "[0, inf)")  # Hessian-aware SDClip (PR #1412: 0.175); 0 = plain
+    gptq_embed: bool = knob(False)  # GPTQ the tied embedding or untied head with its input's Hessian (PR #1855)
+    quant_gate_bits: int = knob(16, choices=(8, 16))  # attention gate weights: 8 = per-row int8 at the row max (#1736)
+    lqer_rank: int = knob(0, "[0, inf)")  # LQER-asym (PR #1797): rank of the quantization error's correction; 0 = off
+    lqer_top_k: int = knob(3, "[1, inf)")  # ... for the K int-N tensors of largest error
+    lqer_group: int = knob(64, "[1, inf)")  # ... INT4 group of the B factor (PR #2060: 32)
+    awq_lite_groups: int = knob(0, "[0, inf)")  # AWQ-lite (PR #1908): input-column groups kept wider; 0 = off
+    awq_lite_group_size: int = knob(64, "[1, inf)")  # ... of this many aligned columns ...
+    awq_lite_bits: int = knob(8, choices=(5, 6, 7, 8))  # ... at this width, in the same GPTQ solve
     fp16_max_numel: int = knob(65_536, "[0, inf)")  # tensors up to this many elements are stored in fp16
     gptq_calibration: str = knob("train", choices=("train", "selfgen"))  # training tokens in the budget | model samples
     gptq_calib_tokens: int = knob(262_144, "[1, inf)")  # calibration tokens, all ranks together
@@ -343,8 +351,15 @@ class Hyperparameters:
             *[(k, self.quant_clip == "sdclip" or getattr(self, k.lower()) == v, f"must stay {v} unless QUANT_CLIP="
                "sdclip (which reads it)") for k, v in (("QUANT_SIGMAS_MLP", 11.5), ("QUANT_SIGMAS_ATTN", 13.0),
                                                        ("QUANT_SIGMAS_EMBED", 14.0), ("QUANT_SDCLIP_LAMBDA", 0.0))],
-            ("QUANT_SDCLIP_LAMBDA", self.quant_sdclip_lambda == 0 or self.quant_method == "gptq",
-             "needs QUANT_METHOD=gptq (the Hessians it reads)"),
+            *[(k, v == 0 or self.quant_method == "gptq", "needs QUANT_METHOD=gptq (the Hessians it reads)")
+              for k, v in (("QUANT_SDCLIP_LAMBDA", self.quant_sdclip_lambda), ("GPTQ_EMBED", self.gptq_embed),
+                           ("AWQ_LITE_GROUPS", self.awq_lite_groups))],
+            *[(k, on or getattr(self, k.lower()) == v, f"must stay {v} unless {why} (which reads it)")
+              for k, v, on, why in (("QUANT_GATE_BITS", 16, self.attn_gate != "none", "ATTN_GATE is set"),
+                                    ("LQER_TOP_K", 3, self.lqer_rank, "LQER_RANK > 0"),
+                                    ("LQER_GROUP", 64, self.lqer_rank, "LQER_RANK > 0"),
+                                    ("AWQ_LITE_GROUP_SIZE", 64, self.awq_lite_groups, "AWQ_LITE_GROUPS > 0"),
+                                    ("AWQ_LITE_BITS", 8, self.awq_lite_groups, "AWQ_LITE_GROUPS > 0"))],
             ("WARMDOWN_FRAC", self.warmdown_frac == 0 or self.warmdown_iters == 0,
              f"must be 0 while WARMDOWN_ITERS={self.warmdown_iters} > 0 (one LR schedule at a time)"),
             ("TRAIN_SEQ_SCHEDULE", not bad_schedule, bad_schedule),
@@ -1026,8 +1041,10 @@ FP16 = 16  # the policy's "bit width" of tensors stored in fp16
 def quant_bits(h: Hyperparameters, name: str, kind: str, shape: torch.Size) -> int:
     """The export treatment of a float tensor (kind from param_groups): 4-8 = per-row int-N, 16 = fp16.
     Small tensors and the scalar group (control tensors, gates, the bigram and value-embedding projections)
-    stay fp16; block matrices take the MLP or attention width; embedding tables and an untied head the
-    embedding width."""
+    stay fp16 (attention gates int8 with QUANT_GATE_BITS=8); block matrices take the MLP or attention width;
+    embedding tables and an untied head the embedding width."""
+    if name.endswith(".gate_w") and h.quant_gate_bits == 8:  # the records' quant-gate (PR #1736, #1787)
+        return 8
     if math.prod(shape) <= h.fp16_max_numel or kind == "scalar" or len(shape) != 2:
         return FP16
     if kind == "matrix":
@@ -1286,6 +1303,7 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.Parameter(torch.ones(len(ve_layers))) if ve_layers else None
         self.ve_index = {layer: k for k, layer in enumerate(ve_layers)}
         self.lm_head = None if h.tie_embeddings else QATLinear(h.model_dim, h.vocab_size, zero_init=True)
+        self.head_in = nn.Identity()  # the output head's input passes here: GPTQ_EMBED's calibration hooks it
         rd, base = h.rope
         self.register_buffer("inv_freq", base ** (-torch.arange(0, rd, 2, dtype=torch.float32) / rd),
                              persistent=False)
@@ -1325,7 +1343,7 @@ class GPT(nn.Module):
                                           self.parallel_resid_lambdas[i], cos, sin, vek, segments)
             if j < n_enc:
                 skips.append(x)
-        x = rms_norm(x if lane1 is None else 0.5 * (x + lane1))
+        x = self.head_in(rms_norm(x if lane1 is None else 0.5 * (x + lane1)))
         logits = F.linear(x, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).float()
         if self.softcap_pos is None:
             return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -1760,10 +1778,13 @@ def abs_quantile(w: Tensor, q: float) -> Tensor:
     return torch.lerp(s[..., lo], s[..., min(lo + 1, s.size(-1) - 1)], pos - lo)
 
 
-def _gptq(W: Tensor, S: Tensor, H: Tensor, qmax: int, block: int, damp: float, keep: Tensor | None) -> Tensor:
+def _gptq(W: Tensor, S: Tensor, H: Tensor, qmax: int, block: int, damp: float, keep: Tensor | None,
+          hi: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
     """GPTQ (Frantar et al. 2022) for fixed per-row scales S: quantize columns in order of decreasing
     Hessian diagonal (act-order), each column's rounding error spread over the not yet quantized columns
-    through the upper Cholesky factor of H^-1, in blocks of `block` columns. keep=False forces an entry to 0."""
+    through the upper Cholesky factor of H^-1, in blocks of `block` columns. keep=False forces an entry to 0.
+    hi = (column mask, row scales, qmax): AWQ-lite's protected columns (PR #1908) on that finer grid, their
+    true error fed back like any other."""
     H, W = H.clone(), W.clone()
     dead = H.diagonal() == 0  # inputs that never fire: the weight cannot matter, quantize it to 0
     H[dead, dead] = 1.0
@@ -1780,15 +1801,17 @@ def _gptq(W: Tensor, S: Tensor, H: Tensor, qmax: int, block: int, damp: float, k
         raise RuntimeError("GPTQ: the Hessian stayed singular after damping")
     W, Q = W[:, perm], torch.zeros_like(W)
     keep = keep[:, perm] if keep is not None else None
+    fine = hi[0][perm].tolist() if hi is not None else None
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))
         Wb, Eb = W[:, i1:i2].clone(), torch.zeros(W.size(0), i2 - i1, device=W.device)
         for j in range(i2 - i1):
-            q = to_grid(Wb[:, j], S, qmax)
+            Sj, qj = (hi[1], hi[2]) if fine and fine[i1 + j] else (S, qmax)
+            q = to_grid(Wb[:, j], Sj, qj)
             if keep is not None:
                 q = q * keep[:, i1 + j]
             Q[:, i1 + j] = q
-            Eb[:, j] = (Wb[:, j] - q * S) / U[i1 + j, i1 + j]
+            Eb[:, j] = (Wb[:, j] - q * Sj) / U[i1 + j, i1 + j]
             Wb[:, j:] -= Eb[:, j : j + 1] * U[i1 + j, i1 + j : i2]
         W[:, i2:] -= Eb @ U[i1:i2, i2:]
     return Q[:, torch.argsort(perm)]
@@ -1806,30 +1829,41 @@ def sdclip(w: Tensor, sigmas: float, H: Tensor | None = None, lam: float = 0.0) 
 
 def quantize_rows(w: Tensor, bits: int, H: Tensor | None = None, clips: tuple[float, ...] = CLIP_QUANTILES,
                   keep: Tensor | None = None, block: int = 128, damp: float = 0.01,
-                  clip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  clip: Tensor | None = None, hi: Tensor | None = None, hi_bits: int = 8) -> tuple[Tensor, ...]:
     """Per-row symmetric int-N: w ~ q * scale[:, None], q in [-(2^(N-1) - 1), 2^(N-1) - 1] (int8 container),
     fp16 scales. Every clip candidate (a row quantile of |w|) is tried on every row and each row keeps the one
     with the least error: with the layer input's Hessian H = E[x x^T], GPTQ and the output error
     dW H dW^T (rows are independent in GPTQ, so the choice can be per row); without, round to nearest and
     the squared error. One clip at 1.0 and no H is plain round-to-nearest; clips and no H is GPTQ-lite. A
-    given per-row `clip` (SDClip) is the one candidate instead."""
+    given per-row `clip` (SDClip) is the one candidate instead. With H, `hi` (a column mask) puts AWQ-lite's
+    columns on int-`hi_bits` grids of the same clip, and their per-row scales come back third."""
     qmax, w = 2 ** (bits - 1) - 1, w.float()
     cands = [abs_quantile(w, c) for c in clips] if clip is None else [clip.float()]
     scales = torch.stack([row_scale(c, qmax) for c in cands]).float()  # (K, rows)
     W, S = w.repeat(len(cands), 1), scales.flatten()
     K = keep.repeat(len(cands), 1) if keep is not None else None
+    fine = None if hi is None else (hi, torch.stack([row_scale(c, 2 ** (hi_bits - 1) - 1) for c in cands]).flatten())
     if H is None:
         Q = to_grid(W, S[:, None], qmax) * (K if K is not None else 1)
     else:
-        Q = _gptq(W, S, H.float(), qmax, block, damp, K)
-    err = quant_error(W, Q, S, H)
+        Q = _gptq(W, S, H.float(), qmax, block, damp, K, fine and (*fine, 2 ** (hi_bits - 1) - 1))
+    err = quant_error(W, Q, S, H, fine)
     pick = err.view(len(cands), -1).argmin(0) * w.size(0) + torch.arange(w.size(0), device=w.device)
-    return Q[pick].to(torch.int8), scales.flatten()[pick].half()
+    out = Q[pick].to(torch.int8), scales.flatten()[pick].half()
+    return out if fine is None else (*out, fine[1][pick].half())
 
 
-def quant_error(w: Tensor, q: Tensor, s: Tensor, H: Tensor | None) -> Tensor:
+def dequantize_rows(q: Tensor, s: Tensor, hi: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """q * s row-wise in fp32; hi = (column mask, row scales) of AWQ-lite's protected columns."""
+    w = q.float() * s.float()[:, None]
+    if hi is not None:
+        w[:, hi[0]] = q[:, hi[0]].float() * hi[1].float()[:, None]
+    return w
+
+
+def quant_error(w: Tensor, q: Tensor, s: Tensor, H: Tensor | None, hi: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Per-row error of w ~ q * s: the layer's output error dW H dW^T given its input Hessian, else |dW|^2."""
-    D = w.float() - q.float() * s.float()[:, None]
+    D = w.float() - dequantize_rows(q, s, hi)
     return ((D @ H.float()) * D).sum(1) if H is not None else D.square().sum(1)
 
 
@@ -1841,19 +1875,25 @@ def entropy_bytes(q: Tensor) -> float:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, batches, d: Dist) -> tuple[dict[str, Tensor], int]:
-    """H = mean of x x^T over calibration tokens, for the input x of every Linear inside the blocks, from
-    forward hooks on the real model; summed over ranks. Returns ({weight name: H}, tokens)."""
+def collect_hessians(model: GPT, batches, d: Dist, head: bool = False) -> tuple[dict[str, Tensor], int]:
+    """H = mean of x x^T over calibration tokens, for the input x of every Linear inside the blocks (a looped
+    layer's once per pass) and with `head` of the output head (the final-norm output, under the tied embedding's
+    or the untied head's name), from forward hooks on the real model; summed over ranks, so the same at any world
+    size. Returns ({weight name: H}, tokens)."""
     sums, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and name.startswith("blocks."):
-            sums[name + ".weight"] = torch.zeros(m.in_features, m.in_features, device=d.device)
+    targets = [(n + ".weight", m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    if head:
+        targets.append(("tok_emb.weight" if model.lm_head is None else "lm_head.weight", model.head_in))
+    for key, m in targets:
+        dim = m.in_features if isinstance(m, nn.Linear) else model.tok_emb.embedding_dim
+        sums[key] = torch.zeros(dim, dim, device=d.device)
 
-            def hook(mod, args, out, key=name + ".weight"):
-                x = args[0].flatten(0, -2).float()
-                sums[key].addmm_(x.T, x)
+        def hook(mod, args, out, key=key):
+            x = args[0].flatten(0, -2).float()
+            sums[key].addmm_(x.T, x)
 
-            hooks.append(m.register_forward_hook(hook))
+        hooks.append(m.register_forward_hook(hook))
     tokens, was_training = torch.zeros((), dtype=torch.float64, device=d.device), model.training
     model.eval()  # the weights as exported: no QAT fake quantization
     try:
@@ -1922,7 +1962,7 @@ def calibrate(h: Hyperparameters, d: Dist, model: GPT, loader: DistributedTokenL
     else:
         batches, charged = generated_batches(h, d, model, bos_id), "eval"
     with ledger.phase("gptq_calibration", charged) as t:
-        hessians, n = collect_hessians(model, batches, d)
+        hessians, n = collect_hessians(model, batches, d, h.gptq_embed)
     if not h.uses_train_calibration:
         log(f"gptq:calibration source:selfgen tokens:{n} time:{t.ms:.0f}ms (generated by the model, no data read)")
         return hessians
@@ -1939,50 +1979,143 @@ def quantize_state(h: Hyperparameters, sd: dict[str, Tensor], kinds: dict[str, s
                    hessians: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict]:
     """The tensors to store and the metadata that alone drives dequantization. QUANT_METHOD picks the clip
     candidates and whether block matrices use their Hessians; PRUNE_FRAC zeroes the smallest weights of every
-    int-N tensor first (GPTQ then compensates for them in the other weights)."""
+    int-N tensor first (GPTQ then compensates for them in the other weights); AWQ-lite's groups are chosen
+    over the whole model first, LQER's corrections are fitted last."""
     out, meta = {}, {"config": {k: getattr(h, k) for k in h.model_knobs()}, "tensors": {}}
+    bits = {n: quant_bits(h, n, kinds[n], t.shape) if t.is_floating_point() else 0 for n, t in sd.items()}
+    awq = awq_groups(h, sd, bits, hessians) if h.awq_lite_groups else {}
     for name, t in sd.items():
-        info = {"dtype": str(t.dtype).removeprefix("torch."), "bits": 0}
-        if t.is_floating_point():
-            info["bits"] = quant_bits(h, name, kinds[name], t.shape)
+        info = {"dtype": str(t.dtype).removeprefix("torch."), "bits": bits[name]}
         if info["bits"] == 0:
             out[name] = t.detach().cpu()
         elif info["bits"] == FP16:
             out[name] = t.detach().cpu().half()
         else:
-            out[name + ".q"], out[name + ".scale"] = quantize_tensor(h, name, t, info["bits"],
-                                                                     hessian_of(h, hessians, name))
+            stored = quantize_tensor(h, name, t, info["bits"], hessian_of(h, hessians, name), awq.get(name))
+            out.update(zip((name + ".q", name + ".scale", name + ".awq_scale"), stored))
+        if name in awq:
+            out[name + ".awq"], info["awq"] = torch.tensor(awq[name], dtype=torch.int32), h.awq_lite_group_size
         meta["tensors"][name] = info
+    if h.lqer_rank:
+        add_lqer(h, sd, out, meta, hessians)
     return out, meta
+
+
+def awq_groups(h: Hyperparameters, sd: dict[str, Tensor], bits: dict[str, int],
+               hessians: dict[str, Tensor] | None) -> dict[str, list[int]]:
+    """AWQ-lite (PR #1908): the AWQ_LITE_GROUPS (tensor, column group) pairs of the whole model with the largest
+    saliency sum_j a_j mean_i |W_ij| over AWQ_LITE_GROUP_SIZE aligned input columns in their original order (a
+    leftover partial group never competes), one list, raw scores. a_j, the RMS of input j, is sqrt(diag H):
+    H = E[x x^T] already holds that second moment, so no second statistic is gathered; a looped layer's H sums
+    its passes, so it is divided by them. Candidates: the int-N tensors (above FP16_MAX_NUMEL, the records'
+    65,536) narrower than AWQ_LITE_BITS with a Hessian. Returns {name: group starts}."""
+    g, order, scored = h.awq_lite_group_size, h.layer_order(), []
+    for name, b in bits.items():
+        H = hessian_of(h, hessians, name)
+        if H is None or not 0 < b < h.awq_lite_bits:
+            continue
+        passes = order.count(int(name.split(".")[1])) if name.startswith("blocks.") else 1
+        score = (H.diagonal().float() / passes).sqrt() * sd[name].float().abs().mean(0)
+        n = len(score) // g
+        scored += [(v, name, k * g) for k, v in enumerate(score[: n * g].view(n, g).sum(1).tolist())]
+    out = {}
+    for _, name, start in sorted(scored, key=lambda c: -c[0])[: h.awq_lite_groups]:
+        out.setdefault(name, []).append(start)
+    return out
+
+
+def awq_mask(cols: int, starts, size: int, device=None) -> Tensor:
+    mask = torch.zeros(cols, dtype=torch.bool, device=device)
+    for start in starts:
+        mask[start : start + size] = True
+    return mask
+
+
+def add_lqer(h: Hyperparameters, sd: dict[str, Tensor], tensors: dict[str, Tensor], meta: dict,
+             hessians: dict[str, Tensor] | None):
+    """LQER (PR #1797): the LQER_TOP_K int-N tensors of largest ||W - W_hat||_F (W_hat with AWQ-lite's columns)
+    get a rank-LQER_RANK correction of that error. Candidates: those GPTQ'd with a Hessian, as the records; all
+    int-N tensors when none is (LQER needs no Hessian). The fit runs on this output, so its byte accounting
+    includes the factors: narrow_to_fit refits a narrowed tensor's, and the few +-1 codes prune_to_fit zeroes
+    stay uncorrected."""
+    names = [n for n, i in meta["tensors"].items() if 0 < i["bits"] < FP16]
+    names = [n for n in names if hessian_of(h, hessians, n) is not None] or names
+    err = {n: float((sd[n].float().cpu() - dequantize_tensor(tensors, n, meta["tensors"][n])).norm()) for n in names}
+    for name in sorted(names, key=lambda n: -err[n])[: h.lqer_top_k]:
+        set_lqer(h, sd[name], tensors, meta, name)
+
+
+def set_lqer(h: Hyperparameters, w: Tensor, tensors: dict[str, Tensor], meta: dict, name: str):
+    """Fit (or refit) one tensor's LQER factors to its current quantization error."""
+    info = meta["tensors"][name]
+    info.pop("lqer", None)
+    E = w.float().cpu() - dequantize_tensor(tensors, name, info)
+    rank = min(h.lqer_rank, *E.shape)
+    info["lqer"] = h.lqer_group if rank * E.size(1) % h.lqer_group == 0 else 0
+    tensors.update({f"{name}.{k}": v for k, v in lqer_factors(E, rank, info["lqer"]).items()})
+
+
+def lqer_factors(E: Tensor, rank: int, group: int) -> dict[str, Tensor]:
+    """LQER-asym (PR #1797): E ~ A B from the rank-r SVD, A = U_r S_r as INT2 codes in {-2..1} with one fp16 scale
+    (max|A| / 1.5), B = V_r^T as INT4 codes in [-8, 7] with one fp16 scale per `group` consecutive elements of the
+    flattened B (max / 7.5); group 0 (B does not split into whole groups): symmetric per-row INT4 for both."""
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    A, B = U[:, :rank] * S[:rank], Vh[:rank]
+    if not group:
+        (qa, sa), (qb, sb) = (quantize_rows(x, 4, clips=(1.0,)) for x in (A, B))
+    else:
+        sa, sb = ((x.abs().amax(-1) / m).clamp_min(2.0**-24).half() for x, m in ((A.flatten(), 1.5),
+                                                                                 (B.reshape(-1, group), 7.5)))
+        qa = torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8)
+        qb = torch.clamp(torch.round(B.reshape(-1, group) / sb.float()[:, None]), -8, 7).to(torch.int8).view_as(B)
+    return {"lqer_a": qa, "lqer_sa": sa, "lqer_b": qb, "lqer_sb": sb}
+
+
+def lqer_correction(tensors: dict[str, Tensor], name: str, group: int) -> Tensor:
+    """A_hat B_hat of a stored LQER correction (group 0: per-row scales of both factors)."""
+    a, b = tensors[name + ".lqer_a"].float(), tensors[name + ".lqer_b"].float()
+    sa, sb = tensors[name + ".lqer_sa"].float(), tensors[name + ".lqer_sb"].float()
+    if not group:
+        return (a * sa[:, None]) @ (b * sb[:, None])
+    return (a * sa) @ (b.view(-1, group) * sb[:, None]).view_as(b)
 
 
 def hessian_of(h: Hyperparameters, hessians: dict[str, Tensor] | None, name: str) -> Tensor | None:
     return hessians.get(name) if hessians and h.quant_method == "gptq" else None
 
 
-def quantize_tensor(h: Hyperparameters, name: str, t: Tensor, bits: int,
-                    hessian: Tensor | None) -> tuple[Tensor, Tensor]:
+def quantize_tensor(h: Hyperparameters, name: str, t: Tensor, bits: int, hessian: Tensor | None,
+                    awq: list[int] | None = None) -> tuple[Tensor, ...]:
     """One int-N tensor by QUANT_METHOD and QUANT_CLIP; SDClip's k by group as quant_bits groups (MLP and
-    attention matrices of the blocks, embedding tables)."""
+    attention matrices of the blocks, embedding tables); attention gates round to nearest at the row max, as
+    the records. (q, scale), and AWQ-lite's row scales when `awq` lists its groups here."""
     keep = t.abs() > abs_quantile(t.flatten(), h.prune_frac) if h.prune_frac > 0 else None
-    clips, clip = (1.0,) if h.quant_method == "rtn" else CLIP_QUANTILES, None
-    if h.quant_clip == "sdclip":
+    gate = name.endswith(".gate_w")
+    clips, clip = (1.0,) if h.quant_method == "rtn" or gate else CLIP_QUANTILES, None
+    hi = awq_mask(t.size(1), awq, h.awq_lite_group_size, t.device) if awq else None
+    if h.quant_clip == "sdclip" and not gate:
         k = h.quant_sigmas_mlp if ".mlp." in name else h.quant_sigmas_attn if name.startswith("blocks.") \
             else h.quant_sigmas_embed
         clip = sdclip(t.float(), k, hessian, h.quant_sdclip_lambda)
-    q, s = quantize_rows(t, bits, hessian, clips, keep, h.gptq_block_size, h.gptq_damp, clip)
-    return q.cpu(), s.cpu()
+    stored = quantize_rows(t, bits, hessian, clips, keep, h.gptq_block_size, h.gptq_damp, clip, hi, h.awq_lite_bits)
+    return tuple(x.cpu() for x in stored)
 
 
 def dequantize_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
     sd = {}
     for name, info in meta["tensors"].items():
         dtype = CONTAINER_DTYPES[info["dtype"]]
-        if info["bits"] in (0, FP16):
-            sd[name] = tensors[name].to(dtype)
-        else:
-            sd[name] = (tensors[name + ".q"].float() * tensors[name + ".scale"].float()[:, None]).to(dtype)
+        sd[name] = (tensors[name] if info["bits"] in (0, FP16) else dequantize_tensor(tensors, name, info)).to(dtype)
     return sd
+
+
+def dequantize_tensor(tensors: dict[str, Tensor], name: str, info: dict) -> Tensor:
+    """An int-N tensor in fp32: q * scale row-wise, AWQ-lite's columns at their own scale, plus LQER's A B."""
+    q = tensors[name + ".q"]
+    hi = (awq_mask(q.size(1), tensors[name + ".awq"].tolist(), info["awq"]), tensors[name + ".awq_scale"]) \
+        if "awq" in info else None
+    w = dequantize_rows(q, tensors[name + ".scale"], hi)
+    return w + lqer_correction(tensors, name, info["lqer"]) if "lqer" in info else w
 
 
 def pack_tensors(tensors: dict[str, Tensor], meta: dict) -> bytes:
@@ -2192,7 +2325,7 @@ def narrow_to_fit(h: Hyperparameters, sd: dict[str, Tensor], hessians: dict[str,
     """Rate control: quantize whole tensors one bit narrower (down to int4), each time the one that adds the
     least output error per byte saved, until the saved bytes (estimated by order-0 entropy) cover `excess`.
     With Hessians only the matrices that have one compete, so the errors are in the same units."""
-    names = [n for n, i in meta["tensors"].items() if 0 < i["bits"] < FP16]
+    names = [n for n, i in meta["tensors"].items() if 0 < i["bits"] < FP16 and "awq" not in i]  # AWQ's keep width
     if hessians and h.quant_method == "gptq":
         names = [n for n in names if n in hessians]
 
@@ -2215,6 +2348,8 @@ def narrow_to_fit(h: Hyperparameters, sd: dict[str, Tensor], hessians: dict[str,
         name = min((n for n in options if options[n]), key=lambda n: options[n][0])
         _, bits, q, s, saved = options[name]
         tensors[name + ".q"], tensors[name + ".scale"], meta["tensors"][name]["bits"] = q, s, bits
+        if "lqer" in meta["tensors"][name]:
+            set_lqer(h, sd[name], tensors, meta, name)
         saved_total, narrowed[name] = saved_total + saved, bits
         options[name] = option(name)
     log(f"narrow_to_fit: {len(narrowed)} tensors narrowed, about {saved_total:.0f}B saved of {excess}B over: "
@@ -2301,8 +2436,13 @@ def export(h: Hyperparameters, model: GPT, hessians: dict[str, Tensor] | None, c
     write_atomic(ARTIFACT_PATH, blob)  # the latest run's artifact, as the official scripts name it
     clip = f"sdclip@mlp{h.quant_sigmas_mlp}/attn{h.quant_sigmas_attn}/embed{h.quant_sigmas_embed}" + \
         (f"/lambda{h.quant_sdclip_lambda}" if h.quant_sdclip_lambda else "") if h.quant_clip == "sdclip" else "search"
+    awq = f"awq{h.awq_lite_groups}x{h.awq_lite_group_size}_int{h.awq_lite_bits}"
+    extras = [tag for on, tag in ((h.gptq_embed, "gptq_embed"), (h.quant_gate_bits == 8, "gate_int8"),
+                                  (h.lqer_rank, f"lqer_r{h.lqer_rank}_top{h.lqer_top_k}_g{h.lqer_group}"),
+                                  (h.awq_lite_groups, awq)) if on]
     log(f"quantization method:{h.quant_method} bits:mlp{h.quant_mlp_bits}/attn{h.quant_attn_bits}/"
-        f"embed{h.quant_embed_bits} clip:{clip} fit:{h.fit_strategy} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        f"embed{h.quant_embed_bits} clip:{clip} fit:{h.fit_strategy} extras:{'+'.join(extras) or 'none'} "
+        f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
     label, total = f"{quant_label(h)}+{h.compressor}", code_bytes + len(blob)
     log(f"Serialized model {label}: {len(blob)} bytes")
     log(f"Code size: {code_bytes} bytes")

@@ -503,3 +503,224 @@ def test_fit_artifact_narrows_the_cheapest_tensors_then_fits(real_hessians):
     none = train_gpt.fit_artifact(train_gpt.Hyperparameters(**{**vars(h), "fit_strategy": "none"}), sd, kinds,
                                   hessians, target, lambda m: None)
     assert len(none) == full
+
+
+# ---- the final records' export extras: GPTQ'd embedding, int8 gates, LQER, AWQ-lite ---------------------
+
+
+def _final_normed_hidden(model, x):
+    """The head's input, computed by hand: rms_norm of the last block's output (no parallel lanes here)."""
+    outs = []
+    hook = model.blocks[model.orders[model.looping][-1]].register_forward_hook(lambda m, a, o: outs.append(o))
+    with torch.no_grad():
+        logits = model.forward_logits(x)
+    hook.remove()
+    return train_gpt.rms_norm(outs[-1]).flatten(0, 1).float(), logits
+
+
+@pytest.mark.parametrize("tied, loops", [(True, 0), (False, 1)])
+def test_gptq_embed_hessian_is_the_mean_outer_product_of_the_final_normed_states(tied, loops):
+    """GPTQ_EMBED (PR #1855): the head weight's Hessian is E[x x^T] of the final-norm output, whatever the model
+    runs (looped or not), stored under the head weight's name; logits = x W^T confirms x is the head's input."""
+    looped = dict(num_loops=1, loop_start=1, loop_end=1) if loops else {}
+    h = _h(num_layers=3, tie_embeddings=tied, ve_layers="1", **looped)
+    model = randomized(GPT(h), 3).eval()
+    x = torch.randint(0, h.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
+    X, logits = _final_normed_hidden(model, x)
+    W = model.tok_emb.weight if tied else model.lm_head.weight
+    torch.testing.assert_close(logits.flatten(0, 1), h.logit_softcap * torch.tanh(X @ W.detach().T / h.logit_softcap))
+    hessians, n = train_gpt.collect_hessians(model, [x], CPU, head=True)
+    key = "tok_emb.weight" if tied else "lm_head.weight"
+    torch.testing.assert_close(hessians[key], X.T @ X / n, rtol=1e-5, atol=1e-6)
+    assert key not in train_gpt.collect_hessians(model, [x], CPU)[0]  # off: the block matrices only
+
+
+def test_gptq_embed_quantizes_the_head_with_its_hessian_below_round_to_nearest():
+    h = _h(quant_embed_bits=5)
+    model = randomized(GPT(h), 1).eval()
+    x = torch.randint(0, h.vocab_size, (8, 64), generator=torch.Generator().manual_seed(1))
+    hessians, _ = train_gpt.collect_hessians(model, [x], CPU, head=True)
+    kinds = {n: k for k, members in train_gpt.param_groups(model).items() for n, _ in members}
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    X, _ = _final_normed_hidden(model, x)
+    w = sd["tok_emb.weight"]
+    head_err = lambda t: float((X @ (w - train_gpt.dequantize_rows(t["tok_emb.weight.q"],  # noqa: E731
+                                                                   t["tok_emb.weight.scale"])).T).square().sum())
+    on = train_gpt.quantize_state(train_gpt.Hyperparameters(**{**vars(h), "gptq_embed": True}), sd, kinds, hessians)[0]
+    blocks_only = {k: v for k, v in hessians.items() if k != "tok_emb.weight"}  # what calibration collects when off
+    off = train_gpt.quantize_state(h, sd, kinds, blocks_only)[0]  # the clip search
+    rtn = train_gpt.quantize_state(_h(quant_embed_bits=5, quant_method="rtn"), sd, kinds)[0]
+    assert head_err(on) < 0.9 * head_err(rtn) and head_err(on) < head_err(off)
+    assert torch.equal(off["tok_emb.weight.q"], train_gpt.quantize_rows(w, 5)[0])
+    with pytest.raises(train_gpt.ConfigError, match="GPTQ_EMBED=True: needs QUANT_METHOD=gptq"):
+        _h(gptq_embed=True, quant_method="rtn")
+
+
+@pytest.mark.parametrize("gate", ["sparse", "dense"])
+def test_quant_gate_bits_stores_the_attention_gates_int8_within_half_a_step(gate):
+    h = _h(attn_gate=gate, quant_gate_bits=8)
+    model, sd, kinds = _state(h)
+    name = "blocks.0.attn.gate_w"
+    assert train_gpt.quant_bits(h, name, kinds[name], sd[name].shape) == 8
+    assert train_gpt.quant_bits(_h(attn_gate=gate), name, kinds[name], sd[name].shape) == 16  # off: fp16
+    tensors, meta = train_gpt.quantize_state(h, sd, kinds)
+    s = tensors[name + ".scale"].float()[:, None]
+    assert tensors[name + ".q"].abs().amax(1).eq(127).all()  # round to nearest at the row max
+    assert ((train_gpt.dequantize_state(tensors, meta)[name] - sd[name]).abs() <= s / 2).all()
+    with pytest.raises(train_gpt.ConfigError, match="QUANT_GATE_BITS=8: must stay 16 unless ATTN_GATE is set"):
+        _h(quant_gate_bits=8)
+
+
+def _lqer_h(**kw):
+    return _h(num_layers=2, ve_layers="1", fp16_max_numel=1024, quant_method="rtn", quant_mlp_bits=4,
+              quant_attn_bits=4, quant_embed_bits=5, **kw)
+
+
+def test_lqer_correction_is_within_the_eckart_young_bound_plus_the_factor_noise():
+    """A B = U_r S_r V_r^T misses E by the Eckart-Young tail sqrt(sum_{i>r} sigma_i^2); every factor code is
+    within half its step (A: max|A|/1.5 on {-2..1}; B: per group max/7.5 on [-8, 7]; per-row INT4 when B is not
+    whole groups), so with B's orthonormal rows ||E - A_hat B_hat||_F <= tail + ||A - A_hat||_F +
+    ||A_hat||_F ||B - B_hat||_F <= tail + ||step_A / 2||_F + ||A_hat||_F ||step_B / 2||_F; and it beats no
+    correction."""
+    for group, cols in ((32, 256), (64, 200)):  # 2 x 200 = 400 elements: not whole groups of 64
+        g = torch.Generator().manual_seed(cols)
+        w = torch.randn(96, cols, generator=g) * torch.linspace(0.2, 2, cols)  # column scales: E is not white
+        q, s = train_gpt.quantize_rows(w, 3, clips=(1.0,))
+        E = w - train_gpt.dequantize_rows(q, s)
+        group = group if 2 * cols % group == 0 else 0
+        f = train_gpt.lqer_factors(E, 2, group)
+        corr = train_gpt.lqer_correction({f"x.{k}": v for k, v in f.items()}, "x", group)
+        U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+        A, B = U[:, :2] * S[:2], Vh[:2]
+        if group:
+            assert f["lqer_a"].min() >= -2 and f["lqer_a"].max() <= 1 and f["lqer_b"].min() >= -8
+            assert f["lqer_b"].max() <= 7 and f["lqer_sa"].numel() == 1 and f["lqer_sb"].numel() == 2 * cols // group
+            step_a = f["lqer_sa"].float().expand_as(A)
+            step_b = f["lqer_sb"].float()[:, None].expand(-1, group).reshape_as(B)
+        else:
+            assert f["lqer_a"].abs().max() <= 7 and f["lqer_b"].abs().max() <= 7 and f["lqer_sb"].numel() == 2
+            step_a, step_b = (f[k].float()[:, None].expand_as(x) for k, x in (("lqer_sa", A), ("lqer_sb", B)))
+        A_hat, B_hat = f["lqer_a"].float() * step_a, f["lqer_b"].float() * step_b
+        torch.testing.assert_close(corr, A_hat @ B_hat)
+        slack = 1 + 2.0**-7  # an fp16 scale rounded down by <= 2^-11 moves the extreme code (7.5 steps) by 15x that
+        assert ((A - A_hat).abs() <= step_a / 2 * slack).all() and ((B - B_hat).abs() <= step_b / 2 * slack).all()
+        tail = float(S[2:].square().sum().sqrt())
+        bound = tail + float((step_a / 2).norm() + A_hat.norm() * (step_b / 2).norm()) * slack
+        err = float((E - corr).norm())
+        assert tail < err <= bound and err < float(E.norm())
+
+
+def test_lqer_factors_go_to_the_top_k_tensors_by_error_and_correct_them():
+    h, off = _lqer_h(lqer_rank=2, lqer_top_k=2), _lqer_h()
+    model, sd, kinds = _state(h, seed=2)
+    plain, meta0 = train_gpt.quantize_state(off, sd, kinds)
+    deq0 = train_gpt.dequantize_state(plain, meta0)
+    err = {n: float((sd[n] - deq0[n]).norm()) for n, i in meta0["tensors"].items() if 0 < i["bits"] < 16}
+    top = sorted(err, key=err.get, reverse=True)[:2]
+    tensors, meta = train_gpt.quantize_state(h, sd, kinds)
+    assert {n for n, i in meta["tensors"].items() if "lqer" in i} == set(top)
+    assert {k.rsplit(".", 1)[0] for k in tensors if ".lqer_" in k} == set(top)
+    assert all(torch.equal(tensors[k], plain[k]) for k in plain)  # the codes themselves are unchanged
+    deq = train_gpt.dequantize_state(tensors, meta)
+    for n in top:
+        assert float((sd[n] - deq[n]).norm()) < err[n]
+
+
+def test_every_extra_on_round_trips_bit_exactly_and_off_adds_nothing(real_hessians):
+    model, hessians = real_hessians
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    kinds = {n: k for k, members in train_gpt.param_groups(model).items() for n, _ in members}
+    base = dict(num_layers=2, ve_layers="1", fp16_max_numel=1024, compressor="zstd")
+    h = _h(**base, lqer_rank=2, lqer_top_k=4, lqer_group=32, awq_lite_groups=2)
+    tensors, meta = train_gpt.quantize_state(h, sd, kinds, hessians)
+    infos = meta["tensors"].values()
+    assert sum("awq" in i for i in infos) >= 1 and sum("lqer" in i for i in infos) == 4
+    assert {n for n, i in meta["tensors"].items() if "lqer" in i} <= set(hessians)  # with Hessians: GPTQ'd only
+    blob = train_gpt.encode_artifact(tensors, meta, "zstd")
+    assert blob == train_gpt.encode_artifact(*train_gpt.quantize_state(h, sd, kinds, hessians), "zstd")
+    loaded, expected = train_gpt.decode_artifact(blob, h, "x"), train_gpt.dequantize_state(tensors, meta)
+    assert all(torch.equal(loaded[n], expected[n]) for n in sd)
+    GPT(h).load_state_dict(loaded, strict=True)
+    plain, meta0 = train_gpt.quantize_state(_h(**base), sd, kinds, hessians)
+    assert not any(k.endswith((".awq", ".awq_scale")) or ".lqer_" in k for k in plain)
+    assert all(set(i) == {"dtype", "bits"} for i in meta0["tensors"].values())
+
+
+def test_lqer_and_awq_artifacts_still_fit_the_target(real_hessians):
+    """The factors are part of what the fit measures: narrowing refits them, and the final artifact fits."""
+    model, hessians = real_hessians
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    kinds = {n: k for k, members in train_gpt.param_groups(model).items() for n, _ in members}
+    h = _h(num_layers=2, ve_layers="1", fp16_max_numel=1024, compressor="zstd", lqer_rank=2, lqer_top_k=3,
+           awq_lite_groups=1)
+    tensors, meta = train_gpt.quantize_state(h, sd, kinds, hessians)
+    full = len(train_gpt.encode_artifact(tensors, meta, "zstd"))
+    lines = []
+    blob = train_gpt.fit_artifact(h, sd, kinds, hessians, int(full * 0.85), lines.append)
+    assert len(blob) <= int(full * 0.85)
+    GPT(h).load_state_dict(train_gpt.decode_artifact(blob, h, "x"), strict=True)
+    narrowed = dict(kv.split(":int") for kv in next(l for l in lines if l.startswith("narrow_to_fit")).split()[10:])
+    assert set(narrowed) & {n for n, i in meta["tensors"].items() if "lqer" in i}  # some corrected tensors narrowed
+    assert not set(narrowed) & {n for n, i in meta["tensors"].items() if "awq" in i}  # AWQ's tensor keeps its width
+    train_gpt.narrow_to_fit(h, sd, hessians, tensors, meta, full - int(full * 0.85), lambda m: None)
+    for n in narrowed:
+        if "lqer" in meta["tensors"][n]:  # refitted to the narrowed tensor's error
+            again = {k: v for k, v in tensors.items() if ".lqer_" not in k}
+            train_gpt.set_lqer(h, sd[n], again, meta, n)
+            assert all(torch.equal(again[f"{n}.{k}"], tensors[f"{n}.{k}"]) for k in ("lqer_a", "lqer_b", "lqer_sb"))
+
+
+def test_awq_lite_protects_the_groups_the_saliency_score_picks():
+    """Score s_j = a_j mean_i |W_ij| with a_j = sqrt(H_jj / passes), summed over aligned groups of 64 columns in
+    one list over the model. The heaviest weights (group 0 of fc) and the loudest inputs (the leftover columns
+    of fc, never candidates) lose to proj's group 1, where both are moderate."""
+    h = tiny_h(awq_lite_groups=1, num_loops=1, loop_start=1, loop_end=1, num_layers=3)
+    fc, proj = torch.full((8, 200), 0.1), torch.full((8, 128), 0.1)
+    fc[:, :64], fc[:, 192:] = 10.0, 1.0
+    proj[:, 64:] = 1.0
+    a_fc, a_proj = torch.full((200,), 0.1), torch.ones(128)
+    a_fc[192:] = 100.0  # the leftover 8 columns: far the largest score, but not a whole group
+    a_proj[64:] = 3.0
+    sd = {"blocks.0.mlp.fc.weight": fc, "blocks.1.mlp.proj.weight": proj}
+    hess = {"blocks.0.mlp.fc.weight": torch.diag(a_fc**2), "blocks.1.mlp.proj.weight": torch.diag(2 * a_proj**2)}
+    # group scores: fc g0 = 64 * 0.1 * 10 = 64, fc g1/g2 = 0.64, proj g0 = 6.4, proj g1 = 64 * 3 * 1 = 192 (its H
+    # counts the layer's 2 passes, so it is divided by 2 first)
+    bits = {n: 6 for n in sd}
+    assert train_gpt.awq_groups(h, sd, bits, hess) == {"blocks.1.mlp.proj.weight": [64]}
+    two = train_gpt.awq_groups(train_gpt.Hyperparameters(**{**vars(h), "awq_lite_groups": 2}), sd, bits, hess)
+    assert two == {"blocks.1.mlp.proj.weight": [64], "blocks.0.mlp.fc.weight": [0]}
+    assert train_gpt.awq_groups(h, sd, {n: 8 for n in sd}, hess) == {}  # already at AWQ_LITE_BITS: no candidate
+    assert train_gpt.awq_groups(h, sd, bits, None) == {}  # no Hessians
+
+
+def test_awq_lite_columns_are_quantized_on_the_fine_grid_inside_the_same_solve():
+    torch.manual_seed(0)
+    w = torch.randn(32, 192)
+    hi = train_gpt.awq_mask(192, [64], 64)
+    H = torch.diag(torch.rand(192) + 0.5)  # diagonal: no error feedback, so every code is plain rounding
+    q, s, s_hi = train_gpt.quantize_rows(w, 4, H, clips=(1.0,), hi=hi, hi_bits=8)
+    err = (w - train_gpt.dequantize_rows(q, s, (hi, s_hi))).abs()
+    assert (err[:, hi] <= s_hi.float()[:, None] / 2).all() and (err[:, ~hi] <= s.float()[:, None] / 2).all()
+    assert q[:, hi].abs().max() > 7 and q[:, ~hi].abs().max() <= 7
+    assert torch.equal(s_hi, train_gpt.row_scale(w.abs().amax(1), 127))  # the base clip over 127
+    X = torch.randn(512, 192) @ (torch.eye(192) + 0.3 * torch.randn(192, 192))  # correlated inputs: GPTQ feeds
+    H = X.T @ X / 512                                                          # errors across the precisions
+    out_err = lambda r: float(((w - r) @ H * (w - r)).sum())  # noqa: E731
+    q, s, s_hi = train_gpt.quantize_rows(w, 4, H, clips=(1.0,), hi=hi)
+    q0, s0 = train_gpt.quantize_rows(w, 4, H, clips=(1.0,))
+    assert out_err(train_gpt.dequantize_rows(q, s, (hi, s_hi))) < out_err(train_gpt.dequantize_rows(q0, s0))
+
+
+def test_the_export_log_line_names_the_extras_that_are_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    for kw, extras in (({}, "none"), (dict(attn_gate="sparse", quant_gate_bits=8, gptq_embed=True, lqer_rank=2,
+                                           lqer_top_k=4, lqer_group=32, awq_lite_groups=1),
+                                      "gptq_embed+gate_int8+lqer_r2_top4_g32+awq1x64_int8")):
+        h = _h(run_id="x", compressor="zlib", **kw)
+        model = randomized(GPT(h))
+        hessians, _ = train_gpt.collect_hessians(model, [torch.randint(0, 1024, (2, 64))], CPU, h.gptq_embed)
+        lines = []
+        train_gpt.export(h, model, hessians, 1000, lines.append)
+        line = next(l for l in lines if l.startswith("quantization method:gptq bits:mlp6/attn6/embed8 clip:search"))
+        assert f" extras:{extras} " in line
