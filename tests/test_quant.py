@@ -636,10 +636,12 @@ def test_every_extra_on_round_trips_bit_exactly_and_off_adds_nothing(real_hessia
     infos = meta["tensors"].values()
     assert sum("awq" in i for i in infos) >= 1 and sum("lqer" in i for i in infos) == 4
     assert {n for n, i in meta["tensors"].items() if "lqer" in i} <= set(hessians)  # with Hessians: GPTQ'd only
-    blob = train_gpt.encode_artifact(tensors, meta, "zstd")
-    assert blob == train_gpt.encode_artifact(*train_gpt.quantize_state(h, sd, kinds, hessians), "zstd")
-    loaded, expected = train_gpt.decode_artifact(blob, h, "x"), train_gpt.dequantize_state(tensors, meta)
-    assert all(torch.equal(loaded[n], expected[n]) for n in sd)
+    expected = train_gpt.dequantize_state(tensors, meta)
+    for compressor in ("zstd", "rans"):  # the factors and AWQ's tensors through either coder
+        blob = train_gpt.encode_artifact(tensors, meta, compressor)
+        assert blob == train_gpt.encode_artifact(*train_gpt.quantize_state(h, sd, kinds, hessians), compressor)
+        loaded = train_gpt.decode_artifact(blob, h, "x")
+        assert all(torch.equal(loaded[n], expected[n]) for n in sd)
     GPT(h).load_state_dict(loaded, strict=True)
     plain, meta0 = train_gpt.quantize_state(_h(**base), sd, kinds, hessians)
     assert not any(k.endswith((".awq", ".awq_scale")) or ".lqer_" in k for k in plain)
