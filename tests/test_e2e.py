@@ -146,3 +146,27 @@ def test_two_layers_with_every_other_model_default_trains_exports_and_scores(tmp
     assert "value_embed:128@0,1" in r.stdout and "hparam model_dim:512" in r.stdout
     assert field(r.stdout, "artifact", "fits") == "1"
     assert math.isfinite(float(field(r.stdout, "final_int8_zlib_roundtrip_exact", "val_bpb")))
+
+
+# configs/frontier.env at a tiny size: its layer indices, schedule and calibration moved to 4 layers of d=64 and
+# 256-token micro-batches, on the sp1024 sample (the preset's own data comes with the SP8192 and CaseOps work)
+FRONTIER_TINY = dict(NUM_LAYERS="4", MODEL_DIM="64", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3",
+                     TRAIN_SEQ_LEN="64", TRAIN_SEQ_SCHEDULE="16@0.100,32@0.700,64@1.000", SEQ_CHANGE_WARMUP_STEPS="2",
+                     ITERATIONS="10", WARMUP_STEPS="1", GPTQ_CALIB_TOKENS="2048", VAL_LOSS_EVERY="0", VOCAB_SIZE="1024",
+                     AWQ_LITE_GROUP_SIZE="16")
+
+
+def test_the_frontier_preset_runs_end_to_end_at_a_tiny_size(tmp_path, sample_shards):
+    """Every frontier technique acts in one whole run: the loop switch, the length switches, packing, the
+    quantizer extras and the rANS artifact, read back and scored."""
+    from conftest import FRONTIER_ENV
+
+    env = {k: v for k, v in FRONTIER_ENV.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}
+    out = run_script(tmp_path, sample_shards, **{**env, **FRONTIER_TINY})
+    assert "layer_loop:enabled step:4 frac:0.400 order:0,1,2,1,2,1,2,3" in out  # the first step at or after 0.35
+    assert "seq_len_switch step:2 seq_len:32" in out and "seq_len_switch step:8 seq_len:64" in out  # f inclusive
+    assert "doc_packing:1" in out and "loops:1-2x2@0.35 parallel_from:3" in out
+    assert re.search(r"^quantization method:gptq .*clip:sdclip.* extras:gptq_embed\+gate_int8\+lqer_r2_top4_g32\+"
+                     r"awq1x16_int8", out, re.M)
+    assert "Serialized model int6+rans:" in out and re.search(r"^final_int8_zlib_roundtrip_exact val_loss:\S+ "
+                                                              r"val_bpb:\S+$", out, re.M)
