@@ -19,21 +19,15 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 import torch
 
 # proxy first: it puts the repository root and data/ on sys.path
-from proxy import CPU, DATA, PROXY, ROOT, SAMPLE, TOKENIZER, ensure_sample
-import build_shards
+from proxy import CPU, DATA, PROXY, TOKENIZER, ensure_sample, full_size_run
 import train_gpt as tg
 
 GENERAL = ("lzma", "zstd", "brotli") if tg.brotli else ("lzma", "zstd")
@@ -58,20 +52,7 @@ def proxy_container(steps: int) -> bytes:
 
 def full_size_artifact(work: Path) -> Path:
     """The default configuration, 2 steps on CPU, exported (benchmarks/quant_proxy.py step 4)."""
-    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
-    shards = work / "shards"
-    shards.mkdir()
-    encode = lambda ts: np.concatenate([[sp.bos_id()] + sp.encode(t) for t in ts]).astype(np.uint16)  # noqa: E731
-    build_shards.write_shard(shards / "fineweb_val_000000.bin", encode(texts[:10]))
-    build_shards.write_shard(shards / "fineweb_train_000000.bin", encode(texts[100:]))
-    env = {**os.environ, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(TOKENIZER), "DEVICE": "cpu",
-           "ITERATIONS": "2", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "16384",
-           "VAL_BATCH_SIZE": "16384", "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_CALIB_TOKENS": "8192", "RUN_ID": "full",
-           "EVAL_STRIDE": "2048"}
-    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=work, env=env, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"full-size run failed:\n{r.stderr[-3000:]}")
+    full_size_run(work)
     return work / tg.ARTIFACT_PATH
 
 

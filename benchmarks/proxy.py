@@ -5,11 +5,15 @@ repository (not each other, not the tests)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
 
 import torch
 
@@ -56,3 +60,24 @@ def train_run(name: str, env: dict[str, str], steps: int, seed: int, workdir: Pa
                 tok_s=steps * int(full["TRAIN_BATCH_TOKENS"]) / (int(last[1]) / 1000),
                 rss=int(re.search(r"peak memory rss: (\d+) MiB", out).group(1)),
                 params=int(re.search(r"model_params:(\d+)", out).group(1)))
+
+
+def full_size_run(work: Path) -> str:
+    """The default configuration (27M parameters) trained 2 steps on CPU on 16,384-token batches and exported as a
+    record run would, in `work` (its artifact: work / train_gpt.ARTIFACT_PATH); returns the run's stdout. The
+    plain evaluator only: a 27M-parameter sliding window is slow on CPU."""
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
+    shards = work / "shards"
+    shards.mkdir()
+    encode = lambda ts: np.concatenate([[sp.bos_id()] + sp.encode(t) for t in ts]).astype(np.uint16)  # noqa: E731
+    build_shards.write_shard(shards / "fineweb_val_000000.bin", encode(texts[:10]))
+    build_shards.write_shard(shards / "fineweb_train_000000.bin", encode(texts[100:]))
+    env = {**os.environ, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(TOKENIZER), "DEVICE": "cpu",
+           "ITERATIONS": "2", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "16384",
+           "VAL_BATCH_SIZE": "16384", "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_CALIB_TOKENS": "8192", "RUN_ID": "full",
+           "EVAL_STRIDE": "2048"}
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=work, env=env, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"full-size run failed:\n{r.stderr[-3000:]}")
+    return r.stdout
