@@ -81,3 +81,23 @@ def full_size_run(work: Path) -> str:
     if r.returncode:
         sys.exit(f"full-size run failed:\n{r.stderr[-3000:]}")
     return r.stdout
+
+
+def proxy_h(steps: int, **extra) -> tg.Hyperparameters:
+    """The seed stack at the proxy size, its schedule scaled to `steps` by PR #1019's fractions, on the sample."""
+    env = {**PROXY, "ITERATIONS": str(steps), "WARMDOWN_ITERS": str(round(steps * 4000 / 6920)),
+           "MUON_MOMENTUM_WARMUP_STEPS": str(round(steps * 1500 / 6920)), "DATA_PATH": str(DATA),
+           "TOKENIZER_PATH": str(TOKENIZER), **extra}
+    return tg.Hyperparameters.from_env(env)
+
+
+def trained(h: tg.Hyperparameters):
+    """Trained in-process, averaged and calibrated: (model, validation, TrainResult, Hessians, tokenizer)."""
+    sp, train_files, val_files = tg.check_inputs(h)
+    torch.manual_seed(h.seed)
+    val = tg.load_validation(h, sp, val_files, CPU.device)
+    model = tg.build_model(h, CPU, sp.bos_id())
+    result = tg.train(h, CPU, model, tg.TrainingData(train_files, h.vocab_size), val, lambda m: None)
+    hessians = tg.finish_training(h, CPU, model, result, tg.TimeLedger(CPU, lambda m: None), sp.bos_id(),
+                                  lambda m: None)
+    return model, val, result, hessians, sp

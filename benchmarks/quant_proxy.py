@@ -25,26 +25,8 @@ import numpy as np
 import torch
 
 # proxy first: it puts the repository root and data/ on sys.path
-from proxy import CPU, DATA, PROXY, TOKENIZER, ensure_sample, full_size_run
+from proxy import CPU, ensure_sample, full_size_run, proxy_h, trained
 import train_gpt as tg
-
-
-def proxy_h(steps: int, **extra) -> tg.Hyperparameters:
-    env = {**PROXY, "ITERATIONS": str(steps), "WARMDOWN_ITERS": str(round(steps * 4000 / 6920)),
-           "MUON_MOMENTUM_WARMUP_STEPS": str(round(steps * 1500 / 6920)), "DATA_PATH": str(DATA),
-           "TOKENIZER_PATH": str(TOKENIZER), **extra}
-    return tg.Hyperparameters.from_env(env)
-
-
-def trained(h: tg.Hyperparameters):
-    sp, train_files, val_files = tg.check_inputs(h)
-    torch.manual_seed(h.seed)
-    val = tg.load_validation(h, sp, val_files, CPU.device)
-    model = tg.build_model(h, CPU, sp.bos_id())
-    result = tg.train(h, CPU, model, tg.TrainingData(train_files, h.vocab_size), val, lambda m: None)
-    hessians = tg.finish_training(h, CPU, model, result, tg.TimeLedger(CPU, lambda m: None), sp.bos_id(),
-                                  lambda m: None)
-    return model, val, result, hessians, sp
 
 
 def averaging(steps: int):
