@@ -123,3 +123,10 @@ def test_whole_run_on_each_variant(variant, variant_shards, tmp_path):
     counts = f"tokens:{field(out, 'val_data', 'tokens')} bytes:{field(out, 'val_data', 'bytes')}"
     assert re.search(rf"^final_int6_sliding_window val_loss:\S+ val_bpb:\S+ stride:32 eval_time:\d+ms {counts}$",
                      out, re.M)
+
+
+def test_quickstart_refuses_an_unknown_variant_before_building_anything(tmp_path):
+    r = subprocess.run([str(ROOT / "quickstart.sh")], env={**os.environ, "VARIANT": "sp4096"}, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr == "quickstart.sh: VARIANT=sp4096: expected sp1024, sp8192 or caseops\n"
+    assert not (ROOT / "data" / "datasets" / "sample_sp4096").exists()
