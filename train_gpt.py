@@ -919,9 +919,10 @@ def check_sidecar(h: Hyperparameters, sp: spm.SentencePieceProcessor, val: list[
 
 def data_fingerprint(h: Hyperparameters, sp, val: ValidationData, train: list[str]) -> dict:
     """What tools/make_record.py checks a record's data by (PR #2146 checked train_shards and val_tokens)."""
-    n, digest = [read_shard_header(f) for f in train], hashlib.sha256(open(h.tokenizer_path, "rb").read())
+    with open(h.tokenizer_path, "rb") as f:
+        n, digest = [read_shard_header(t) for t in train], hashlib.sha256(f.read()).hexdigest()
     return dict(variant=data_variant(sp), train_shards=len(n), train_full_shards=n.count(10**8),
-                val_tokens=val.num_targets, val_bytes=val.byte_count, tokenizer_sha256=digest.hexdigest(),
+                val_tokens=val.num_targets, val_bytes=val.byte_count, tokenizer_sha256=digest,
                 bytes_from="luts" if val.sidecar is None else "sidecar")
 
 

@@ -25,7 +25,6 @@ from typing import Iterable
 
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)  # ids 4-7 of a CaseOps tokenizer, in this order
-CASE_MARKS = frozenset((TITLE, ALLCAPS, CAPNEXT))
 TOKENIZER_SETTINGS = dict(user_defined_symbols=list(OPERATORS))  # added to build_shards' official settings
 
 

@@ -9,14 +9,12 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 from build_shards import build, write_shard
 from conftest import CASEOPS, ROOT, SAMPLE_JSONL, SP1024, SP8192, TINY_ENV, tiny_h
 
-import caseops
 import train_gpt
 from train_gpt import Dist
 
