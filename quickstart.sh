@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# Quickstart: build shards from the bundled FineWeb sample (once), then train and score a tiny model on CPU.
+# Quickstart: build shards from the bundled FineWeb sample (once per variant), then train and score a tiny model
+# on CPU. VARIANT picks the data: sp1024 (default, the official tokenizer), sp8192 (byte fallback) or caseops
+# (SP8192 on case-transformed text, scored on the original bytes through the byte sidecar).
 # The configuration is configs/quickstart.env; every knob can still be overridden from the environment, e.g.
-# `ITERATIONS=50 ./quickstart.sh`, and so can DATA_PATH and TOKENIZER_PATH.
+# `ITERATIONS=50 ./quickstart.sh`, and so can DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE.
 set -euo pipefail
 cd "$(dirname "$0")"
-data=data/datasets/sample_sp1024
+variant="${VARIANT:-sp1024}"
+flags=()
+case "$variant" in
+    sp1024) tokenizer=data/sample/fineweb_1024_bpe.model vocab=1024 ;;
+    sp8192) tokenizer=data/sample/fineweb_8192_bpe.model vocab=8192 ;;
+    caseops) tokenizer=data/sample/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model vocab=8192
+             flags=(--caseops) ;;
+    *) echo "quickstart.sh: VARIANT=$variant: expected sp1024, sp8192 or caseops" >&2; exit 2 ;;
+esac
+data=data/datasets/sample_$variant
 if [ ! -d "$data" ]; then  # built under a temporary name, so an interrupted build is never mistaken for a finished one
     rm -rf "$data.partial"
-    python3 data/build_shards.py --input data/sample/fineweb_sample.jsonl \
-        --tokenizer data/sample/fineweb_1024_bpe.model --output-dir "$data.partial" --num-val-docs 100
+    python3 data/build_shards.py --input data/sample/fineweb_sample.jsonl --tokenizer "$tokenizer" \
+        --output-dir "$data.partial" --num-val-docs 100 --allow-small-val ${flags[@]+"${flags[@]}"}
     mv "$data.partial" "$data"
 fi
-export DATA_PATH="${DATA_PATH:-$data}" TOKENIZER_PATH="${TOKENIZER_PATH:-data/sample/fineweb_1024_bpe.model}"
+export DATA_PATH="${DATA_PATH:-$data}" TOKENIZER_PATH="${TOKENIZER_PATH:-$tokenizer}" VOCAB_SIZE="${VOCAB_SIZE:-$vocab}"
 while IFS='=' read -r k v || [ -n "$k" ]; do  # a value set (non-empty) in the environment wins over the file's
     [[ -z "$k" || "$k" == \#* ]] && continue
     [ -n "${!k:-}" ] || export "$k=$v"

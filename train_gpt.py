@@ -876,25 +876,43 @@ class ValidationData:
     luts: ByteLUTs  # on the compute device
     seq_len: int
     byte_count: int
+    sidecar: np.ndarray | None = None  # CaseOps (PR #1729): the original bytes of each token, not the tables'
 
     @property
     def num_targets(self) -> int:
         return len(self.tokens) - 1
 
+    def target_bytes(self, at: np.ndarray, rows: Tensor) -> Tensor:  # of the targets rows[:, 1:] = tokens[at[:, 1:]]
+        return token_bytes(self.luts, rows[:, :-1], rows[:, 1:]) if self.sidecar is None else \
+            torch.from_numpy(self.sidecar[at[:, 1:]].astype(np.int64)).to(rows.device)
+
+
+def sidecar_path(val_file: str) -> str:  # CaseOps: fineweb_val_bytes_N.bin beside fineweb_val_N.bin
+    return "fineweb_val_bytes_".join(val_file.rsplit("fineweb_val_", 1))
+
 
 def load_validation(h: Hyperparameters, sp, files: list[str], device: torch.device) -> ValidationData:
     tokens = np.concatenate([load_data_shard(f, h.vocab_size) for f in files])
-    return make_validation(tokens, build_byte_luts(sp, h.vocab_size).to(device), h.train_seq_len)
+    sidecar = np.concatenate([load_data_shard(sidecar_path(f)) for f in files]) if data_variant(sp) == "caseops" \
+        else None
+    return make_validation(tokens, build_byte_luts(sp, h.vocab_size).to(device), h.train_seq_len, sidecar)
 
 
-def make_validation(tokens: np.ndarray, luts: ByteLUTs, seq_len: int) -> ValidationData:
+def make_validation(tokens: np.ndarray, luts: ByteLUTs, seq_len: int, sidecar: np.ndarray | None = None):
     usable = (len(tokens) - 1) // seq_len * seq_len
     tokens = tokens[: usable + 1]
+    if sidecar is not None:
+        return ValidationData(tokens, luts, seq_len, int(sidecar[1 : usable + 1].sum()), sidecar[: usable + 1])
     total, chunk, device = 0, 1 << 22, luts.base_bytes.device
     for s in range(0, usable, chunk):
         t = torch.from_numpy(tokens[s : s + chunk + 1].astype(np.int64)).to(device)
         total += int(token_bytes(luts, t[:-1], t[1:]).sum())
     return ValidationData(tokens, luts, seq_len, total)
+
+
+def data_variant(sp) -> str:  # caseops (operators TITLE ALLCAPS CAPNEXT ESC at ids 4-7, PR #1729) or sp<pieces>
+    ops = [sp.id_to_piece(i) for i in range(4, min(8, sp.vocab_size()))]
+    return "caseops" if ops == ["\ue001", "\ue002", "\ue003", "\ue004"] else f"sp{sp.vocab_size()}"
 
 
 DATA_HINT = ("get the data with `python3 data/cached_challenge_fineweb.py --variant sp1024` (README.md, \"Data\"), "
@@ -908,7 +926,7 @@ def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[s
     sp = check_tokenizer(h)
     if not os.path.isdir(h.data_path):
         raise ValueError(f"DATA_PATH={h.data_path!r}: not a directory; {DATA_HINT}")
-    train, val = (sorted(glob.glob(os.path.join(h.data_path, f"fineweb_{s}_*.bin"))) for s in ("train", "val"))
+    train, val = (sorted(glob.glob(os.path.join(h.data_path, f"fineweb_{s}_[0-9]*.bin"))) for s in ("train", "val"))
     for split, files in (("train", train), ("val", val)):
         if not files:
             raise ValueError(f"DATA_PATH={h.data_path!r}: no fineweb_{split}_*.bin shards")
@@ -919,6 +937,7 @@ def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[s
         raise ValueError(f"TRAIN_SEQ_LEN={h.train_seq_len}: the validation shards hold only {val_tokens} tokens, "
                          "not one full sequence plus its last target")
     check_pairing(h, sp, val[0])
+    check_sidecar(h, sp, val)
     return sp, train, val
 
 
@@ -961,6 +980,28 @@ def check_pairing(h: Hyperparameters, sp: spm.SentencePieceProcessor, val_file: 
     if bad * 2 > len(docs):
         raise ValueError(f"{where}: {bad} of the first {len(docs)} validation documents do not come back when "
                          "decoded and re-encoded (shards made with another tokenizer?)")
+
+
+def check_sidecar(h: Hyperparameters, sp: spm.SentencePieceProcessor, val: list[str]):
+    """CaseOps val_bpb counts the original bytes of fineweb_val_bytes_N.bin, one per token of fineweb_val_N.bin."""
+    caseops, tok = data_variant(sp) == "caseops", f"TOKENIZER_PATH={h.tokenizer_path!r}"
+    if not caseops and glob.glob(os.path.join(h.data_path, "fineweb_val_bytes_*.bin")):
+        raise ValueError(f"DATA_PATH={h.data_path!r} holds CaseOps byte sidecars, but {tok} is not a CaseOps tokenizer")
+    for f in val if caseops else []:
+        side = sidecar_path(f)
+        if (n := read_shard_header(side) if os.path.isfile(side) else None) != read_shard_header(f):
+            got = "missing" if n is None else f"{n} byte counts for {read_shard_header(f)} tokens"
+            raise ValueError(f"{side}: {got}; {tok} is a CaseOps tokenizer, scored on a byte sidecar per validation "
+                             "shard (data/build_shards.py --caseops, or download --variant caseops)")
+
+
+def data_fingerprint(h: Hyperparameters, sp, val: ValidationData, train: list[str]) -> dict:
+    """What tools/make_record.py checks a record's data by (PR #2146 checked train_shards and val_tokens)."""
+    with open(h.tokenizer_path, "rb") as f:
+        n, digest = [read_shard_header(t) for t in train], hashlib.sha256(f.read()).hexdigest()
+    return dict(variant=data_variant(sp), train_shards=len(n), train_full_shards=n.count(10**8),
+                val_tokens=val.num_targets, val_bytes=val.byte_count, tokenizer_sha256=digest,
+                bytes_from="luts" if val.sidecar is None else "sidecar")
 
 
 def check_outputs(h: Hyperparameters):
@@ -2500,13 +2541,14 @@ def score_windows(d: Dist, model: nn.Module, val: ValidationData, ends: np.ndarr
         valid, k = k < hi, np.minimum(k, hi - 1)
         end = ends[k]
         start, count = end - window, np.where(valid, end - np.where(k > 0, ends[k - 1], 0), 0)  # count: targets scored
-        rows = torch.from_numpy(val.tokens[start[:, None] + np.arange(window + 1)].astype(np.int64)).to(d.device)
+        at = start[:, None] + np.arange(window + 1)
+        rows = torch.from_numpy(val.tokens[at].astype(np.int64)).to(d.device)
         x, y = rows[:, :-1], rows[:, 1:]
         mask = pos[None, :] >= window - torch.from_numpy(count).to(d.device)[:, None]
         with d.autocast():
             loss = model(x, y, reduction="none")
         m = mask.double()
-        sums += torch.stack([(loss.double() * m).sum(), m.sum(), (token_bytes(val.luts, x, y).double() * m).sum()])
+        sums += torch.stack([(loss.double() * m).sum(), m.sum(), (val.target_bytes(at, rows).double() * m).sum()])
         if trace is not None:
             target = (torch.from_numpy(start).to(d.device)[:, None] + pos)[mask]
             trace[0].index_add_(0, target, torch.ones_like(target, dtype=torch.float64))
@@ -2899,6 +2941,8 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     val = load_validation(h, sp, val_files, d.device)
     base_model = build_model(h, d, sp.bos_id())
     describe_run(h, d, sp, base_model, val, len(train_files), len(val_files), log)
+    fingerprint = data_fingerprint(h, sp, val, train_files)
+    log("data_fingerprint " + " ".join(f"{k}:{v}" for k, v in fingerprint.items()))
     data = TrainingData(train_files, h.vocab_size)
     result = train(h, d, base_model, data, val, log)
     ledger = TimeLedger(d, log)
@@ -2917,12 +2961,12 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     stages = {"pre_quant_raw": result.final, "averaged": r, **score_artifact(h, d, val, sp.bos_id(), ledger, log)}
     ledger.summary()
     if d.is_main:
-        write_summary(h, d, stages, ledger, result.steps, code, source, counted)
+        write_summary(h, d, stages, ledger, result.steps, code, source, counted, fingerprint)
     d.barrier()  # no rank tears down its gloo/NCCL group while another still talks to it (gloo aborted ~2% of runs)
 
 
 def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger, steps: int, code: bytes,
-                  source: bytes, counted: str):
+                  source: bytes, counted: str, data: dict):
     """logs/<RUN_ID>.json, next to the log, written atomically: what tools/make_record.py reads."""
     def result(r):
         return None if r is None else {"val_loss": r.val_loss, "val_bpb": r.val_bpb}
@@ -2942,7 +2986,7 @@ def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger,
         "config_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
         "code": {"sha256": hashlib.sha256(code).hexdigest(), "source_sha256": hashlib.sha256(source).hexdigest(),
                  "source_bytes": len(source), "counted": counted, "counted_bytes": len(code)},
-        "steps": steps, "train_ms": ledger.total["train"], "eval_ms": ledger.total["eval"],
+        "data": data, "steps": steps, "train_ms": ledger.total["train"], "eval_ms": ledger.total["eval"],
         "not_charged_ms": ledger.total[None], "budget_ms": BUDGET_MS,
         "stages": {k: result(v) for k, v in stages.items()},
         "score": {"source": name, "val_loss": score.val_loss, "val_bpb": score.val_bpb},

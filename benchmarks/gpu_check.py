@@ -369,7 +369,7 @@ def build_sample_shards(out_dir: Path) -> Path:
     """The bundled sample as shards (data/build_shards.py, as quickstart.sh builds them)."""
     cmd = [sys.executable, str(ROOT / "data" / "build_shards.py"), "--input", str(SAMPLE_JSONL),
            "--tokenizer", str(TOKENIZER), "--output-dir", str(out_dir), "--num-val-docs", str(SAMPLE_VAL_DOCS),
-           "--workers", str(min(4, os.cpu_count() or 1))]
+           "--allow-small-val", "--workers", str(min(4, os.cpu_count() or 1))]
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode:
         raise RuntimeError(f"data/build_shards.py failed: {(r.stderr or r.stdout).strip()[-1000:]}")

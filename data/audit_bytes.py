@@ -2,7 +2,7 @@
 tokens stand for, and explain every difference.
 
     python data/audit_bytes.py --tokenizer X.model --shard fineweb_val_000000.bin [--vocab-size V]
-                               [--max-docs N] [--json]
+                               [--max-docs N] [--json] [--sidecar fineweb_val_bytes_000000.bin] [--input docs.jsonl]
 
 The shard is split into documents at BOS tokens. For each document the table count (train_gpt.token_bytes
 summed over its tokens, the first one preceded by BOS) is compared with the canonical count, the UTF-8 length
@@ -12,6 +12,14 @@ token by token (vectorised too), which attributes each difference to a token id 
 add up to sp.decode's count. A space spelled in byte pieces is found by a separate scan, since there the
 tables and sp.decode agree with each other but not with the text. Run it whenever the tokenizer changes.
 
+A CaseOps tokenizer (operators at ids 4-7) is scored on its byte sidecar, not on the tables, so its audit
+(audit_caseops) checks the sidecar (default: fineweb_val_bytes_N.bin beside the shard): BOS counts 0, a token
+that is only an operator counts 0, every document decodes and inverts to valid text. With --input (the JSONL the
+shards were built from, validation documents first) it proves each document: its tokens are those of the
+transformed text, the sidecar has the count of every token, the counts sum to the UTF-8 length of the original
+text (less the leading and trailing whitespace SentencePiece drops), and decoding the tokens and inverting the
+transform gives the original text as the tokenizer normalises it.
+
 Exit code: 0 when every difference has a documented cause, 1 when some difference is unexplained (a bug in
 the tables) or the emulation disagrees with sp.decode, 2 on bad input.
 """
@@ -19,6 +27,7 @@ the tables) or the emulation disagrees with sp.decode, 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -29,7 +38,9 @@ import sentencepiece as spm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import ByteLUTs, build_byte_luts, load_data_shard, token_bytes  # noqa: E402
+import caseops  # noqa: E402
+from build_shards import BuildError, iter_documents  # noqa: E402
+from train_gpt import ByteLUTs, build_byte_luts, data_variant, load_data_shard, sidecar_path, token_bytes  # noqa: E402
 
 SPACE = "\u2581"
 REPLACEMENT_BYTES = 3  # U+FFFD, printed by SentencePiece for every byte that is not part of valid UTF-8
@@ -214,6 +225,78 @@ def audit(sp: spm.SentencePieceProcessor, tokens: np.ndarray, luts: ByteLUTs, ma
     }
 
 
+CASEOPS_CHECKS = {  # failure -> meaning, for audit_caseops
+    "bos_counts_bytes": "a BOS entry of the sidecar is not 0",
+    "operator_counts_bytes": "a token made only of case operators has a nonzero count",
+    "undecodable": "the tokens decode to text that the CaseOps decoder rejects",
+    "tokens_differ": "the shard's tokens are not those of the transformed input document",
+    "counts_differ": "the sidecar's counts are not those of the input document's tokens",
+    "bytes_differ": "the counts do not sum to the UTF-8 length of the original text",
+    "text_differs": "decoding the tokens and inverting the transform does not give the (normalised) original text",
+}
+
+
+def audit_caseops(sp: spm.SentencePieceProcessor, tokens: np.ndarray, sidecar: np.ndarray,
+                  texts: list[str] | None = None, max_docs: int | None = None) -> dict:
+    """The sidecar audit of CaseOps shards (module docstring); texts: the original documents, in shard order."""
+    tokens, sidecar = np.asarray(tokens), np.asarray(sidecar)
+    if len(tokens) != len(sidecar):
+        raise ValueError(f"the sidecar has {len(sidecar)} entries for {len(tokens)} tokens")
+    bos = sp.bos_id()
+    starts = np.flatnonzero(tokens == bos)
+    ends = np.append(starts[1:], len(tokens))
+    if max_docs is not None:
+        starts, ends = starts[:max_docs], ends[:max_docs]
+    if texts is not None and len(texts) < len(starts):
+        raise ValueError(f"the shard has {len(starts)} documents, the input only {len(texts)}")
+    operator_only = np.array([all(c in caseops.OPERATORS for c in sp.id_to_piece(i)) and not sp.is_control(i)
+                              for i in range(sp.vocab_size())])
+    fails: dict[str, list[int]] = {k: [] for k in CASEOPS_CHECKS}
+    text_bytes = 0
+    for d, (a, b) in enumerate(zip(starts, ends)):
+        ids, counts = tokens[a + 1 : b].tolist(), sidecar[a + 1 : b]
+        if sidecar[a]:
+            fails["bos_counts_bytes"].append(d)
+        if np.any(counts[operator_only[tokens[a + 1 : b]]]):
+            fails["operator_counts_bytes"].append(d)
+        try:
+            decoded = caseops.decode(sp.decode(ids))
+        except caseops.CaseOpsError:
+            fails["undecodable"].append(d)
+            decoded = None
+        if texts is None:
+            continue
+        text = texts[d]
+        text_bytes += len(text.strip().encode("utf-8"))
+        want_ids, want_counts = caseops.document_tokens(sp, text)
+        for failed, name in ((want_ids[1:] != ids, "tokens_differ"),
+                             (want_counts[1:] != counts.tolist(), "counts_differ"),
+                             (int(counts.sum()) != len(text.strip().encode("utf-8")), "bytes_differ"),
+                             (decoded != sp.normalize(text).replace(SPACE, " "), "text_differs")):
+            if failed:
+                fails[name].append(d)
+    return {
+        "documents": len(starts), "tokens": int(ends[-1] - starts[0]) if len(starts) else 0,
+        "sidecar_bytes": int(sidecar[starts[0] : ends[-1]].sum(dtype=np.int64)) if len(starts) else 0,
+        "text_bytes": text_bytes if texts is not None else None, "proved": texts is not None,
+        "failures": {k: {"documents": len(v), "first": v[:10]} for k, v in fails.items() if v},
+        "ok": not any(fails.values()),
+    }
+
+
+def format_caseops_report(r: dict) -> str:
+    lines = [f"documents {r['documents']:,}   tokens {r['tokens']:,}   sidecar bytes {r['sidecar_bytes']:,}   "
+             f"original text bytes {'-' if r['text_bytes'] is None else format(r['text_bytes'], ',')}"]
+    for k, f in r["failures"].items():
+        lines.append(f"{k}: {f['documents']:,} documents (first: {f['first']}): {CASEOPS_CHECKS[k]}")
+    if not r["proved"]:
+        lines.append("structural checks only: give --input (the documents the shards were built from) to prove "
+                     "the byte counts against the original text")
+    lines.append("\nRESULT: " + ("FAIL" if not r["ok"] else "OK: the sidecar counts the original bytes of every "
+                                 "document" if r["proved"] else "OK (structural)"))
+    return "\n".join(lines)
+
+
 def format_report(r: dict, top: int = 30) -> str:
     lines = [
         f"documents {r['documents']:,}   tokens {r['tokens']:,}   tokens before the first BOS (not audited) "
@@ -254,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, help="VOCAB_SIZE of the trainer (default: the tokenizer's)")
     p.add_argument("--max-docs", type=int, help="audit only the first N documents")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--sidecar", help="CaseOps: the byte sidecar (default: fineweb_val_bytes_N.bin beside the shard)")
+    p.add_argument("--input", action="extend", nargs="+", metavar="JSONL",
+                   help="CaseOps: the documents the shards were built from (validation documents first)")
     a = p.parse_args(argv)
     try:
         if not a.tokenizer.endswith(".model") or not os.path.isfile(a.tokenizer):
@@ -277,8 +363,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"({sp.vocab_size()} pieces)")
         if sp.bos_id() < 0 or not np.any(tokens == sp.bos_id()):
             raise ValueError(f"{a.shard}: no BOS token (id {sp.bos_id()}), so no documents to audit")
+        if data_variant(sp) == "caseops":
+            return main_caseops(a, sp, tokens)
         report = audit(sp, tokens, build_byte_luts(sp, vocab), a.max_docs)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, BuildError) as e:
         print(f"audit_bytes: error: {e}", file=sys.stderr)
         return 2
     if a.json:
@@ -287,6 +375,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"byte audit of {a.shard} with {a.tokenizer} ({sp.vocab_size()} pieces, "
               f"{'with' if any(sp.is_byte(i) for i in range(sp.vocab_size())) else 'no'} byte fallback)")
         print(format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def main_caseops(a, sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> int:
+    side = a.sidecar or sidecar_path(a.shard)
+    if not os.path.isfile(side):
+        raise ValueError(f"--sidecar {side}: no such file (a CaseOps tokenizer is scored on the byte sidecar)")
+    sidecar = load_data_shard(side)
+    if len(sidecar) != len(tokens):
+        raise ValueError(f"{side}: {len(sidecar)} byte counts for {len(tokens)} tokens in {a.shard}: not its sidecar")
+    n = int(np.count_nonzero(tokens == sp.bos_id()))
+    texts = None
+    if a.input:
+        texts = list(itertools.islice(iter_documents(a.input), min(n, a.max_docs or n)))
+    report = audit_caseops(sp, tokens, sidecar, texts, a.max_docs)
+    if a.json:
+        print(json.dumps({"tokenizer": a.tokenizer, "shard": a.shard, "sidecar": side, **report}, indent=1))
+    else:
+        print(f"CaseOps byte audit of {a.shard} and {side} with {a.tokenizer}")
+        print(format_caseops_report(report))
     return 0 if report["ok"] else 1
 
 

@@ -1,12 +1,18 @@
 """Download the published challenge data (token shards and tokenizers) from the Hugging Face Hub.
 
-    python3 data/cached_challenge_fineweb.py [--variant sp1024] [--train-shards 80 | N] [--skip-manifest]
-        [--with-docs]
+    python3 data/cached_challenge_fineweb.py [--variant sp1024|sp4096|sp8192|caseops] [--train-shards 80 | N]
+        [--skip-manifest] [--with-docs]
+
+Each variant lives in its own dataset repo (VARIANTS): sp1024 in the official one, sp4096 and sp8192 in the
+community one of PR #1218/#1394, caseops (SP8192 on CaseOps-transformed text, PR #1729, the data of the final
+records) in its author's, under the dataset name fineweb10B_sp8192_lossless_caps_caseops_v1_reserved. Any
+other name is looked up as fineweb10B_<variant> in the official repo (e.g. byte260).
 
 The manifest of the dataset repo (<prefix>/manifest.json) lists the datasets, one per tokenizer variant with its
-shard counts, and the tokenizers. For dataset fineweb10B_<variant> this fetches the tokenizer's files, every
-validation shard and the first N training shards, mirroring the remote layout (minus the prefix) under data/,
-the directory of this script:
+shard counts, and the tokenizers. For the variant's dataset this fetches the tokenizer's files, every
+validation shard (and, when the dataset lists val_bytes_glob, as CaseOps does, the byte sidecar of each:
+fineweb_val_bytes_N.bin) and the first N training shards, mirroring the remote layout (minus the prefix) under
+data/, the directory of this script:
 
     data/manifest.json
     data/tokenizers/fineweb_1024_bpe.model, ...
@@ -16,7 +22,7 @@ Files already present and complete (a shard whose header matches its size, a .mo
 non-empty) are not fetched again; the manifest always is, unless --skip-manifest. --with-docs also fetches
 docs_selected.jsonl, the selected FineWeb documents, and docs_selected.source_manifest.json.
 
-Environment: MATCHED_FINEWEB_REPO_ID (default willdepueoai/parameter-golf), MATCHED_FINEWEB_REMOTE_ROOT_PREFIX
+Environment: MATCHED_FINEWEB_REPO_ID (default: the variant's repo), MATCHED_FINEWEB_REMOTE_ROOT_PREFIX
 (default datasets). Exit status: 0 done, 1 a file could not be downloaded or stored, 2 bad arguments or manifest.
 """
 
@@ -43,6 +49,13 @@ import train_gpt  # noqa: E402
 PROG = Path(__file__).name
 DEFAULT_REPO_ID, DEFAULT_PREFIX = "willdepueoai/parameter-golf", "datasets"  # the official names and layout
 DEFAULT_TRAIN_SHARDS = 80
+# variant -> (dataset repo, dataset name without "fineweb10B_"); other variants: (DEFAULT_REPO_ID, the variant)
+VARIANTS = {
+    "sp1024": (DEFAULT_REPO_ID, "sp1024"),
+    "sp4096": ("kevclark/parameter-golf", "sp4096"),  # PR #1218
+    "sp8192": ("kevclark/parameter-golf", "sp8192"),  # PR #1394
+    "caseops": ("romeerp/parameter-golf-caseops-v1", "sp8192_lossless_caps_caseops_v1_reserved"),  # PR #1729
+}
 DOCS = ["docs_selected.jsonl", "docs_selected.source_manifest.json"]
 TOKENIZER_FIELDS = ("model_path", "vocab_path", "path")
 KIND_NAMES = {list: "a list", dict: "an object", str: "a string", int: "a non-negative integer"}
@@ -187,14 +200,15 @@ def tokenizer_files(manifest: dict, source: Path, name: str) -> list[str]:
 
 
 def plan(manifest: dict, source: Path, variant: str, train_shards: int) -> list[str]:
-    """Paths, relative to the prefix, of the variant's tokenizer files, all its validation shards and its first
-    train_shards training shards. Everything is checked here, before any of them is downloaded."""
+    """Paths, relative to the prefix, of the variant's tokenizer files, all its validation shards (and their byte
+    sidecars) and its first train_shards training shards. Everything is checked here, before any download."""
     datasets = {field(d, "name", str, f"datasets[{i}]", source): (i, d)
                 for i, d in enumerate(field(manifest, "datasets", list, "", source))}
-    name = f"fineweb10B_{variant}"
+    name = f"fineweb10B_{VARIANTS.get(variant, (None, variant))[1]}"
     if name not in datasets:
         available = sorted(n.removeprefix("fineweb10B_") for n in datasets if n.startswith("fineweb10B_"))
-        raise UsageError(f"variant {variant!r} is not in {source}; available: {', '.join(available) or 'none'}")
+        raise UsageError(f"variant {variant!r} ({name}) is not in {source}; available: "
+                         f"{', '.join(available) or 'none'}")
     i, dataset = datasets[name]
     stats = field(dataset, "stats", dict, f"datasets[{i}]", source)
     num_val = field(stats, "files_val", int, f"datasets[{i}].stats", source)
@@ -203,6 +217,10 @@ def plan(manifest: dict, source: Path, variant: str, train_shards: int) -> list[
         raise UsageError(f"--train-shards {train_shards}: {name} has only {num_train} training shards")
     files = tokenizer_files(manifest, source, field(dataset, "tokenizer_name", str, f"datasets[{i}]", source))
     files += [f"datasets/{name}/fineweb_val_{k:06d}.bin" for k in range(num_val)]
+    if dataset.get("val_bytes_glob"):
+        files += [f"datasets/{name}/fineweb_val_bytes_{k:06d}.bin" for k in range(num_val)]
+    elif variant == "caseops":  # its val_bpb needs the sidecar (train_gpt.py refuses the data without it)
+        raise UsageError(f"{source}: datasets[{i}] ({name}) lists no validation byte sidecar (val_bytes_glob)")
     files += [f"datasets/{name}/fineweb_train_{k:06d}.bin" for k in range(train_shards)]
     return files
 
@@ -219,11 +237,13 @@ def shard_count(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog=f"Environment: MATCHED_FINEWEB_REPO_ID (default {DEFAULT_REPO_ID}), "
-                                       f"MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (default {DEFAULT_PREFIX}).")
+                                epilog="Environment: MATCHED_FINEWEB_REPO_ID (default: the variant's repo, " +
+                                       ", ".join(f"{v}: {r}" for v, (r, _) in VARIANTS.items()) +
+                                       f"), MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (default {DEFAULT_PREFIX}).")
     p.add_argument("shards", nargs="?", type=shard_count, metavar="N", help="same as --train-shards N")
     p.add_argument("--variant", default="sp1024",
-                   help="tokenizer variant: sp<vocab size> (sp1024, sp4096, sp8192...) or byte260 (default sp1024)")
+                   help="sp1024 (default, official), sp4096, sp8192 (community), caseops (SP8192 CaseOps data of the "
+                        "final records, with its validation byte sidecar), or another dataset of the official repo")
     p.add_argument("--train-shards", type=shard_count, metavar="N",
                    help=f"number of training shards to fetch, from the first (default {DEFAULT_TRAIN_SHARDS})")
     p.add_argument("--skip-manifest", action="store_true", help="use the local data/manifest.json as it is")
@@ -238,7 +258,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, fetch: Fetch = hf_fetch, data_dir: str | os.PathLike = DATA_DIR) -> int:
     a = parse_args(argv)
     data_dir = Path(data_dir)
-    remote = Remote(os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID),
+    remote = Remote(os.environ.get("MATCHED_FINEWEB_REPO_ID", VARIANTS.get(a.variant, (DEFAULT_REPO_ID,))[0]),
                     os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_PREFIX).strip("/"), fetch)
     manifest_path = data_dir / "manifest.json"
     try:
@@ -252,7 +272,7 @@ def main(argv: list[str] | None = None, fetch: Fetch = hf_fetch, data_dir: str |
     except (UsageError, DownloadError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
-    print(f"{a.variant}: {len(files)} files in {data_dir}, {downloaded} downloaded, "
+    print(f"{a.variant} ({remote.repo_id}): {len(files)} files in {data_dir}, {downloaded} downloaded, "
           f"{len(files) - downloaded} already present")
     return 0
 

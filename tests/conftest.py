@@ -13,7 +13,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "data")]
 
 SAMPLE_JSONL = ROOT / "data" / "sample" / "fineweb_sample.jsonl"
 SP1024 = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"  # no byte fallback: unknown characters -> <unk>
-SP8192 = ROOT / "tests" / "fixtures" / "fineweb_8192_bpe.model"  # byte fallback
+SP8192 = ROOT / "data" / "sample" / "fineweb_8192_bpe.model"  # byte fallback
+CASEOPS = ROOT / "data" / "sample" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"  # operators 4-7
 
 
 def pytest_configure(config):

@@ -290,3 +290,72 @@ def test_bad_input_is_a_one_line_error(val, tmp_path, capsys):
         code, out, err = cli(capsys, *args)
         assert code == 2 and out == "", args
         assert err.count("\n") == 1 and needle in err and err.startswith("audit_bytes: error:"), err
+
+
+# --- CaseOps: the byte sidecar ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def caseops_val(sample_texts, tmp_path_factory):
+    """Shard, sidecar and input of the sample's validation split in CaseOps form (data/build_shards.py --caseops)."""
+    from build_shards import build
+    from conftest import CASEOPS, SAMPLE_JSONL
+
+    out = tmp_path_factory.mktemp("caseops")
+    build([SAMPLE_JSONL], out, CASEOPS, num_val_docs=100, allow_small_val=True, caseops_data=True, workers=2,
+          log=lambda _: None)
+    return out / "fineweb_val_000000.bin", out / "fineweb_val_bytes_000000.bin", CASEOPS
+
+
+def test_caseops_sidecar_is_proved_on_every_document(caseops_val, sample_texts, capsys):
+    from conftest import SAMPLE_JSONL
+
+    shard, sidecar, model = caseops_val
+    code, out, _ = cli(capsys, "--tokenizer", model, "--shard", shard, "--input", SAMPLE_JSONL, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["ok"] and r["proved"] and r["documents"] == 100 and r["failures"] == {}
+    assert r["sidecar_bytes"] == r["text_bytes"] == sum(len(t.strip().encode()) for t in sample_texts[:100])
+    code, out, _ = cli(capsys, "--tokenizer", model, "--shard", shard)  # without the documents: structure only
+    assert code == 0 and "OK (structural)" in out and "give --input" in out
+
+
+@pytest.mark.parametrize("bug, failures", [
+    ("one_more_byte", {"counts_differ", "bytes_differ"}),
+    ("moved_byte", {"counts_differ"}),
+    ("bos", {"bos_counts_bytes"}),
+    ("operator", {"operator_counts_bytes", "counts_differ", "bytes_differ"}),
+])
+def test_caseops_audit_finds_broken_sidecars(caseops_val, sample_texts, bug, failures):
+    import caseops
+
+    from train_gpt import load_data_shard
+
+    shard, sidecar, model = caseops_val
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    tokens, counts = load_data_shard(str(shard)), load_data_shard(str(sidecar)).copy()
+    doc = 7
+    bos_at = np.flatnonzero(tokens == sp.bos_id())[doc]
+    word = bos_at + 1 + next(k for k, c in enumerate(counts[bos_at + 1 :]) if c > 1)
+    if bug == "one_more_byte":
+        counts[word] += 1
+    elif bug == "moved_byte":
+        counts[word] -= 1
+        counts[word + 1] += 1
+    elif bug == "bos":
+        counts[bos_at] = 1
+    else:
+        pieces = map(sp.id_to_piece, tokens[bos_at + 1 :].tolist())
+        op = bos_at + 1 + next(k for k, p in enumerate(pieces) if p in caseops.OPERATORS)
+        counts[op] = 1
+    r = audit_bytes.audit_caseops(sp, tokens, counts, sample_texts[:100])
+    assert not r["ok"] and set(r["failures"]) == failures and all(f["first"] == [doc] for f in r["failures"].values())
+
+
+def test_caseops_audit_bad_input(caseops_val, tmp_path, capsys):
+    shard, sidecar, model = caseops_val
+    short = tmp_path / "fineweb_val_bytes_000000.bin"
+    write_shard(short, np.zeros(5, np.uint16))
+    code, _, err = cli(capsys, "--tokenizer", model, "--shard", shard, "--sidecar", short)
+    assert code == 2 and "5 byte counts for" in err and "not its sidecar" in err
+    code, _, err = cli(capsys, "--tokenizer", model, "--shard", shard, "--sidecar", tmp_path / "none.bin")
+    assert code == 2 and "no such file" in err

@@ -27,7 +27,7 @@ def write_jsonl(path, texts, **extra):
 
 def split_tokens(out, split) -> tuple[list[np.ndarray], np.ndarray]:
     """The shards of one split, in order (checking they are numbered 0, 1, ...), and their concatenation."""
-    files = sorted(out.glob(f"fineweb_{split}_*.bin"))
+    files = sorted(out.glob(f"fineweb_{split}_[0-9]*.bin"))
     assert [f.name for f in files] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(files))]
     shards = [load_data_shard(str(f)) for f in files]
     return shards, np.concatenate(shards)
@@ -58,7 +58,8 @@ def test_splits_are_bos_plus_encoded_documents_in_order(tmp_path, sp, sample_tex
     texts = sample_texts[:12] + [""] + sample_texts[100:130]
     corpus = write_jsonl(tmp_path / "c.jsonl", texts, id="x", score=0.5)
     corpus.write_text(corpus.read_text() + "\n  \n")
-    summary = build([corpus], tmp_path / "out", SP1024, num_val_docs=12, workers=1, log=lambda _: None)
+    summary = build([corpus], tmp_path / "out", SP1024, num_val_docs=12, allow_small_val=True, workers=1,
+                    log=lambda _: None)
     for split, docs in (("val", texts[:12]), ("train", texts[12:])):
         _, tokens = split_tokens(tmp_path / "out", split)
         assert np.array_equal(tokens, expected(sp, docs))
@@ -73,7 +74,8 @@ def test_shards_are_full_except_the_last_of_each_split(tmp_path, sp, sample_text
     corpus = write_jsonl(tmp_path / "c.jsonl", texts)
     val_total = len(expected(sp, texts[:10]))
     cap = val_total if shard_tokens == "val_total" else shard_tokens  # the val split ends exactly on a boundary
-    build([corpus], tmp_path / "out", SP1024, num_val_docs=10, shard_tokens=cap, workers=1, log=lambda _: None)
+    build([corpus], tmp_path / "out", SP1024, num_val_docs=10, allow_small_val=True, shard_tokens=cap, workers=1,
+          log=lambda _: None)
     for split, docs in (("val", texts[:10]), ("train", texts[10:])):
         shards, tokens = split_tokens(tmp_path / "out", split)
         assert all(len(s) == cap for s in shards[:-1]) and 0 < len(shards[-1]) <= cap
@@ -87,7 +89,7 @@ def test_output_is_identical_for_any_worker_count_and_input_split(tmp_path, samp
     monkeypatch.setattr(build_shards, "BATCH_DOCS", 7)  # many batches in flight, one straddling the split change
     halves = [write_jsonl(tmp_path / "a.jsonl", sample_texts[:150]),
               write_jsonl(tmp_path / "b.jsonl", sample_texts[150:])]
-    kw = dict(num_val_docs=100, shard_tokens=50_000, log=lambda _: None)
+    kw = dict(num_val_docs=100, allow_small_val=True, shard_tokens=50_000, log=lambda _: None)
     build([SAMPLE_JSONL], tmp_path / "w1", SP1024, workers=1, **kw)
     build([SAMPLE_JSONL], tmp_path / "w2", SP1024, workers=2, **kw)
     build(halves, tmp_path / "halves", SP1024, workers=2, **kw)  # several inputs are concatenated in order
@@ -109,7 +111,7 @@ def test_bad_input_line_is_reported_with_file_and_line_before_any_output(tmp_pat
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_texts[:5])
     corpus.write_text(corpus.read_text() + line + "\n")  # line 6, after good documents
     with pytest.raises(BuildError, match=rf"c\.jsonl:6: {message}"):
-        build([corpus], tmp_path / "out", SP1024, num_val_docs=2, workers=1)
+        build([corpus], tmp_path / "out", SP1024, num_val_docs=2, allow_small_val=True, workers=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -131,7 +133,8 @@ def test_bad_arguments_and_tokenizers(tmp_path, sample_texts):
         (dict(shard_tokens=0), r"shard_tokens must be at least 1"),
     ]
     for overrides, message in cases:
-        kw = dict(inputs=[corpus], output_dir=out, tokenizer=SP1024, num_val_docs=2, workers=1) | overrides
+        kw = dict(inputs=[corpus], output_dir=out, tokenizer=SP1024, num_val_docs=2, allow_small_val=True,
+                  workers=1) | overrides
         with pytest.raises(BuildError, match=message):
             build(**kw)
     assert not out.exists()
@@ -141,7 +144,7 @@ def test_existing_shards_are_kept_unless_overwrite_which_removes_stale_ones(tmp_
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_texts[:20])
     out = tmp_path / "out"
     args = ["--input", str(corpus), "--tokenizer", str(SP1024), "--output-dir", str(out), "--num-val-docs", "5",
-            "--workers", "1"]
+            "--allow-small-val", "--workers", "1"]
     assert main(args + ["--shard-tokens", "2000"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len(before) > 4
@@ -169,7 +172,7 @@ def test_train_tokenizer_official_settings_on_training_documents_only(tmp_path, 
     val, train = [t + marker for t in sample_texts[:20]], sample_texts[100:230]
     leak = write_jsonl(tmp_path / "leak.jsonl", val + train)
     control = write_jsonl(tmp_path / "control.jsonl", sample_texts[:20] + [train[0] + marker * 20] + train[1:])
-    base = ["--train-tokenizer", "--vocab-size", "400", "--num-val-docs", "20", "--workers", "2"]
+    base = ["--train-tokenizer", "--vocab-size", "400", "--num-val-docs", "20", "--allow-small-val", "--workers", "2"]
     assert main(base + ["--input", str(leak), "--output-dir", str(tmp_path / "out")]) == 0
     assert main(base + ["--input", str(control), "--output-dir", str(tmp_path / "ctl"),
                         "--tokenizer-prefix", str(tmp_path / "ctl_tok")]) == 0
@@ -190,3 +193,73 @@ def test_train_tokenizer_official_settings_on_training_documents_only(tmp_path, 
     # the shards were encoded with the new tokenizer
     _, tokens = split_tokens(tmp_path / "out", "val")
     assert np.array_equal(tokens, expected(sp, val))
+
+
+# --- the canonical split, overlap, CaseOps ----------------------------------------------------------------
+
+
+def test_small_validation_split_needs_an_explicit_flag(tmp_path, sample_texts, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_texts[:20])
+    with pytest.raises(BuildError, match=r"num_val_docs=5: the challenge's validation split is the first 50,000 "
+                                         r"documents.*--allow-small-val"):
+        build([corpus], tmp_path / "out", SP1024, num_val_docs=5, workers=1)
+    args = ["--input", str(corpus), "--tokenizer", str(SP1024), "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 2 and "the first 50000 are the validation split" in capsys.readouterr().err  # default
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("repeat", ["same", "whitespace"])
+def test_refuses_training_documents_that_repeat_validation_documents(tmp_path, sample_texts, repeat):
+    leaked = sample_texts[3] if repeat == "same" else "\n " + sample_texts[3] + "  "
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_texts[:10] + sample_texts[100:110] + [leaked])
+    with pytest.raises(BuildError, match=r"document 21 \(training split\) repeats document 4 of the validation split"):
+        build([corpus], tmp_path / "out", SP1024, num_val_docs=10, allow_small_val=True, workers=1)
+    assert not (tmp_path / "out").exists()
+    # a validation split with a repeated document of its own is fine (FineWeb has near-duplicates)
+    ok = write_jsonl(tmp_path / "ok.jsonl", sample_texts[:10] + [sample_texts[3]] + sample_texts[100:110])
+    build([ok], tmp_path / "ok", SP1024, num_val_docs=11, allow_small_val=True, workers=1, log=lambda _: None)
+
+
+def test_caseops_shards_and_byte_sidecar(tmp_path, sample_texts):
+    from conftest import CASEOPS
+
+    import caseops
+
+    sp = spm.SentencePieceProcessor(model_file=str(CASEOPS))
+    texts = sample_texts[:30] + sample_texts[100:130]
+    corpus = write_jsonl(tmp_path / "c.jsonl", texts)
+    summary = build([corpus], tmp_path / "out", CASEOPS, num_val_docs=30, allow_small_val=True, caseops_data=True,
+                    shard_tokens=20_000, workers=2, log=lambda _: None)
+    docs = [caseops.document_tokens(sp, t) for t in texts]
+    for split, part in (("val", docs[:30]), ("train", docs[30:])):
+        _, tokens = split_tokens(tmp_path / "out", split)
+        assert tokens.tolist() == [i for ids, _ in part for i in ids]
+    shards, counts = split_tokens(tmp_path / "out", "val_bytes")
+    assert [len(s) for s in shards] == [len(s) for s in split_tokens(tmp_path / "out", "val")[0]]  # one per token
+    assert counts.tolist() == [c for _, cs in docs[:30] for c in cs]
+    assert counts.sum() == summary["sidecar"]["bytes"] == sum(len(t.strip().encode()) for t in texts[:30])
+    assert not list((tmp_path / "out").glob("fineweb_train_bytes_*"))  # the sidecar is for scoring only
+
+
+def test_caseops_tokenizer_and_data_must_agree(tmp_path, sample_texts):
+    from conftest import CASEOPS
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_texts[:10])
+    kw = dict(num_val_docs=2, allow_small_val=True, workers=1)
+    with pytest.raises(BuildError, match=r"--caseops needs a CaseOps tokenizer"):
+        build([corpus], tmp_path / "out", SP1024, caseops_data=True, **kw)
+    with pytest.raises(BuildError, match=r"a CaseOps tokenizer .* expects case-transformed text: pass --caseops"):
+        build([corpus], tmp_path / "out", CASEOPS, **kw)
+
+
+def test_caseops_tokenizer_training(tmp_path, sample_texts):
+    import caseops
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_texts[:5] + sample_texts[100:160])
+    summary = build([corpus], tmp_path / "out", train_vocab_size=500, num_val_docs=5, allow_small_val=True,
+                    caseops_data=True, workers=2, log=lambda _: None)
+    assert summary["tokenizer"].endswith("fineweb_500_bpe_caseops.model")
+    sp = spm.SentencePieceProcessor(model_file=summary["tokenizer"])
+    assert [sp.id_to_piece(i) for i in range(8)] == ["<pad>", "<s>", "</s>", "<unk>", *caseops.OPERATORS]
+    assert all(sp.is_byte(i) for i in range(8, 264))  # ids 8-263: the byte pieces, as in the records
+    assert summary["sidecar"]["bytes"] == sum(len(t.strip().encode()) for t in sample_texts[:5])

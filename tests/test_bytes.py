@@ -188,3 +188,29 @@ def test_a_space_inside_a_piece_counts_one_byte():
 
     luts = build_byte_luts(InnerSpace(), 16)
     assert count(luts, THE, 13) == len(" of the") and count(luts, BOS, 13) == len("of the")
+
+
+# --- CaseOps: the byte sidecar -------------------------------------------------------------------------------
+
+
+def test_caseops_sidecar_is_exact_on_every_document(sample_texts):
+    """CaseOps val_bpb counts the sidecar's bytes (the tables would count the transformed text: each operator as
+    3 bytes). On every sample document they sum to the UTF-8 length of the original text, and the trainer's
+    byte count of the concatenated stream is the sum over its documents."""
+    import caseops
+    from conftest import CASEOPS
+
+    from train_gpt import make_validation
+
+    sp = spm.SentencePieceProcessor(model_file=str(CASEOPS))
+    luts = build_byte_luts(sp, 8192)
+    docs = [caseops.document_tokens(sp, text) for text in sample_texts]
+    for text, (ids, counts) in zip(sample_texts, docs):
+        assert sum(counts) == len(text.strip().encode("utf-8")), text[:80]
+    assert sum(table_count(luts, ids[1:]) > sum(counts) for ids, counts in docs) > 350  # the tables over-count
+    tokens = np.concatenate([ids for ids, _ in docs]).astype(np.uint16)
+    sidecar = np.concatenate([counts for _, counts in docs]).astype(np.uint16)
+    val = make_validation(tokens, luts, len(tokens) - 1, sidecar)
+    assert val.byte_count == sum(len(t.strip().encode("utf-8")) for t in sample_texts)
+    flat = tokens[sidecar == 0]
+    assert set(np.unique(flat).tolist()) >= {1, 4, 5, 6}  # BOS and the operators count 0 bytes

@@ -183,8 +183,9 @@ def test_positional_shard_count(tmp_path, capsys, hub):
 def test_unknown_variant_lists_the_available_ones(tmp_path, capsys, hub):
     rc, out, err = run(capsys, tmp_path / "data", hub[0], "--variant", "sp4096", "1")
     assert rc == 2
-    assert err == (f"cached_challenge_fineweb.py: error: variant 'sp4096' is not in {tmp_path / 'data/manifest.json'}; "
-                   "available: byte260, sp1024\n")
+    assert err == ("cached_challenge_fineweb.py: error: variant 'sp4096' (fineweb10B_sp4096) is not in "
+                   f"{tmp_path / 'data/manifest.json'}; available: byte260, sp1024\n")
+    assert hub[0].calls == [("kevclark/parameter-golf", "datasets/manifest.json")]  # sp4096's own repo
 
 
 def test_byte_variant_with_a_bare_tokenizer_file_name(tmp_path, capsys, hub):
@@ -333,3 +334,63 @@ def test_the_real_hub_client_offline_is_one_error_line(tmp_path, monkeypatch):
                                f"{REPO}: ")
     assert "offline mode is enabled" in p.stderr
     assert not data.exists()
+
+
+CASEOPS_NAME = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+
+
+def caseops_remote(tmp_path, sidecar=True):
+    """The layout of the CaseOps dataset repo (PR #1729): one dataset whose validation shards have byte
+    sidecars (val_bytes_glob), and its tokenizer."""
+    from conftest import CASEOPS
+
+    base = tmp_path / "remote" / "datasets"
+    ds = base / "datasets" / CASEOPS_NAME
+    ds.mkdir(parents=True)
+    write_shard(ds / "fineweb_val_000000.bin", np.arange(300) % 8192)
+    write_shard(ds / "fineweb_val_bytes_000000.bin", np.arange(300) % 7)
+    for k in range(2):
+        write_shard(ds / f"fineweb_train_{k:06d}.bin", np.full(100, k))
+    (base / "tokenizers").mkdir()
+    shutil.copy(CASEOPS, base / "tokenizers" / CASEOPS.name)
+    entry = {"name": CASEOPS_NAME, "tokenizer_name": "caseops_v1",
+             "stats": {"files_train": 2, "files_val": 1, "docs_val": 50000}}
+    if sidecar:
+        entry["val_bytes_glob"] = "fineweb_val_bytes_*.bin"
+    manifest = {"datasets": [entry],
+                "tokenizers": [{"name": "caseops_v1", "model_path": f"tokenizers/{CASEOPS.name}"}]}
+    (base / "manifest.json").write_text(json.dumps(manifest))
+    return FakeHub(tmp_path / "remote", tmp_path / "hf_cache"), base
+
+
+def test_caseops_variant_fetches_the_byte_sidecar_from_its_repo(tmp_path, capsys):
+    fake, base = caseops_remote(tmp_path)
+    data = tmp_path / "data"
+    rc, out, err = run(capsys, data, fake, "--variant", "caseops", "2")
+    assert rc == 0, err
+    files = ["tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+             f"datasets/{CASEOPS_NAME}/fineweb_val_000000.bin", f"datasets/{CASEOPS_NAME}/fineweb_val_bytes_000000.bin",
+             f"datasets/{CASEOPS_NAME}/fineweb_train_000000.bin", f"datasets/{CASEOPS_NAME}/fineweb_train_000001.bin"]
+    assert fake.calls == [("romeerp/parameter-golf-caseops-v1", f"datasets/{rel}") for rel in ["manifest.json"] + files]
+    assert all((data / rel).read_bytes() == (base / rel).read_bytes() for rel in files)
+    assert out.splitlines()[-1].startswith("caseops (romeerp/parameter-golf-caseops-v1): 5 files")
+
+
+def test_caseops_dataset_without_a_sidecar_is_refused(tmp_path, capsys):
+    fake, _ = caseops_remote(tmp_path, sidecar=False)
+    rc, out, err = run(capsys, tmp_path / "data", fake, "--variant", "caseops", "1")
+    assert rc == 2 and "lists no validation byte sidecar (val_bytes_glob)" in err
+    assert fake.paths() == ["datasets/manifest.json"]
+
+
+@pytest.mark.parametrize("variant, repo", [("sp8192", "kevclark/parameter-golf"), ("sp1024", REPO),
+                                           ("byte260", REPO)])
+def test_each_variant_has_its_repo_and_the_environment_overrides_it(tmp_path, capsys, monkeypatch, variant, repo):
+    def offline(repo_id, remote_path):
+        raise ConnectionError(f"{repo_id}")
+
+    rc, out, err = run(capsys, tmp_path / "data", offline, "--variant", variant, "1")
+    assert rc == 1 and f"from {repo}: ConnectionError" in err
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "me/mirror")
+    rc, out, err = run(capsys, tmp_path / "data", offline, "--variant", variant, "1")
+    assert rc == 1 and "from me/mirror: ConnectionError" in err

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,14 +112,16 @@ def make(out, script, summaries, *extra):
 
 
 def crafted(tmp_path, runs, edit=None):
-    """Copies of the three runs' summaries and logs in tmp_path/logs, as if they had run on 8 CUDA devices (the
-    real runs are on this CPU); edit(seed, summary) may change them further."""
+    """Copies of the three runs' summaries and logs in tmp_path/logs, as if they had run on 8 CUDA devices on the
+    canonical sp1024 data (the real runs are on this CPU, on the sample); edit(seed, summary) may change them
+    further."""
     logs = tmp_path / "logs"
     logs.mkdir()
     paths = []
     for src in runs[1]:
         s = json.loads(src.read_text())
         s.update(device="NVIDIA H100 80GB HBM3", devices={"type": "cuda", "count": 8})
+        s["data"].update(train_shards=80, train_full_shards=80, val_tokens=62_021_632)
         if edit:
             edit(s["seed"], s)
         dst = logs / src.name
@@ -161,6 +164,10 @@ REFUSALS = {
     "cpu_run": (on_seed(1, "devices.type", "cpu"), "seed1.json", "ran on 8 cpu device(s)",
                 "a record needs 8 CUDA devices"),
     "one_gpu": (on_seed(3, "devices.count", 1), "seed3.json", "ran on 1 cuda device(s)"),
+    "small_val": (on_seed(1, "data.val_tokens", 121_856), "seed1.json", "not the canonical sp1024 data"),
+    "local_shards": (on_seed(2, "data.train_shards", 1499), "seed2.json", "train_shards:1499"),
+    "different_data": (on_seed(3, "data.tokenizer_sha256", "0" * 64), "seed3.json",
+                       "ran on different data than seed 1", "tokenizer_sha256 differ"),
 }
 
 
@@ -281,3 +288,32 @@ def test_builds_a_record_folder_from_three_real_runs(runs, tmp_path, capsys):
         assert f"{env} SEED={s['seed']} torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
     assert "One-sided one-sample t-test, df=n-1=2" in readme and "| roundtrip val_loss |" in readme
     assert f"val_loss {sub['val_loss']:.6f} (sample std {sub['val_loss_std']:.6f})" in readme
+
+
+def _run(tmp_path, **data):
+    fp = dict(variant="caseops", train_shards=80, train_full_shards=79, val_tokens=47_851_520,
+              tokenizer_sha256="a" * 64) | data
+    return make_record.Run(tmp_path / "seed1.json", tmp_path / "seed1.txt", {"seed": 1, "data": fp})
+
+
+@pytest.mark.parametrize("data, needle", [
+    (dict(val_tokens=9_662_464), "not the canonical caseops data: train_shards:80 (79 of 10^8 tokens) "
+                                 "val_tokens:9662464, expected train_shards 80 of 10^8 tokens and val_tokens "
+                                 "47851520 or 47853343"),  # the 10,000-document validation split of PR #1923
+    (dict(train_shards=1499, train_full_shards=0), "train_shards:1499"),  # 10^7-token local shards (PR #2130)
+    (dict(train_full_shards=70), "(70 of 10^8 tokens)"),
+    (dict(variant="sp2048"), "variant 'sp2048', which has no canonical fingerprint"),
+    (dict(variant="sp1024"), "not the canonical sp1024 data"),
+])
+def test_data_fingerprint_refusals(tmp_path, data, needle):
+    with pytest.raises(make_record.Refusal, match=re.escape(needle)):
+        make_record.check_data(_run(tmp_path, **data), non_record=False)
+    make_record.check_data(_run(tmp_path, **data), non_record=True)  # a non-record submission may use any data
+
+
+@pytest.mark.parametrize("data", [dict(), dict(val_tokens=47_853_343), dict(train_full_shards=80),
+                                  dict(variant="sp8192", train_shards=128, train_full_shards=128,
+                                       val_tokens=40_540_160),
+                                  dict(variant="sp1024", val_tokens=62_021_632)])
+def test_canonical_data_passes(tmp_path, data):
+    make_record.check_data(_run(tmp_path, **data), non_record=False)

@@ -45,8 +45,21 @@ SCHEMA = {
     "score.source": str, "score.val_loss": NUMBER, "score.val_bpb": NUMBER,
     "artifact.code_bytes": int, "artifact.model_bytes": int, "artifact.total_bytes": int,
     "devices.type": str, "devices.count": int,
+    "data.variant": str, "data.train_shards": int, "data.train_full_shards": int, "data.val_tokens": int,
+    "data.tokenizer_sha256": str,
 }
 RECORD_DEVICES = 8  # the track's hardware: 8xH100 SXM, one CUDA device per rank
+# The published data of each variant, as the maintainers checked it (PR #2146 audited train_shards and val_tokens):
+# training shards of 10^8 tokens (every one but the last full), and the validation tokens scored at sequence
+# length 2048. A local CaseOps build with a 10,000-document validation split (9,662,464 tokens) or 10^7-token
+# shards (about 1,500 of them) is not the canonical data, and PR #2127 found its training split holding 80% of
+# the scored documents. sp4096/sp8192: 80 shards or all that the community repo has (143/128).
+CANONICAL_DATA = {
+    "sp1024": ((80,), (62_021_632,)),
+    "sp4096": ((80, 143), (45_508_608,)),
+    "sp8192": ((80, 128), (40_540_160,)),
+    "caseops": ((80,), (47_851_520, 47_853_343)),  # truncated to whole sequences, or with the tail (PR #2014)
+}
 
 
 class Refusal(Exception):
@@ -104,9 +117,27 @@ def load_run(path: Path) -> Run:
     return Run(path, log, s)
 
 
+def check_data(r: Run, non_record: bool):
+    """A record runs on the canonical data of its variant (CANONICAL_DATA); --non-record allows any."""
+    data = r.s["data"]
+    variant, shards, full, val = data["variant"], data["train_shards"], data["train_full_shards"], data["val_tokens"]
+    if non_record:
+        return
+    if variant not in CANONICAL_DATA:
+        raise Refusal(f"{r.path}: seed {r.seed} ran on data of variant {variant!r}, which has no canonical "
+                      f"fingerprint ({', '.join(CANONICAL_DATA)}; --non-record allows it)")
+    train_ok, val_ok = CANONICAL_DATA[variant]
+    if shards not in train_ok or full < shards - 1 or val not in val_ok:
+        raise Refusal(f"{r.path}: seed {r.seed} ran on data that is not the canonical {variant} data: "
+                      f"train_shards:{shards} ({full} of 10^8 tokens) val_tokens:{val}, expected train_shards "
+                      f"{' or '.join(map(str, train_ok))} of 10^8 tokens and val_tokens "
+                      f"{' or '.join(map(str, val_ok))} (a local build? --non-record allows it)")
+
+
 def check_runs(runs: list[Run], script: Path, non_record: bool) -> bytes:
     """The rules, one refusal per broken one; returns the script's bytes, which must be the code every run ran."""
     for r in runs:
+        check_data(r, non_record)
         total = r.s["artifact"]["total_bytes"]
         if total > CAP_BYTES:
             raise Refusal(f"{r.path}: seed {r.seed} artifact is {total:,} bytes, over the {CAP_BYTES:,}-byte cap")
@@ -129,6 +160,10 @@ def check_runs(runs: list[Run], script: Path, non_record: bool) -> bytes:
         if r.s["code"]["sha256"] != first.s["code"]["sha256"]:
             raise Refusal(f"{r.path}: seed {r.seed} ran different code than seed {first.seed} ({first.path}): "
                           f"code.sha256 {r.s['code']['sha256'][:12]}... != {first.s['code']['sha256'][:12]}...")
+        if r.s["data"] != first.s["data"]:
+            diff = sorted(k for k in r.s["data"] if r.s["data"][k] != first.s["data"].get(k))
+            raise Refusal(f"{r.path}: seed {r.seed} ran on different data than seed {first.seed} ({first.path}): "
+                          f"{', '.join(diff)} differ")
         if r.s["config_sha256"] != first.s["config_sha256"]:
             raise Refusal(f"{r.path}: seed {r.seed} ran a different configuration than seed {first.seed} "
                           f"({first.path}): config_sha256 differs")
