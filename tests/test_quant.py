@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import SP1024, run_distributed, tiny_h
+from conftest import run_distributed, tiny_h
 from torch._dynamo.utils import counters
 from test_model import CPU, randomized
 
