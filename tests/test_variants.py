@@ -106,9 +106,12 @@ def field(text, line_start, key):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sp8192", "caseops"])
-def test_whole_run_on_each_variant(variant, variant_shards, tmp_path):
-    env = {**os.environ, **TINY_ENV, "DATA_PATH": str(variant_shards[variant]), "TOKENIZER_PATH": str(MODELS[variant]),
-           "VOCAB_SIZE": "8192", "RUN_ID": variant, "ITERATIONS": "2", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "32"}
+def test_whole_run_on_each_variant(variant, tmp_path):
+    shards = tmp_path / "shards"  # 20 validation documents: three evaluations at vocabulary 8192 stay short on CPU
+    build([SAMPLE_JSONL], shards, MODELS[variant], num_val_docs=20, allow_small_val=True,
+          caseops_data=variant == "caseops", workers=2, log=lambda _: None)
+    env = {**os.environ, **TINY_ENV, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(MODELS[variant]),
+           "VOCAB_SIZE": "8192", "RUN_ID": variant, "ITERATIONS": "2", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "64"}
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -119,8 +122,8 @@ def test_whole_run_on_each_variant(variant, variant_shards, tmp_path):
     s = json.loads((tmp_path / "logs" / f"{variant}.json").read_text())
     assert s["data"]["variant"] == variant and s["data"]["val_bytes"] == int(field(out, "val_data", "bytes"))
     counts = f"tokens:{field(out, 'val_data', 'tokens')} bytes:{field(out, 'val_data', 'bytes')}"
-    assert re.search(rf"^final_int6_sliding_window val_loss:\S+ val_bpb:\S+ stride:32 eval_time:\d+ms {counts}$",
-                     out, re.M)
+    # the plain evaluator (stride = length): every evaluator's exactly-once count is tested in-process above
+    assert re.search(rf"^final_int6_roundtrip val_loss:\S+ val_bpb:\S+ eval_time:\d+ms {counts}$", out, re.M)
 
 
 def test_quickstart_refuses_an_unknown_variant_before_building_anything(tmp_path):
