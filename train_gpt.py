@@ -2810,12 +2810,12 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
     d.sync()
     t0 = time.perf_counter()
     while True:
-        last = step == h.iterations or step == stop_after
+        last, frac = step == h.iterations or step == stop_after, training_frac(h, step, elapsed_ms)
         if last:  # evaluation always runs the looped model
             base_model.looping = h.num_loops > 0
-        elif not base_model.looping and looping_at(h, training_frac(h, step, elapsed_ms)):
+        elif not base_model.looping and looping_at(h, frac):
             base_model.looping = True
-            log(f"layer_loop:enabled step:{step} frac:{training_frac(h, step, elapsed_ms):.3f} "
+            log(f"layer_loop:enabled step:{step} frac:{frac:.3f} "
                 f"order:{','.join(map(str, base_model.orders[True]))}")
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             d.sync()
@@ -2834,7 +2834,7 @@ def train(h: Hyperparameters, d: Dist, base_model: GPT, data: TrainingData, val:
             set_qat(base_model, True)
             qat = True
             log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
-        stage_len = seq_len_at(h, training_frac(h, step, elapsed_ms))
+        stage_len = seq_len_at(h, frac)
         if stage_len != seq_len:  # the loader gives back its read-ahead for the old length: no data is skipped
             seq_len, switched = stage_len, step
             log(f"seq_len_switch step:{step} seq_len:{seq_len}")
