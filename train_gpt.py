@@ -2497,6 +2497,54 @@ def export(h: Hyperparameters, model: GPT, hessians: dict[str, Tensor] | None, c
 # ---------------------------------------------------------------------------------------------------------
 
 
+# The context hash of the records' token expert (PR #2130/#2135): key = XOR_j tok_j * NGRAM_PRIMES[j], j = 0 oldest
+NGRAM_PRIMES = (36313, 27191, 51647, 81929, 131071, 196613, 262147, 393241, 524309, 655373, 786433, 917521, 1048583,
+                1179653, 1310729, 1441801)
+
+
+def ngram_hints(tokens: np.ndarray, order: int, threshold: float) -> np.ndarray:
+    """The online prefix-only token expert of the final records (PR #2130/#2135): hints[i], for target
+    tokens[i+1], is the token seen most often after the uint64 hash of the order-1 tokens before it (contexts
+    run across documents; equal hashes share counts), read before target i is counted, when its share of the
+    hash's earlier occurrences is >= threshold in float32; else -1, as for targets with no full context. A tie
+    keeps the token that reached the count first. Vectorised: two stable sorts, no loop over tokens."""
+    if not 2 <= order <= len(NGRAM_PRIMES):
+        raise ValueError(f"TOKEN_ORDER must be in [2, {len(NGRAM_PRIMES)}], got {order}")
+    k, n = order - 1, len(tokens) - 1
+    m = max(n - k + 1, 0)  # targets k-1 .. n-1; row p is target p+k-1, its context tokens[p:p+k]
+    key = np.zeros(m, dtype=np.uint64)
+    for j in range(k):
+        key ^= tokens[j:j + m].astype(np.uint64) * np.uint64(NGRAM_PRIMES[j])
+    idx = np.arange(m)
+
+    def since_start(start):  # each element's offset from the start of its run
+        return idx - np.maximum.accumulate(np.where(start, idx, 0))
+
+    def run_starts(sorted_key):
+        return np.concatenate(([True], sorted_key[1:] != sorted_key[:-1]))[:m]
+
+    pos = np.argsort(key, kind="stable").astype(np.int32)  # grouped by hash, stream order inside a group
+    first = run_starts(key[pos])
+    del key
+    nxt = tokens[k:][pos]
+    pair = (np.cumsum(first) - 1) * 65536 + nxt  # group id, next token
+    by_pair = np.argsort(pair, kind="stable")
+    count = np.empty(m, dtype=np.int64)  # the (hash, next token) count after this row is counted
+    count[by_pair] = since_start(run_starts(pair[by_pair])) + 1
+    del by_pair
+    pair //= 65536
+    pair *= m + 1  # offsets that keep the running maximum inside a group
+    top = np.maximum.accumulate(count + pair) - pair  # the group's top count after this row
+    del pair
+    new_top = np.concatenate(([True], first[1:] | (count[1:] > top[:-1])))[:m]
+    top_tok = nxt[np.maximum.accumulate(np.where(new_top, idx, 0))]
+    seen = since_start(first)[1:]  # earlier rows of the same hash, for rows after the first
+    gate = ~first[1:] & (top[:-1].astype(np.float32) / np.maximum(seen, 1).astype(np.float32) >= np.float32(threshold))
+    hints = np.full(n, -1, dtype=np.int32)
+    hints[pos[1:][gate] + (k - 1)] = top_tok[:-1][gate]
+    return hints
+
+
 @dataclass
 class EvalResult:
     val_loss: float  # mean nats per scored token
