@@ -121,7 +121,7 @@ def test_run_summary_reproduces_the_configuration_and_the_score(runs):
     assert f"{s['score']['val_bpb']:.8f}" == field(out, "final_int8_zlib_roundtrip_exact", "val_bpb")
     assert s["artifact"]["model_bytes"] == (cwd / "final_model.ptz").stat().st_size
     assert s["code"]["counted"] == "source" and s["code"]["counted_bytes"] == SCRIPT.stat().st_size
-    assert set(s["stages"]) == {"pre_quant_raw", "averaged", "roundtrip", "sliding_window", "legal_ttt"}
+    assert set(s["stages"]) == {"pre_quant_raw", "averaged", "roundtrip", "sliding_window", "doc_window", "legal_ttt"}
     assert abs(s["train_ms"] - float(field(out, "time_ledger train", "train").removesuffix("ms"))) < 1
 
 
