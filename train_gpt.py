@@ -374,6 +374,10 @@ class Hyperparameters:
              f"must be in [0, NUM_LAYERS={self.num_layers}]"),
             ("TTT_SHORT_SCORE_FIRST_STEPS", chunk_steps(self.ttt_short_score_first_steps) is not None,
              "must be empty or comma-separated DOC_LEN:CHUNK pairs of positive integers, e.g. 256:16,2000:32"),
+            ("TTT_CHUNK_SIZE", max([self.ttt_chunk_size] + [c for _, c in chunk_steps(self.ttt_short_score_first_steps)
+                                                            or []]) <= eval_len,
+             f"and every TTT_SHORT_SCORE_FIRST_STEPS chunk must be <= EVAL_SEQ_LEN={eval_len} (a chunk is scored "
+             "from one window)"),
             *[(k, self.ttt_mode == "lora" or getattr(self, k.lower()) == Hyperparameters.__dataclass_fields__[
                 k.lower()].default, "must stay at its default unless TTT_MODE=lora (which reads it)")
               for k in ("TTT_LORA_RANK", "TTT_LORA_ALPHA", "TTT_LORA_LR", "TTT_LOCAL_LR_MULT", "TTT_BETA1", "TTT_BETA2",
@@ -2930,6 +2934,50 @@ def global_sgd(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: Va
     model.eval()
 
 
+# The records' achieved MFU on 8xH100, model FLOPs as eval_costs counts them over their measured times: forward
+# windows 22.5% (PR #1019's stride-64 sliding evaluation, 85 s), chunked SGD TTT 6.0% (PR #549, 408 s), LoRA TTT
+# from PR #2014's 490-572 s (benchmarks/eval_proxy.py: its FLOPs from the bundled sample's document lengths)
+EVAL_MFU = {"windows": 0.225, "chunks": 0.060, "lora": 0.164}
+
+
+def eval_costs(h: Hyperparameters, val: ValidationData) -> dict[str, tuple[float, float]]:
+    """(model FLOPs, projected 8xH100 seconds at EVAL_MFU) of each final evaluator the configuration runs on val:
+    a window of w tokens costs w forward matmul passes plus causal attention over w; a TTT step 3x forward (the
+    LoRA path's frozen weights need no gradients: an overcount the MFU absorbs); LoRA batches at their padded
+    shape; the phase SGD over its documents."""
+    mm, k = forward_flops_per_token(h, 1)  # attention: k per attended position
+
+    def cost(w: np.ndarray, times: float | np.ndarray = 1) -> float:
+        w = np.asarray(w, dtype=np.float64)
+        return float(np.sum((w * mm + k * w * (w + 1) / 2) * times))
+
+    n, L = val.num_targets, h.eval_len
+    bounds = doc_bounds(val.tokens, val.bos_id)
+    out = {"roundtrip": (cost(eval_windows(np.array([0, n]), val.seq_len, val.seq_len)[:, 1]), "windows")}
+    if h.eval_docs or (L, h.eval_stride) != (val.seq_len, val.seq_len):
+        name = "doc_window" if h.eval_docs else "sliding_window"
+        out[name] = (cost(eval_windows(bounds if h.eval_docs else np.array([0, n]), L, h.eval_stride)[:, 1]), "windows")
+    sgd = lambda tokens: (math.ceil(tokens / h.ttt_chunk_tokens) - 1) * (h.ttt_chunk_tokens // L) * h.ttt_epochs * \
+        cost([L], 3)  # noqa: E731
+    if h.ttt_enabled and h.ttt_mode == "chunks":
+        out["legal_ttt"] = (cost(eval_windows(bounds if h.eval_docs else np.array([0, n]), L, h.eval_stride)[:, 1])
+                            + sgd(n), "chunks")
+    elif h.ttt_enabled:
+        lengths, total = np.diff(bounds), 0.0
+        order, steps = np.argsort(lengths, kind="stable"), chunk_steps(h.ttt_short_score_first_steps)
+        for i in range(0, len(order), h.ttt_batch_size):
+            m = lengths[order[i : i + h.ttt_batch_size]]
+            c = next((c for limit, c in steps if m.max() + 1 <= limit), h.ttt_chunk_size)
+            ci = np.arange(-(-m.max() // c))
+            widest = np.minimum(np.minimum((ci + 1) * c, m.max()), L)  # the longest document sets each shape
+            total += h.ttt_batch_size * cost(widest, np.where(ci + 1 < -(-m.max() // c), 3, 1))
+        for mark in [min(h.phased_ttt_prefix_docs, len(lengths)) * j // h.phased_ttt_num_phases
+                     for j in range(1, h.phased_ttt_num_phases + 1)]:
+            total += sgd(np.sort(lengths)[::-1][: -(-mark // h.ttt_batch_size) * h.ttt_batch_size][-mark:].sum())
+        out["legal_ttt"] = (total, "lora")
+    return {name: (flops, flops / (8 * H100_BF16_FLOPS * EVAL_MFU[kind])) for name, (flops, kind) in out.items()}
+
+
 def eval_warmup(h: Hyperparameters, d: Dist, model: nn.Module, dyn: nn.Module, base: GPT, plain_len: int):
     """Compile the evaluation graphs before the evaluation clock on random tokens (PR #2014; PR #1530's was flagged
     for using validation tokens): the plain and sliding windows, the any-length graph of the document windows,
@@ -3294,6 +3342,13 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     val = load_validation(h, sp, val_files, d.device)
     base_model = build_model(h, d, sp.bos_id())
     describe_run(h, d, sp, base_model, val, len(train_files), len(val_files), log)
+    costs = eval_costs(h, val)
+    total = sum(s for _, s in costs.values())
+    log("eval_projection 8xH100 " + " ".join(f"{k}:{s:.0f}s" for k, (_, s) in costs.items()) +
+        f" total:{total:.0f}s budget:{BUDGET_MS // 1000}s (model FLOPs at the records' MFU, without export and load)")
+    if total > BUDGET_MS / 1000:
+        log(f"eval_projection OVER_BUDGET: these evaluators are projected at {total:.0f}s on 8xH100, past the "
+            f"{BUDGET_MS // 1000}s the rules allow for evaluation; this configuration would not be a valid record")
     fingerprint = data_fingerprint(h, sp, val, train_files)
     log("data_fingerprint " + " ".join(f"{k}:{v}" for k, v in fingerprint.items()))
     data = TrainingData(train_files, h.vocab_size)

@@ -149,11 +149,12 @@ def test_two_layers_with_every_other_model_default_trains_exports_and_scores(tmp
 
 
 # configs/frontier.env at a tiny size: its layer indices, schedule and calibration moved to 4 layers of d=64 and
-# 256-token micro-batches, on the sp1024 sample (the preset's own data comes with the SP8192 and CaseOps work)
+# 256-token micro-batches, its evaluator to 64-token windows and a 5-document phase, on the sp1024 sample
 FRONTIER_TINY = dict(NUM_LAYERS="4", MODEL_DIM="64", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3",
                      TRAIN_SEQ_LEN="64", TRAIN_SEQ_SCHEDULE="16@0.100,32@0.700,64@1.000", SEQ_CHANGE_WARMUP_STEPS="2",
                      ITERATIONS="10", WARMUP_STEPS="1", GPTQ_CALIB_TOKENS="2048", VAL_LOSS_EVERY="0", VOCAB_SIZE="1024",
-                     AWQ_LITE_GROUP_SIZE="16")
+                     AWQ_LITE_GROUP_SIZE="16", EVAL_SEQ_LEN="64", EVAL_STRIDE="64", TTT_LORA_RANK="4",
+                     TTT_BATCH_SIZE="4", PHASED_TTT_PREFIX_DOCS="5", TTT_CHUNK_TOKENS="1024", TTT_SHORT_SCORE_FIRST_STEPS="1000:32")
 
 
 def test_the_frontier_preset_runs_end_to_end_at_a_tiny_size(tmp_path, sample_shards):
@@ -170,3 +171,8 @@ def test_the_frontier_preset_runs_end_to_end_at_a_tiny_size(tmp_path, sample_sha
                      r"awq1x16_int8", out, re.M)
     assert "Serialized model int6+rans:" in out and re.search(r"^final_int8_zlib_roundtrip_exact val_loss:\S+ "
                                                               r"val_bpb:\S+$", out, re.M)
+    assert re.search(r"^eval_projection 8xH100 roundtrip:\d+s doc_window:\d+s legal_ttt:\d+s total:", out, re.M)
+    assert re.search(r"^ngram_tilt order:16 threshold:0.8 boost:2.625 hinted:\d+/\d+", out, re.M)
+    assert re.search(r"^final_int6_doc_window val_loss:\S+ val_bpb:\S+ stride:64 ngram_tilt:2.625 ", out, re.M)
+    assert "ttt_lora:start" in out and "lora_ttt phase [1/2] batches:2 docs_scored:6" in out
+    assert "official_score source:legal_ttt_exact" in out

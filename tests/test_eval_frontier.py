@@ -242,7 +242,7 @@ def test_lora_ttt_learns_within_a_document_and_the_phase_and_tilt_add():
 
 
 def test_every_lora_ttt_knob_changes_the_result(stream):
-    val = _val(stream[:1501])
+    val = _val(stream[:1201])
     base, _ = _lora_eval(val)
     for knob, value in dict(ttt_lora_rank=2, ttt_lora_alpha=10.0, ttt_lora_lr=0.02, ttt_local_lr_mult=0.5,
                             ttt_beta1=0.5, ttt_beta2=0.9, ttt_weight_decay=5.0, ttt_mask="all",
@@ -284,3 +284,22 @@ def test_lora_ttt_knobs_are_refused_unless_lora_ttt_reads_them():
         tiny_h(token_boost=1.0)
     with pytest.raises(train_gpt.ConfigError, match="TTT_SHORT_SCORE_FIRST_STEPS"):
         tiny_h(**{**LORA, "ttt_short_score_first_steps": "256-8"})
+    with pytest.raises(train_gpt.ConfigError, match="TTT_CHUNK_SIZE=.*<= EVAL_SEQ_LEN=64"):
+        tiny_h(**{**LORA, "ttt_short_score_first_steps": "256:128"})
+
+
+def test_eval_costs_count_each_evaluators_windows_and_steps():
+    """Two documents of 100 and 50 targets: the FLOPs eval_costs projects, written out window by window."""
+    h = tiny_h(**{**LORA, "ttt_chunk_tokens": 64, "eval_stride": 64})
+    val = train_gpt.ValidationData(np.array([1] + [5] * 99 + [1] + [5] * 50, dtype=np.uint16), None, 64, 0)
+    mm, k = train_gpt.forward_flops_per_token(h, 1)
+    f = lambda w: w * mm + k * w * (w + 1) / 2  # noqa: E731  a causal pass over w tokens
+    lora = 3 * (3 * (f(16) + f(32) + f(48) + 3 * f(64)) + f(64))  # chunk 16 (101 <= 128), 7 chunks, last untrained
+    sgd = (math.ceil(150 / 64) - 1) * 1 * 3 * f(64)  # the phase: both documents, every chunk of 64 but the last
+    costs = train_gpt.eval_costs(h, val)
+    expected = {"roundtrip": 3 * f(64), "doc_window": 2 * f(64) + f(50), "legal_ttt": lora + sgd}
+    assert costs.keys() == expected.keys()
+    for name, (flops, seconds) in costs.items():
+        assert math.isclose(flops, expected[name], rel_tol=1e-12), name
+        kind = "lora" if name == "legal_ttt" else "windows"
+        assert math.isclose(seconds, flops / (8 * train_gpt.H100_BF16_FLOPS * train_gpt.EVAL_MFU[kind]))

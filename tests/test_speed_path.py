@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import ROOT, tiny_h
 from torch._dynamo.testing import CompileCounter
 
