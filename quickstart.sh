@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Quickstart: build shards from the bundled FineWeb sample (once per variant), then train and score a tiny model
-# on CPU. VARIANT picks the data: sp1024 (default, the official tokenizer), sp8192 (byte fallback) or caseops
-# (SP8192 on case-transformed text, scored on the original bytes through the byte sidecar).
+# on CPU. VARIANT picks the data: caseops (default: SP8192 on case-transformed text, scored on the original
+# bytes through the byte sidecar), sp1024 (the official tokenizer) or sp8192 (byte fallback).
 # The configuration is configs/quickstart.env; every knob can still be overridden from the environment, e.g.
 # `ITERATIONS=50 ./quickstart.sh`, and so can DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE.
 set -euo pipefail
 cd "$(dirname "$0")"
-variant="${VARIANT:-sp1024}"
+variant="${VARIANT:-caseops}"
 flags=()
 case "$variant" in
     sp1024) tokenizer=data/sample/fineweb_1024_bpe.model vocab=1024 ;;

@@ -108,149 +108,150 @@ RENAMED = {"PRUNE_MARGIN_BYTES": "renamed to FIT_MARGIN_BYTES",  # old knob name
 @dataclass
 class Hyperparameters:
     """Every knob of a run. The environment variable is the field name upper-cased; the default's type
-    decides the parsing (bools are 0/1). Defaults are the best legal seed-era record (PR #1019); README.md
-    gives the settings that reproduce the official baseline."""
+    decides the parsing (bools are 0/1). Defaults are the best legal configuration of the final leaderboard
+    (configs/frontier.env writes them out); configs/seed_stack.env and configs/baseline.env are the 2026-03-25
+    record's stack and the official baseline."""
 
     # data and run
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    data_path: str = "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
     run_id: str = ""  # "" = a fresh uuid4; names logs/<run_id>.txt
     seed: int = 1337
     # validation and logging
     val_batch_size: int = 524_288  # tokens per validation batch, all ranks together
-    val_loss_every: int = knob(4000, "[0, inf)")  # validate every N steps (and at step 0); 0 = only after training
+    val_loss_every: int = knob(0, "[0, inf)")  # validate every N steps (and at step 0); 0 = only after training
     train_log_every: int = knob(500, "[0, inf)")  # log train_loss every N steps (and steps 1-10, the last); 0 = never
     # length and batch
     iterations: int = knob(20_000, "[1, inf)")  # at least one step: an untrained model's score means nothing
-    warmdown_iters: int = knob(4000, "[0, inf)")  # linear LR warmdown over about the last N steps (by wall clock)
-    warmdown_frac: float = knob(0.0, "[0, 1]")  # LR warmdown over the last fraction of training (PR #1394); 0 = off
-    min_lr: float = knob(0.0, "[0, 1]")  # floor on the LR multiplier of either warmdown (PR #1787)
+    warmdown_iters: int = knob(0, "[0, inf)")  # linear LR warmdown over about the last N steps (by wall clock)
+    warmdown_frac: float = knob(0.85, "[0, 1]")  # LR warmdown over the last fraction of training (PR #1394); 0 = off
+    min_lr: float = knob(0.1, "[0, 1]")  # floor on the LR multiplier of either warmdown (PR #1787)
     warmup_steps: int = knob(20, "[0, inf)")  # compile warm-up steps, run and then undone; not counted in train_time
     train_batch_tokens: int = 786_432  # tokens per optimizer step, all ranks together
     max_wallclock_seconds: float = knob(600.0, "[0, inf)")  # training-time cap; 0 = none
     # model shape
-    vocab_size: int = knob(1024, "[1, 65536]", model=True)  # shards store uint16 tokens
+    vocab_size: int = knob(8192, "[1, 65536]", model=True)  # shards store uint16 tokens
     num_layers: int = knob(11, "[1, inf)", model=True)
     model_dim: int = knob(512, model=True)
     num_heads: int = knob(8, "[1, inf)", model=True)
     num_kv_heads: int = knob(4, model=True)
-    mlp_mult: float = knob(3.0, model=True)  # MLP hidden = int(mlp_mult * model_dim)
+    mlp_mult: float = knob(4.0, model=True)  # MLP hidden = int(mlp_mult * model_dim)
     mlp_act: str = knob("leaky_relu2", choices=("relu2", "leaky_relu2"), model=True)  # relu(x)^2 | leaky_relu(x, s)^2
-    mlp_leaky_slope: float = knob(0.5, "(0, 1)", model=True)  # s of leaky_relu2 (PR #1948: 0.3 beat the records' 0.5)
+    mlp_leaky_slope: float = knob(0.3, "(0, 1)", model=True)  # s of leaky_relu2 (PR #1948: 0.3 beat the records' 0.5)
     tie_embeddings: bool = knob(True, model=True)
     rope_base: float = knob(10000.0, "(0, inf)", model=True)
     rope_dims: int = knob(16, model=True)  # rotated dims per head (partial RoPE); 0 = all
-    rope_ntk_len: int = knob(1024, model=True)  # NTK base scaling for TRAIN_SEQ_LEN above this length; 0 = none
-    train_seq_len: int = knob(2048, "[1, inf)", model=True)  # training and validation length; fixes the RoPE base
+    rope_ntk_len: int = knob(0, model=True)  # NTK base scaling for TRAIN_SEQ_LEN above this length; 0 = none
+    train_seq_len: int = knob(3072, "[1, inf)", model=True)  # training and validation length; fixes the RoPE base
     # progressive training length 'L@f,...' (PR #2014): L while the training fraction is <= f; "" = TRAIN_SEQ_LEN
-    train_seq_schedule: str = knob("")
-    seq_change_warmup_steps: int = knob(0, "[0, inf)")  # LR ramp over N steps after each length switch; 0 = none
-    doc_packing: bool = knob(False)  # one packed row per micro-batch, attention within documents (varlen, PR #1530)
+    train_seq_schedule: str = knob("1024@0.100,2048@0.700,3072@1.000")
+    seq_change_warmup_steps: int = knob(32, "[0, inf)")  # LR ramp over N steps after each length switch; 0 = none
+    doc_packing: bool = knob(True)  # one packed row per micro-batch, attention within documents (varlen, PR #1530)
     logit_softcap: float = knob(30.0, "(0, inf)", model=True)
-    logit_softcap_asym: bool = knob(False, model=True)  # two trained caps, for z >= 0 and z < 0 (PR #1923)
-    qk_gain_init: float = 1.5
+    logit_softcap_asym: bool = knob(True, model=True)  # two trained caps, for z >= 0 and z < 0 (PR #1923)
+    qk_gain_init: float = 5.25
     tied_embed_init_std: float = knob(0.005, "[0, inf)")
     # seed-stack techniques
     unet_skips: bool = knob(True, model=True)  # encoder-half outputs added to the decoder half with learned weights
-    skip_gates: bool = knob(False, model=True)  # sigmoid-gated skips: x <- lerp(w*skip, x, sigmoid(g)) (PR #1218)
+    skip_gates: bool = knob(True, model=True)  # sigmoid-gated skips: x <- lerp(w*skip, x, sigmoid(g)) (PR #1218)
     # blend the previous position's embedding in, never across a BOS: off | static (PR #1019's per-channel gate on
     # the normed embedding) | input (PR #1667's token-dependent gate on the raw embedding, BOS-masked per PR #1851)
-    smear_gate: str = knob("static", choices=("off", "static", "input"), model=True)
+    smear_gate: str = knob("input", choices=("off", "static", "input"), model=True)
     smear_gate_window: int = knob(12, "[1, inf)", model=True)  # input: the gate reads the first N channels
-    bigram_vocab_size: int = knob(3072, model=True)  # buckets of the hashed (previous, current) token pair; 0 = off
+    bigram_vocab_size: int = knob(0, model=True)  # buckets of the hashed (previous, current) token pair; 0 = off
     bigram_dim: int = knob(112, "[1, inf)", model=True)
     xsa_last_n: int = knob(-1, model=True)  # exclusive self-attention on the last N layers; -1 = all, 0 = off
     # per-head attention output gates from the attention input (PR #1667 out, #1787 sparse, #1736 dense); none = off
-    attn_gate: str = knob("none", choices=("none", "out", "sparse", "dense"), model=True)
+    attn_gate: str = knob("sparse", choices=("none", "out", "sparse", "dense"), model=True)
     attn_gate_window: int = knob(12, "[1, inf)", model=True)  # out and sparse read the first N channels of x
-    attn_gate_scale: float = knob(1.0, "(0, inf)", model=True)  # sparse: g = sigmoid(scale * W x) (records: 0.5)
+    attn_gate_scale: float = knob(0.5, "(0, inf)", model=True)  # sparse: g = sigmoid(scale * W x) (records: 0.5)
     ln_scale: bool = knob(True, model=True)  # scale the block's normed inputs by 1/sqrt(layer + 1)
     # depth recurrence (PR #1493): layers LOOP_START..LOOP_END (inclusive) run 1 + NUM_LOOPS times, weights shared
-    num_loops: int = knob(0, "[0, inf)", model=True)  # 0 = off
+    num_loops: int = knob(2, "[0, inf)", model=True)  # 0 = off
     loop_start: int = knob(3, "[0, inf)", model=True)
     loop_end: int = knob(5, "[0, inf)", model=True)
     enable_looping_at: float = knob(0.35, "[0, 1]")  # training fraction from which the loop runs (eval: always)
-    parallel_start_layer: int = knob(0, "[0, inf)", model=True)  # two-lane residuals on decoder layers >= N (PR #1529)
+    parallel_start_layer: int = knob(8, "[0, inf)", model=True)  # two-lane residuals on decoder layers >= N (PR #1529)
     ve_dim: int = knob(128, "[1, inf)", model=True)
-    ve_layers: str = knob("-2,-1", model=True)  # layers whose c_v gets the shared value embedding; "" = off
+    ve_layers: str = knob("", model=True)  # layers whose c_v gets the shared value embedding; "" = off
     ortho_init: bool = True  # orthogonal init of the matrices (both dims >= 64) that are not zero-initialised
     # learning rates
     embed_lr: float = knob(0.6, "[0, inf)")  # untied input embedding (and the bigram and value embedding tables)
     head_lr: float = knob(0.008, "[0, inf)")  # untied output head
-    tied_embed_lr: float = knob(0.035, "[0, inf)")  # tied embedding and the bigram and value embedding tables
-    matrix_lr: float = knob(0.025, "[0, inf)")  # Muon
-    scalar_lr: float = knob(0.025, "[0, inf)")  # control tensors, gates, skip weights, bigram/VE projections
+    tied_embed_lr: float = knob(0.03, "[0, inf)")  # tied embedding and the bigram and value embedding tables
+    matrix_lr: float = knob(0.028, "[0, inf)")  # Muon
+    scalar_lr: float = knob(0.02, "[0, inf)")  # control tensors, gates, skip weights, bigram/VE projections
     # Muon
-    muon_momentum: float = knob(0.99, "[0, 1)")
+    muon_momentum: float = knob(0.97, "[0, 1)")
     muon_backend_steps: int = knob(5, "[1, inf)")
     muon_momentum_warmup_start: float = knob(0.92, "[0, 1)")
     muon_momentum_warmup_steps: int = knob(1500, "[0, inf)")
-    muon_wd: float = knob(0.04, "[0, inf)")  # decoupled: p <- p * (1 - lr * wd) before the update
+    muon_wd: float = knob(0.095, "[0, inf)")  # decoupled: p <- p * (1 - lr * wd) before the update
     muon_wd_taper_start: float = knob(0.0, "[0, 1)")  # training fraction where the Muon WD taper starts; 0 = off
     muon_wd_taper_factor: float = knob(0.5, "[0, inf)")  # Muon WD multiplier reached at the end of training (PR #1729)
-    muon_row_norm: bool = knob(False)  # MuonEq-R: unit-norm rows of the momentum update before Newton-Schulz (PR #1285)
-    muon_ns_coeffs: str = knob("quintic", choices=("quintic", "polar_express"))  # Newton-Schulz (a, b, c) table
+    muon_row_norm: bool = knob(True)  # MuonEq-R: unit-norm rows of the momentum update before Newton-Schulz (PR #1285)
+    muon_ns_coeffs: str = knob("polar_express", choices=("quintic", "polar_express"))  # Newton-Schulz (a, b, c) table
     # AdamW and clipping
     beta1: float = knob(0.9, "[0, 1)")
-    beta2: float = knob(0.95, "[0, 1)")
+    beta2: float = knob(0.99, "[0, 1)")
     adam_eps: float = knob(1e-8, "(0, inf)")
-    adam_wd: float = knob(0.04, "[0, inf)")  # the scalar and head groups
-    embed_wd: float = knob(0.04, "[0, inf)")  # the embedding tables (token, bigram, value) (records: 0.085)
+    adam_wd: float = knob(0.02, "[0, inf)")  # the scalar and head groups
+    embed_wd: float = knob(0.085, "[0, inf)")  # the embedding tables (token, bigram, value) (records: 0.085)
     grad_clip_norm: float = knob(0.3, "[0, inf)")  # global L2 norm; 0 = off
     # weight averaging (what gets exported)
     weight_averaging: str = knob("ema", choices=("ema", "swa", "none"))
-    ema_decay: float = knob(0.997, "[0, 1)")
+    ema_decay: float = knob(0.9965, "[0, 1)")
     ema_warmup: bool = True  # decay min(EMA_DECAY, (1+n)/(10+n)) after n updates, so short runs average too
     swa_every: int = knob(50, "[1, inf)")  # SWA snapshot every N steps ...
     swa_start_frac: float = knob(0.2, "(0, 1]")  # ... once the LR scale is below this
-    late_qat_threshold: float = knob(0.15, "[0, 1]")  # fake-quantize the block matrices below this LR scale; 0 = off
+    late_qat_threshold: float = knob(0.0, "[0, 1]")  # fake-quantize the block matrices below this LR scale; 0 = off
     # export: quantization, calibration, pruning, compression
     quant_method: str = knob("gptq", choices=("gptq", "gptq_lite", "rtn"))  # Hessian | clip search | round to nearest
     quant_mlp_bits: int = knob(6, choices=BITS)  # per-row int-N of the MLP matrices, 4-8, or 16 = fp16
     quant_attn_bits: int = knob(6, choices=BITS)  # attention matrices
-    quant_embed_bits: int = knob(8, choices=BITS)  # embedding tables and an untied head
-    quant_clip: str = knob("search", choices=("search", "sdclip"))  # row clip: candidates searched | k * row std
+    quant_embed_bits: int = knob(7, choices=BITS)  # embedding tables and an untied head
+    quant_clip: str = knob("sdclip", choices=("search", "sdclip"))  # row clip: candidates searched | k * row std
     quant_sigmas_mlp: float = knob(11.5, "(0, inf)")  # SDClip's k for the MLP matrices (PR #1855) ...
     quant_sigmas_attn: float = knob(13.0, "(0, inf)")  # ... the attention matrices ...
     quant_sigmas_embed: float = knob(14.0, "(0, inf)")  # ... and the embedding tables and an untied head
     quant_sdclip_lambda: float = knob(0.0, "[0, inf)")  # Hessian-aware SDClip (PR #1412: 0.175); 0 = plain
-    gptq_embed: bool = knob(False)  # GPTQ the tied embedding or untied head with its input's Hessian (PR #1855)
-    quant_gate_bits: int = knob(16, choices=(8, 16))  # attention gate weights: 8 = per-row int8 at the row max (#1736)
-    lqer_rank: int = knob(0, "[0, inf)")  # LQER-asym (PR #1797): rank of the quantization error's correction; 0 = off
-    lqer_top_k: int = knob(3, "[1, inf)")  # ... for the K int-N tensors of largest error
-    lqer_group: int = knob(64, "[1, inf)")  # ... INT4 group of the B factor (PR #2060: 32)
-    awq_lite_groups: int = knob(0, "[0, inf)")  # AWQ-lite (PR #1908): input-column groups kept wider; 0 = off
+    gptq_embed: bool = knob(True)  # GPTQ the tied embedding or untied head with its input's Hessian (PR #1855)
+    quant_gate_bits: int = knob(8, choices=(8, 16))  # attention gate weights: 8 = per-row int8 at the row max (#1736)
+    lqer_rank: int = knob(2, "[0, inf)")  # LQER-asym (PR #1797): rank of the quantization error's correction; 0 = off
+    lqer_top_k: int = knob(4, "[1, inf)")  # ... for the K int-N tensors of largest error
+    lqer_group: int = knob(32, "[1, inf)")  # ... INT4 group of the B factor (PR #2060: 32)
+    awq_lite_groups: int = knob(1, "[0, inf)")  # AWQ-lite (PR #1908): input-column groups kept wider; 0 = off
     awq_lite_group_size: int = knob(64, "[1, inf)")  # ... of this many aligned columns ...
     awq_lite_bits: int = knob(8, choices=(5, 6, 7, 8))  # ... at this width, in the same GPTQ solve
     fp16_max_numel: int = knob(65_536, "[0, inf)")  # tensors up to this many elements are stored in fp16
     gptq_calibration: str = knob("train", choices=("train", "selfgen"))  # training tokens in the budget | model samples
-    gptq_calib_tokens: int = knob(262_144, "[1, inf)")  # calibration tokens, all ranks together
-    gptq_reserve_seconds: float = knob(4.0, "[0, inf)")  # with train calibration: taken off MAX_WALLCLOCK_SECONDS
+    gptq_calib_tokens: int = knob(12_582_912, "[1, inf)")  # calibration tokens, all ranks together
+    gptq_reserve_seconds: float = knob(8.0, "[0, inf)")  # with train calibration: taken off MAX_WALLCLOCK_SECONDS
     gptq_block_size: int = knob(128, "[1, inf)")
     gptq_damp: float = knob(0.01, "(0, inf)")  # Hessian damping, a fraction of its mean diagonal
     prune_frac: float = knob(0.0, "[0, 1)")  # magnitude pruning of each int-N tensor before quantization
     fit_strategy: str = knob("bits", choices=("bits", "prune", "none"))  # over the byte target: narrow, then prune
     fit_margin_bytes: int = knob(1000, "[0, inf)")  # byte target = 16,000,000 - code bytes - this
-    compressor: str = knob("lzma", choices=("lzma", "zstd", "brotli", "zlib", "rans"))  # rans: our entropy coder
+    compressor: str = knob("rans", choices=("lzma", "zstd", "brotli", "zlib", "rans"))  # rans: our entropy coder
     # final evaluation of the artifact
-    eval_seq_len: int = knob(0, "[0, inf)")  # sliding-window length; 0 = TRAIN_SEQ_LEN
-    eval_stride: int = 64  # window advance; = the window length is the plain evaluator
+    eval_seq_len: int = knob(3072, "[0, inf)")  # sliding-window length; 0 = TRAIN_SEQ_LEN
+    eval_stride: int = 3072  # window advance; = the window length is the plain evaluator
     eval_batch_seqs: int = knob(32, "[1, inf)")  # windows per forward pass on each rank (of EVAL_SEQ_LEN tokens)
-    eval_include_tail: bool = False  # score the whole stream (PR #2014), not whole TRAIN_SEQ_LEN sequences
-    eval_docs: bool = False  # document-aware windows: context only from the target's own document (PR #1530)
+    eval_include_tail: bool = True  # score the whole stream (PR #2014), not whole TRAIN_SEQ_LEN sequences
+    eval_docs: bool = True  # document-aware windows: context only from the target's own document (PR #1530)
     # legal score-first test-time training (PR #549's recipe)
-    ttt_enabled: bool = False
+    ttt_enabled: bool = True
     ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"))
-    ttt_lr: float = knob(0.002, "(0, inf)")  # cosine-decayed over the chunks
+    ttt_lr: float = knob(0.001, "(0, inf)")  # cosine-decayed over the chunks
     ttt_momentum: float = knob(0.9, "[0, 1)")  # SGD momentum, or AdamW beta1
-    ttt_epochs: int = knob(3, "[1, inf)")
+    ttt_epochs: int = knob(1, "[1, inf)")
     ttt_chunk_tokens: int = 32_768
     ttt_freeze_blocks: int = 0  # the first N blocks keep their weights
     ttt_batch_seqs: int = knob(32, "[1, inf)")  # EVAL_SEQ_LEN sequences per TTT step, all ranks together
     ttt_grad_clip: float = knob(1.0, "[0, inf)")  # global L2 norm; 0 = off
     # chunks: the stream in TTT_CHUNK_TOKENS chunks, all weights (the knobs above); lora: per-document adapters
     # (PR #1530, #1767, #2014), with PHASED_TTT_NUM_PHASES pauses of the chunks' SGD on scored documents (#1610)
-    ttt_mode: str = knob("chunks", choices=("chunks", "lora"))
+    ttt_mode: str = knob("lora", choices=("chunks", "lora"))
     ttt_lora_rank: int = knob(80, "[1, inf)")
     ttt_lora_alpha: float = knob(144.0, "(0, inf)")  # adapter output scale alpha / rank
     ttt_lora_lr: float = knob(1e-4, "(0, inf)")
@@ -267,7 +268,7 @@ class Hyperparameters:
     phased_ttt_num_phases: int = knob(1, "[0, inf)")
     phased_ttt_prefix_docs: int = knob(2500, "[1, inf)")
     # the token-only causal n-gram tilt of the final evaluators (PR #2130/#2135)
-    ngram_tilt_enabled: bool = False
+    ngram_tilt_enabled: bool = True
     token_order: int = knob(16, "[2, 16]")
     token_threshold: float = knob(0.8, "(0, 1]")
     token_boost: float = knob(2.625, "(0, inf)")

@@ -68,7 +68,7 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
 
 
 def projection():
-    h, seed = tg.Hyperparameters.from_env(config("frontier")), tg.Hyperparameters()
+    h, seed = tg.Hyperparameters.from_env(config("frontier")), tg.Hyperparameters.from_env(config("seed_stack"))
     mm, att = tg.forward_flops_per_token(seed, seed.train_seq_len)
     peak = 8 * tg.H100_BF16_FLOPS
     mfu_1019 = 3 * (mm + att) * seed.train_batch_tokens / 0.0867 / peak

@@ -35,7 +35,7 @@ def config(name: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines)
 
 
-PROXY = config("proxy")  # the CPU proxy size: 4 layers, d=128, sequence 256, 8,192 tokens a step
+PROXY = {**config("seed_stack"), **config("proxy")}  # the seed stack at the CPU proxy size: 4 layers, d=128, sequence 256
 CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BASELINE_ENV, tiny_h
+from conftest import BASELINE_ENV, SEED_STACK_ENV, tiny_h
 
 import train_gpt
 from train_gpt import GPT, Dist, Hyperparameters, Optimizers
@@ -24,8 +24,9 @@ def test_sizes_match_the_official_counts():
     baseline = GPT(Hyperparameters.from_env(BASELINE_ENV))
     assert sum(p.numel() for p in baseline.parameters()) == 17_059_912  # the official baseline's (README, "Record run")
     assert baseline.skip_weights.shape == (4, 512) and baseline.lm_head is None
-    record = GPT(Hyperparameters())
+    record = GPT(Hyperparameters.from_env(SEED_STACK_ENV))
     assert sum(p.numel() for p in record.parameters()) == 27_067_484  # PR #1019's model_params
+    assert sum(p.numel() for p in GPT(Hyperparameters()).parameters()) == 35_945_673  # the defaults: PR #2014's
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
-from conftest import run_distributed, tiny_h
+from conftest import SEED_STACK_ENV, run_distributed, tiny_h
 
 import train_gpt
 from train_gpt import NS_COEFFICIENTS, Dist, Hyperparameters, lr_scale, zeropower_via_newtonschulz5
@@ -182,8 +182,8 @@ NEW_KNOBS_OFF = dict(muon_row_norm=False, muon_ns_coeffs="quintic", muon_wd_tape
                      min_lr=0.0)
 
 
-def test_new_optimizer_knobs_default_to_their_off_values():
-    defaults = Hyperparameters()
+def test_the_seed_stack_keeps_the_new_optimizer_knobs_off():
+    defaults = Hyperparameters.from_env(SEED_STACK_ENV)
     assert {k: getattr(defaults, k) for k in NEW_KNOBS_OFF} == NEW_KNOBS_OFF
     assert defaults.embed_wd == defaults.adam_wd == 0.04  # the embedding tables decay as before
 

@@ -65,7 +65,8 @@ def test_the_cli_refuses_invalid_or_packed_input(tmp_path, capsys):
 
 
 def _train(script, cwd, shards):
-    env = {**os.environ, **QUICKSTART_ENV, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(SP1024), "RUN_ID": "e2e"}
+    env = {**os.environ, **QUICKSTART_ENV, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(SP1024), "VOCAB_SIZE": "1024",
+           "RUN_ID": "e2e"}
     r = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return (cwd / "logs" / "e2e.txt").read_text()

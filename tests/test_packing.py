@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import SP1024, TINY_ENV, run_distributed, tiny_h
+from conftest import SEED_STACK_ENV, SP1024, TINY_ENV, run_distributed, tiny_h
 from torch._dynamo.testing import CompileCounter
 
 import train_gpt
@@ -189,7 +189,7 @@ def test_warmup_shapes():
     looped = dataclasses.replace(h, num_loops=2)  # PR #2014's 'auto': 1024 and 2048 plain, 2048 and 3072 looped
     assert {n for n, _ in train_gpt.warmup_shapes(looped)} == {1024, 2048}
     assert {n for n, _ in train_gpt.warmup_shapes(looped, True)} == {2048, 3072}
-    assert train_gpt.warmup_shapes(train_gpt.Hyperparameters()) == []  # the warm-up steps compile the one shape
+    assert train_gpt.warmup_shapes(train_gpt.Hyperparameters.from_env(SEED_STACK_ENV)) == []  # the warm-up steps compile the one shape
     assert train_gpt.warmup_shapes(tiny_h(train_seq_schedule="32@0.5,64@1")) == [(32, 0), (64, 0)]
     assert train_gpt.warmup_shapes(tiny_h(doc_packing=True, train_batch_tokens=131_072, train_seq_len=64)) == [
         (64, 320)]  # 256 segments at least: one length, above CU_SEQLENS_WARM

@@ -98,7 +98,7 @@ def runs(tmp_path_factory, sample_shards):
     script = work / "train_gpt.py"
     shutil.copyfile(ROOT / "train_gpt.py", script)
     env = {**os.environ, **QUICKSTART_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024),
-           "SEEDS": " ".join(map(str, SEEDS)), "NAME": "qs"}
+           "VOCAB_SIZE": "1024", "SEEDS": " ".join(map(str, SEEDS)), "NAME": "qs"}
     r = subprocess.run([str(ROOT / "tools" / "run_seeds.sh"), sys.executable, str(script)], cwd=work,
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

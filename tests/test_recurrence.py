@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FRONTIER_ENV, SP1024, run_distributed, tiny_h
+from conftest import FRONTIER_ENV, SEED_STACK_ENV, SP1024, run_distributed, tiny_h
 from test_model import randomized
 from torch._dynamo.testing import CompileCounter
 
@@ -22,7 +22,7 @@ def test_virtual_layer_order_and_unet_split_are_the_records():
     h = train_gpt.Hyperparameters(num_loops=2, loop_start=3, loop_end=5)
     assert h.layer_order() == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
     assert h.layer_order(looped=False) == list(range(11))
-    assert train_gpt.Hyperparameters().layer_order() == list(range(11))  # NUM_LOOPS=0: no repeats
+    assert train_gpt.Hyperparameters.from_env(SEED_STACK_ENV).layer_order() == list(range(11))  # NUM_LOOPS=0: no repeats
     model = GPT(tiny_h(**LOOPED))
     assert model.orders[True] == [0, 1, 2, 1, 2, 1, 2, 3] and model.skip_weights.shape[0] == 4
     assert model.looping  # a fresh model (evaluation, TTT) always loops

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BASELINE_ENV, tiny_h
+from conftest import BASELINE_ENV, SEED_STACK_ENV, tiny_h
 from reference_baseline import GPT as BaselineGPT
 from test_model import CPU, randomized
 
@@ -314,7 +314,7 @@ def test_partial_rope_leaves_the_other_dims_untouched():
 
 
 def test_rope_base_is_fixed_by_the_configuration_not_the_runtime_length():
-    rd, base = Hyperparameters().rope
+    rd, base = Hyperparameters.from_env(SEED_STACK_ENV).rope
     assert rd == 16 and base == pytest.approx(22_082, abs=1)  # the records' NTK base at T=2048 (README)
     assert tiny_h(rope_ntk_len=0).rope[1] == 10000.0
     # a model trained at T=64 with NTK scaling from 16: a short forward must use the same base (the records

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_h
+from conftest import ROOT, SEED_STACK_ENV, tiny_h
 from torch._dynamo.testing import CompileCounter
 
 import train_gpt
@@ -192,7 +192,7 @@ def test_newton_schulz_compiles_once_per_bank_shape_and_batches_exactly():
 
 
 def test_default_model_flops():
-    mm, att = train_gpt.forward_flops_per_token(train_gpt.Hyperparameters(), 2048)
+    mm, att = train_gpt.forward_flops_per_token(train_gpt.Hyperparameters.from_env(SEED_STACK_ENV), 2048)
     assert (mm, att) == (2 * 26_566_656, 11 * 4 * 512 * 2049 / 2)  # the record's model, 2048-token sequences
 
 
@@ -200,6 +200,7 @@ def test_default_model_flops():
 def test_attention_gates_count_their_weights_in_the_flops(gate, width):
     import dataclasses
 
-    h = dataclasses.replace(train_gpt.Hyperparameters(), attn_gate=gate)
+    h = dataclasses.replace(train_gpt.Hyperparameters.from_env(SEED_STACK_ENV), attn_gate=gate,
+                            attn_gate_scale=0.5 if gate == "sparse" else 1.0, quant_gate_bits=8)
     mm, _ = train_gpt.forward_flops_per_token(h, 2048)
     assert mm == 2 * 26_566_656 + 2 * 11 * 8 * width  # heads x window (dense: x model_dim) per layer
