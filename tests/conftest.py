@@ -1,8 +1,11 @@
 """Shared test setup: the repository root and data/ on sys.path, paths to the bundled sample."""
 
 import json
+import os
 import pickle
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,6 +88,24 @@ def sample_shards(tmp_path_factory, sample_texts) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def short_val_shards(tmp_path_factory, sample_shards, sample_texts) -> Path:
+    """sample_shards' training shards with a short validation shard: the first 4 validation documents
+    (3,985 tokens, one 2048-token sequence or 62 of 64 tokens), for whole-script runs that assert how the script
+    runs, not what it scores; each of their evaluations (a run has three to five) reads 8x fewer tokens."""
+    import numpy as np
+    import sentencepiece as spm
+    from build_shards import write_shard
+
+    sp = spm.SentencePieceProcessor(model_file=str(SP1024))
+    out = tmp_path_factory.mktemp("short_val_shards")
+    for f in sample_shards.glob("fineweb_train_*.bin"):
+        (out / f.name).symlink_to(f)
+    tokens = np.concatenate([[sp.bos_id()] + sp.encode(t) for t in sample_texts[:4]]).astype(np.uint16)
+    write_shard(out / "fineweb_val_000000.bin", tokens)
+    return out
+
+
 def _free_port() -> int:
     import socket
 
@@ -124,3 +145,26 @@ def run_distributed(fn, world_size: int, *args) -> list:
         p.join(timeout=60)
         assert p.exitcode == 0
     return [results[r] for r in range(world_size)]
+
+
+@pytest.fixture(scope="session")
+def seed_runs(tmp_path_factory, short_val_shards):
+    """Three real runs of the quickstart model (the defaults at a tiny size; 1 step each, 4,096 calibration tokens,
+    the short validation data, sp1024), seeds 1, 2, 3, launched as users do, by tools/run_seeds.sh, of a private
+    copy of train_gpt.py (so edits to the working tree during the session cannot change the code under the runs). One set of runs serves test_seeds.py (what
+    run_seeds.sh writes) and test_records.py (the record folder made from them). Returns a namespace: work (the
+    folder they ran in), script, seeds, summaries (their paths), stdout, cmd and env (to launch run_seeds.sh again)."""
+    import types
+
+    work = tmp_path_factory.mktemp("seed_runs")
+    script = work / "train_gpt.py"
+    shutil.copyfile(ROOT / "train_gpt.py", script)
+    seeds = (1, 2, 3)
+    env = {**os.environ, **QUICKSTART_ENV, "ITERATIONS": "1", "GPTQ_CALIB_TOKENS": "4096",
+           "DATA_PATH": str(short_val_shards), "TOKENIZER_PATH": str(SP1024), "VOCAB_SIZE": "1024",
+           "SEEDS": " ".join(map(str, seeds)), "NAME": "qs"}
+    cmd = [str(ROOT / "tools" / "run_seeds.sh"), sys.executable, str(script)]
+    r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return types.SimpleNamespace(work=work, script=script, seeds=seeds, stdout=r.stdout, cmd=cmd, env=env,
+                                 summaries=[work / "logs" / f"qs_seed{seed}.json" for seed in seeds])

@@ -31,10 +31,11 @@ def field(text, line_start, key):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, sample_shards):
+def runs(tmp_path_factory, short_val_shards):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    env = dict(EVAL_STRIDE="32", TTT_ENABLED="1", TTT_CHUNK_TOKENS="8192")  # every evaluator runs
-    return (one, run_script(one, sample_shards, **env)), (two, run_script(two, sample_shards, nproc=2, **env))
+    # every evaluator runs; TTT in 4 chunks of the short validation data (3,968 scored tokens)
+    env = dict(EVAL_STRIDE="32", TTT_ENABLED="1", TTT_CHUNK_TOKENS="1024")
+    return (one, run_script(one, short_val_shards, **env)), (two, run_script(two, short_val_shards, nproc=2, **env))
 
 
 def test_single_process_run_reports_a_checked_artifact_and_score(runs):
@@ -134,13 +135,14 @@ def test_each_run_keeps_its_artifact_and_final_model_is_the_latest(runs):
 
 
 @pytest.mark.slow
-def test_two_layers_with_every_other_model_default_trains_exports_and_scores(tmp_path, sample_shards):
+def test_two_layers_with_every_other_model_default_trains_exports_and_scores(tmp_path, short_val_shards):
     """A change of depth needs no second knob (VE_LAYERS=-2,-1 follows the depth). Only the run's length and batch
-    are shrunk to CPU size; every technique, width and export knob keeps its default."""
+    (one step, the smallest batch of 2048-token sequences), its calibration (one sequence) and its validation data
+    (one sequence) are shrunk to CPU size; every technique, width and export knob keeps its default."""
     env = {**{k: v for k, v in os.environ.items() if k not in TINY_ENV}, "NUM_LAYERS": "2",
-           "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024), "RUN_ID": "two", "DEVICE": "cpu",
-           "ITERATIONS": "2", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_BATCH_TOKENS": "16384",
-           "VAL_BATCH_SIZE": "65536", "EVAL_STRIDE": "2048", "GPTQ_CALIB_TOKENS": "4096", "VAL_LOSS_EVERY": "0"}
+           "DATA_PATH": str(short_val_shards), "TOKENIZER_PATH": str(SP1024), "RUN_ID": "two", "DEVICE": "cpu",
+           "ITERATIONS": "1", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_BATCH_TOKENS": "16384",
+           "VAL_BATCH_SIZE": "65536", "EVAL_STRIDE": "2048", "GPTQ_CALIB_TOKENS": "2048", "VAL_LOSS_EVERY": "0"}
     r = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "value_embed:128@0,1" in r.stdout and "hparam model_dim:512" in r.stdout
@@ -157,13 +159,13 @@ FRONTIER_TINY = dict(NUM_LAYERS="4", MODEL_DIM="64", LOOP_START="1", LOOP_END="2
                      TTT_BATCH_SIZE="4", PHASED_TTT_PREFIX_DOCS="5", TTT_CHUNK_TOKENS="1024", TTT_SHORT_SCORE_FIRST_STEPS="1000:32")
 
 
-def test_the_frontier_preset_runs_end_to_end_at_a_tiny_size(tmp_path, sample_shards):
+def test_the_frontier_preset_runs_end_to_end_at_a_tiny_size(tmp_path, short_val_shards):
     """Every frontier technique acts in one whole run: the loop switch, the length switches, packing, the
     quantizer extras and the rANS artifact, read back and scored."""
     from conftest import FRONTIER_ENV
 
     env = {k: v for k, v in FRONTIER_ENV.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}
-    out = run_script(tmp_path, sample_shards, **{**env, **FRONTIER_TINY})
+    out = run_script(tmp_path, short_val_shards, **{**env, **FRONTIER_TINY})
     assert "layer_loop:enabled step:4 frac:0.400 order:0,1,2,1,2,1,2,3" in out  # the first step at or after 0.35
     assert "seq_len_switch step:2 seq_len:32" in out and "seq_len_switch step:8 seq_len:64" in out  # f inclusive
     assert "doc_packing:1" in out and "loops:1-2x2@0.35 parallel_from:3" in out

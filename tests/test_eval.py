@@ -220,10 +220,10 @@ def test_training_data_cannot_be_read_after_the_clock_stops(sample_shards):
 
 
 @pytest.mark.slow  # over 5 s on 2 CPU cores (two training runs)
-def test_periodic_validation_does_not_touch_the_weights(sample_shards):
+def test_periodic_validation_does_not_touch_the_weights(short_val_shards):
     runs = []
     for every in (1, 0):  # validate after every step, or only at the end
-        h = tiny_h(data_path=str(sample_shards), tokenizer_path=str(SP1024), val_loss_every=every)
+        h = tiny_h(data_path=str(short_val_shards), tokenizer_path=str(SP1024), val_loss_every=every)
         sp, train_files, val_files = train_gpt.check_inputs(h)
         torch.manual_seed(h.seed)
         model = train_gpt.GPT(h)

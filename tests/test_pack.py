@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import QUICKSTART_ENV, ROOT, SP1024
+from conftest import ROOT, SP1024, TINY_ENV
 
 sys.path.insert(0, str(ROOT / "tools"))
 import pack  # noqa: E402
@@ -65,8 +65,9 @@ def test_the_cli_refuses_invalid_or_packed_input(tmp_path, capsys):
 
 
 def _train(script, cwd, shards):
-    env = {**os.environ, **QUICKSTART_ENV, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(SP1024), "VOCAB_SIZE": "1024",
-           "RUN_ID": "e2e"}
+    """A whole run of the tiny configuration, 2 steps (any configuration trains to one score per script)."""
+    env = {**os.environ, **TINY_ENV, "ITERATIONS": "2", "VAL_LOSS_EVERY": "0", "DATA_PATH": str(shards),
+           "TOKENIZER_PATH": str(SP1024), "RUN_ID": "e2e"}
     r = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return (cwd / "logs" / "e2e.txt").read_text()
@@ -77,12 +78,12 @@ def _line(log, start):
 
 
 @pytest.mark.slow
-def test_the_packed_script_trains_to_the_same_score_and_counts_its_own_bytes(packed, tmp_path, sample_shards):
+def test_the_packed_script_trains_to_the_same_score_and_counts_its_own_bytes(packed, tmp_path, short_val_shards):
     plain_dir, packed_dir = tmp_path / "plain", tmp_path / "packed"
     plain_dir.mkdir(), packed_dir.mkdir()
     script = packed_dir / "train_gpt_packed.py"
     script.write_bytes(packed)
-    plain, log = _train(SCRIPT, plain_dir, sample_shards), _train(script, packed_dir, sample_shards)
+    plain, log = _train(SCRIPT, plain_dir, short_val_shards), _train(script, packed_dir, short_val_shards)
     final = "final_int8_zlib_roundtrip_exact "
     assert _line(log, final) == _line(plain, final)
     assert log.startswith(SOURCE.decode())  # the real source heads the log, not the packed wrapper

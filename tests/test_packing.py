@@ -231,26 +231,26 @@ PACKED = dict(doc_packing=True, train_seq_schedule="32@0.4,64@1", seq_change_war
 
 
 @pytest.mark.slow  # over 5 s on 2 CPU cores (four training runs)
-def test_knobs_off_train_bit_identically_and_on_differently(sample_shards):
-    base, _, w_base = _train(sample_shards, warmup_steps=0, iterations=3)
-    off, _, w_off = _train(sample_shards, warmup_steps=0, iterations=3, doc_packing=False, train_seq_schedule="",
+def test_knobs_off_train_bit_identically_and_on_differently(short_val_shards):
+    base, _, w_base = _train(short_val_shards, warmup_steps=0, iterations=3)
+    off, _, w_off = _train(short_val_shards, warmup_steps=0, iterations=3, doc_packing=False, train_seq_schedule="",
                            seq_change_warmup_steps=0)
-    one, _, w_one = _train(sample_shards, warmup_steps=0, iterations=3, train_seq_schedule="64@1.0")  # one stage
-    packed, _, w_packed = _train(sample_shards, warmup_steps=0, iterations=3, doc_packing=True)
+    one, _, w_one = _train(short_val_shards, warmup_steps=0, iterations=3, train_seq_schedule="64@1.0")  # one stage
+    packed, _, w_packed = _train(short_val_shards, warmup_steps=0, iterations=3, doc_packing=True)
     assert torch.equal(w_base, w_off) and torch.equal(w_base, w_one) and not torch.equal(w_base, w_packed)
     assert base.final.val_loss == off.final.val_loss == one.final.val_loss != packed.final.val_loss
 
 
 @pytest.mark.slow  # over 5 s on 2 CPU cores (two training runs)
-def test_switches_ramp_the_lr_and_the_warmup_is_undone(sample_shards, monkeypatch):
+def test_switches_ramp_the_lr_and_the_warmup_is_undone(short_val_shards, monkeypatch):
     """Packed, with a schedule: every stage's shapes are warmed up and everything restored (the same run as
     without warm-up); the switch is logged at the step where progress passes 0.4, and every optimizer step's LR
     multiplier is the base schedule times min(1, (step - s0 + 1) / W)."""
     scales, step_fn = [], train_gpt.Optimizers.step
     monkeypatch.setattr(train_gpt.Optimizers, "step", lambda self, s, *a: scales.append(s) or step_fn(self, s, *a))
-    cold, cold_lines, w_cold = _train(sample_shards, warmup_steps=0, **PACKED)
+    cold, cold_lines, w_cold = _train(short_val_shards, warmup_steps=0, **PACKED)
     cold_scales, scales[:] = scales[:], []
-    warm, warm_lines, w_warm = _train(sample_shards, warmup_steps=2, **PACKED)
+    warm, warm_lines, w_warm = _train(short_val_shards, warmup_steps=2, **PACKED)
     assert torch.equal(w_cold, w_warm) and cold.final.val_loss == warm.final.val_loss
     assert [l for l in warm_lines if l.startswith("warmup_shape")] == [
         "warmup_shape seq_len:32 cu_seqlens:64", "warmup_shape seq_len:32 cu_seqlens:128",
@@ -270,9 +270,9 @@ def _train_rank(rank, world_size, shards):
 
 
 @pytest.mark.slow  # over 5 s on 2 CPU cores (two gloo ranks, then one)
-def test_packed_schedule_on_two_ranks_equals_one_rank(sample_shards):
-    ranks = run_distributed(_train_rank, 2, sample_shards)
-    val_loss, losses, switches, weights = _train_rank(0, 1, sample_shards)
+def test_packed_schedule_on_two_ranks_equals_one_rank(short_val_shards):
+    ranks = run_distributed(_train_rank, 2, short_val_shards)
+    val_loss, losses, switches, weights = _train_rank(0, 1, short_val_shards)
     assert switches == ["seq_len_switch step:3 seq_len:64"] and len(losses) == 5
     for two in ranks:  # both ranks switch at the same step and hold the same weights as one rank
         assert two[2] == switches and torch.allclose(two[3], weights, rtol=1e-4, atol=1e-5)

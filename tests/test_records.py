@@ -1,17 +1,16 @@
 """The record tooling: the t distribution and significance test of tools/stats.py, every refusal of
-tools/make_record.py, and a record folder built end to end from three real tiny runs."""
+tools/make_record.py, and a record folder built end to end from three real tiny runs (conftest's seed_runs)."""
 
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import QUICKSTART_ENV, ROOT, SP1024
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import make_record  # noqa: E402
@@ -90,19 +89,11 @@ def test_one_seed_gives_no_test_and_equal_seeds_a_degenerate_one():
 # ---------------------------------------------------------------------------------------------- real runs
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, sample_shards):
-    """Three real runs of the quickstart configuration (3 steps each), seeds 1, 2, 3, launched as users do, by
-    tools/run_seeds.sh, of a private copy of train_gpt.py (so edits to the working tree during the session
-    cannot change the code under the runs). Returns (script, [summary paths])."""
-    work = tmp_path_factory.mktemp("runs")
-    script = work / "train_gpt.py"
-    shutil.copyfile(ROOT / "train_gpt.py", script)
-    env = {**os.environ, **QUICKSTART_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024),
-           "VOCAB_SIZE": "1024", "SEEDS": " ".join(map(str, SEEDS)), "NAME": "qs"}
-    r = subprocess.run([str(ROOT / "tools" / "run_seeds.sh"), sys.executable, str(script)], cwd=work,
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return script, [work / "logs" / f"qs_seed{seed}.json" for seed in SEEDS]
+def runs(seed_runs):
+    """The three real quickstart runs of conftest's seed_runs (seeds 1, 2, 3, by tools/run_seeds.sh, of a private
+    copy of train_gpt.py). Returns (script, [summary paths])."""
+    assert seed_runs.seeds == SEEDS
+    return seed_runs.script, seed_runs.summaries
 
 
 def make(out, script, summaries, *extra):

@@ -1,32 +1,26 @@
 """tools/run_seeds.sh: the same command once per seed, each run with its own log, summary and artifact."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, SP1024, TINY_ENV
-
-SCRIPT = ROOT / "tools" / "run_seeds.sh"
 
 
 @pytest.mark.slow
-def test_each_seed_gets_its_own_log_summary_and_artifact(tmp_path, sample_shards):
-    env = {**os.environ, **TINY_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024),
-           "SEEDS": "7 8", "NAME": "tiny", "ITERATIONS": "2", "VAL_LOSS_EVERY": "0"}
-    cmd = [str(SCRIPT), sys.executable, str(ROOT / "train_gpt.py")]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    scores = [l for l in r.stdout.splitlines() if l.startswith("final_int8_zlib_roundtrip_exact")]
-    assert len(scores) == 4  # each run prints it, and the script repeats it after each run
-    for seed in (7, 8):
-        summary = json.loads((tmp_path / "logs" / f"tiny_seed{seed}.json").read_text())
-        assert summary["seed"] == seed and summary["run_id"] == f"tiny_seed{seed}"
-        assert (tmp_path / "logs" / f"tiny_seed{seed}.ptz").stat().st_size == summary["artifact"]["model_bytes"]
-        assert f"hparam seed:{seed}" in (tmp_path / "logs" / f"tiny_seed{seed}.txt").read_text()
-    assert (tmp_path / "final_model.ptz").read_bytes() == (tmp_path / "logs" / "tiny_seed8.ptz").read_bytes()
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 2 and "logs/tiny_seed7.json exists" in again.stderr
-    usage = subprocess.run([str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+def test_each_seed_gets_its_own_log_summary_and_artifact(seed_runs):
+    """conftest's seed_runs ran `SEEDS="1 2 3" NAME=qs tools/run_seeds.sh python3 train_gpt.py` (the runs
+    test_records.py makes a record folder of); here, what run_seeds.sh itself wrote and refuses."""
+    work, seeds = seed_runs.work, seed_runs.seeds
+    scores = [l for l in seed_runs.stdout.splitlines() if l.startswith("final_int8_zlib_roundtrip_exact")]
+    assert len(scores) == 2 * len(seeds)  # each run prints it, and the script repeats it after each run
+    for seed in seeds:
+        summary = json.loads((work / "logs" / f"qs_seed{seed}.json").read_text())
+        assert summary["seed"] == seed and summary["run_id"] == f"qs_seed{seed}"
+        assert (work / "logs" / f"qs_seed{seed}.ptz").stat().st_size == summary["artifact"]["model_bytes"]
+        assert f"hparam seed:{seed}" in (work / "logs" / f"qs_seed{seed}.txt").read_text()
+    assert (work / "final_model.ptz").read_bytes() == (work / "logs" / f"qs_seed{seeds[-1]}.ptz").read_bytes()
+    again = subprocess.run(seed_runs.cmd, cwd=work, env=seed_runs.env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and f"logs/qs_seed{seeds[0]}.json exists" in again.stderr
+    usage = subprocess.run(seed_runs.cmd[:1], cwd=work, env=seed_runs.env, capture_output=True, text=True,
+                           timeout=60)
     assert usage.returncode == 2 and "usage:" in usage.stderr

@@ -29,16 +29,16 @@ def _train(shards, **overrides):
 
 
 @pytest.mark.slow  # over 5 s on 2 CPU cores (four training runs)
-def test_same_seed_same_run_and_warmup_is_undone(sample_shards):
-    a, lines, model = _train(sample_shards, warmup_steps=0)
-    b, _, _ = _train(sample_shards, warmup_steps=0)
-    c, warm_lines, _ = _train(sample_shards, warmup_steps=3)
+def test_same_seed_same_run_and_warmup_is_undone(short_val_shards):
+    a, lines, model = _train(short_val_shards, warmup_steps=0)
+    b, _, _ = _train(short_val_shards, warmup_steps=0)
+    c, warm_lines, _ = _train(short_val_shards, warmup_steps=3)
     assert a.final.val_loss == b.final.val_loss  # bit-identical
     # three real optimizer steps ran and were rolled back: weights, optimizer state and data position
     assert [l for l in warm_lines if l.startswith("warmup_step")] == ["warmup_step:1/3", "warmup_step:2/3",
                                                                     "warmup_step:3/3"]
     assert c.final.val_loss == a.final.val_loss
-    d, _, _ = _train(sample_shards, warmup_steps=0, seed=99)
+    d, _, _ = _train(short_val_shards, warmup_steps=0, seed=99)
     assert d.final.val_loss != a.final.val_loss
     assert a.steps == 6 and a.final.val_loss < math.log(1024)  # it learned something
 
@@ -84,16 +84,16 @@ FRONTIER_OFF = dict(muon_row_norm=False, muon_ns_coeffs="quintic", muon_wd_taper
 
 
 @pytest.mark.slow  # over 5 s on 2 CPU cores (five training runs)
-def test_frontier_optimizer_knobs_off_train_bit_identically_and_on_train_differently(sample_shards):
+def test_frontier_optimizer_knobs_off_train_bit_identically_and_on_train_differently(short_val_shards):
     """The training loop passes the schedule and the taper through: the new knobs at their off values train the
     defaults' weights exactly; switched on (PRs #1285, #1787, #1729, #1394) they change them."""
-    _, _, base = _train(sample_shards, warmup_steps=0)
-    _, _, off = _train(sample_shards, warmup_steps=0, **FRONTIER_OFF)
-    _, _, on = _train(sample_shards, warmup_steps=0, muon_row_norm=True, muon_ns_coeffs="polar_express",
+    _, _, base = _train(short_val_shards, warmup_steps=0)
+    _, _, off = _train(short_val_shards, warmup_steps=0, **FRONTIER_OFF)
+    _, _, on = _train(short_val_shards, warmup_steps=0, muon_row_norm=True, muon_ns_coeffs="polar_express",
                       muon_wd_taper_start=0.5, embed_wd=0.085, adam_wd=0.02, warmdown_iters=0, warmdown_frac=0.5,
                       min_lr=0.1)
-    _, _, taper = _train(sample_shards, warmup_steps=0, muon_wd_taper_start=0.5, muon_wd=0.5)  # reaches Muon
-    _, _, plain = _train(sample_shards, warmup_steps=0, muon_wd=0.5)
+    _, _, taper = _train(short_val_shards, warmup_steps=0, muon_wd_taper_start=0.5, muon_wd=0.5)  # reaches Muon
+    _, _, plain = _train(short_val_shards, warmup_steps=0, muon_wd=0.5)
     weights = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (base, off, on, taper, plain)]
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
     assert not torch.equal(weights[3], weights[4])

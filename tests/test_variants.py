@@ -107,8 +107,8 @@ def field(text, line_start, key):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sp8192", "caseops"])
 def test_whole_run_on_each_variant(variant, tmp_path):
-    shards = tmp_path / "shards"  # 20 validation documents: three evaluations at vocabulary 8192 stay short on CPU
-    build([SAMPLE_JSONL], shards, MODELS[variant], num_val_docs=20, allow_small_val=True,
+    shards = tmp_path / "shards"  # 4 validation documents: three evaluations at vocabulary 8192 stay short on CPU
+    build([SAMPLE_JSONL], shards, MODELS[variant], num_val_docs=4, allow_small_val=True,
           caseops_data=variant == "caseops", workers=2, log=lambda _: None)
     env = {**os.environ, **TINY_ENV, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(MODELS[variant]),
            "VOCAB_SIZE": "8192", "RUN_ID": variant, "ITERATIONS": "2", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "64"}
