@@ -8,8 +8,8 @@
    over its SHAPE: 4 layers, d=128, sequence 256, sp1024 sample) is trained once by train_gpt.py in a subprocess,
    300 steps, seed 1337, with its own final evaluation reduced to the plain one (TTT_ENABLED=0, EVAL_DOCS=0,
    NGRAM_TILT_ENABLED=0, TTT_MODE at its default) and GPTQ calibration on 16 training batches as the preset's
-   (16 x 8,192 tokens: the preset's 12,582,912 would take most of an hour on CPU); the artifact it exports is copied to --save (printed), and
-   --artifact PATH skips the training and reuses one. The artifact is loaded as score_artifact loads it
+   (16 x 8,192 tokens: the preset's 12,582,912 would take most of an hour on CPU); the artifact it exports is
+   copied to --save (printed), and --artifact PATH skips the training and reuses one. The artifact is loaded as score_artifact loads it
    (decode_artifact, build_model(qat=False), load_state_dict), a fresh copy for every TTT row, and scored on the
    sample's whole validation shard (100 documents, EVAL_INCLUDE_TAIL=1) by: the plain evaluator (stride = window),
    the stream sliding window at stride 64, document windows, document windows + the n-gram tilt, per-document
@@ -20,8 +20,8 @@
    - EVAL_SEQ_LEN 3072 -> 256, the proxy's training length (the windows, and the LoRA path's context cap);
    - PHASED_TTT_PREFIX_DOCS 2500 -> 5% of the validation documents (the records': 2,500 of ~50,000), at least
      one batch (TTT_BATCH_SIZE), since a phase boundary falls after whole batches;
-   - TTT_CHUNK_TOKENS 32768 -> 4096: the same 16 windows a chunk as the seed stack's 32768 / 2048 (the
-     records' 32768 would make the phase SGD's 24 documents barely one chunk, and chunk TTT 30 chunks of 122k).
+   - TTT_CHUNK_TOKENS 32768 -> 4096: the same 16 windows a chunk as the seed stack's 32768 / 2048 (32768 would
+     leave the phase SGD's ~30k tokens one chunk, which it does not train on, and chunk TTT 4 chunks in all).
    Seconds are wall time on this CPU (one thread with OMP_NUM_THREADS=1); the tilt rows include the n-gram
    hints' time; tokens/s = scored targets / seconds. Nothing is tuned. --docs N scores the first N documents
    only (every row the same ones; the phase prefix from N): the LoRA rows' cost is set by each batch's longest
