@@ -9,9 +9,10 @@
    300 steps, seed 1337, with its own final evaluation reduced to the plain one (TTT_ENABLED=0, EVAL_DOCS=0,
    NGRAM_TILT_ENABLED=0, TTT_MODE at its default) and GPTQ calibration on 16 training batches as the preset's
    (16 x 8,192 tokens: the preset's 12,582,912 would take most of an hour on CPU); the artifact it exports is
-   copied to --save (printed), and --artifact PATH skips the training and reuses one. The artifact is loaded as score_artifact loads it
-   (decode_artifact, build_model(qat=False), load_state_dict), a fresh copy for every TTT row, and scored on the
-   sample's whole validation shard (100 documents, EVAL_INCLUDE_TAIL=1) by: the plain evaluator (stride = window),
+   copied to --save (printed), and --artifact PATH skips the training and reuses one. The artifact is loaded
+   as score_artifact loads it (decode_artifact, build_model(qat=False), load_state_dict), a fresh copy for every
+   TTT row, and scored on the sample's whole validation shard (100 documents, EVAL_INCLUDE_TAIL=1) by: the
+   plain evaluator (stride = window),
    the stream sliding window at stride 64, document windows, document windows + the n-gram tilt, per-document
    LoRA TTT without phases, with one phase, with one phase + tilt (the frontier evaluator), and for reference the
    seed stack's chunked SGD TTT on stream windows at stride 64 (its defaults: lr 0.002, 3 epochs, momentum 0.9).
@@ -130,17 +131,19 @@ def proxy_table(artifact: Path, docs: int | None, only: list[int] | None):
     print(f"\nProxy frontier preset ({artifact}), validation: {val.num_targets:,} targets, {val.byte_count:,} bytes, "
           f"{n_docs} of its {all_docs} documents; window {EVAL_LEN}, {torch.get_num_threads()} thread(s); n-gram hints "
           f"{int((hints >= 0).sum()):,}/{len(hints):,} targets hinted in {hints_s:.1f} s\n"
-          "| evaluator | val_bpb | Δ vs plain | seconds on this CPU | scored tokens/s |\n|---|---|---|---|---|", flush=True)
+          "| evaluator | val_bpb | Δ vs plain | seconds on this CPU | scored tokens/s |\n|---|---|---|---|---|",
+          flush=True)
     base_bpb = None
     for i, (name, (hr, run, extra_s)) in enumerate(rows.items(), 1):
         if only and i > 1 and i not in only:  # the plain row always runs: the others' Δ
             continue
         if run is None and hr.ttt_mode == "lora":
-            m = fresh()
-            run = lambda hr, m=m: tg.lora_ttt(hr, CPU, m, m, val, hints=hints if hr.ngram_tilt_enabled else None)  # noqa: E731
+            m, tilt = fresh(), hints if hr.ngram_tilt_enabled else None
+            run = lambda hr, m=m, tilt=tilt: tg.lora_ttt(hr, CPU, m, m, val, hints=tilt)  # noqa: E731
         elif run is None:
             m = fresh()
-            run = lambda hr, m=m: tg.evaluate(hr, CPU, m, val, stride, ttt=tg.ScoreFirstTTT(hr, CPU, m, m))  # noqa: E731
+            run = lambda hr, m=m: tg.evaluate(  # noqa: E731
+                hr, CPU, m, val, stride, ttt=tg.ScoreFirstTTT(hr, CPU, m, m))
         torch.manual_seed(SEED)
         t0 = time.perf_counter()
         r = run(hr)
