@@ -1,103 +1,221 @@
-"""CPU speed of the evaluators, and their projected time for the default configuration on 8xH100.
+"""The final evaluators compared on the proxy-trained frontier preset (val_bpb and CPU time), and their projected
+8xH100 time on a stand-in for the official validation set.
 
-    python3 benchmarks/eval_proxy.py [--tokens 32768] [--threads 2]
+    OMP_NUM_THREADS=1 python3 benchmarks/eval_proxy.py [--artifact PATH] [--save PATH] [--docs N] [--rows I ...]
+                                                        [--only proxy|projection]
 
-1. CPU: the seed stack at the CPU proxy size (4 layers, d=128, 4/2 heads, sequence 256) scores the first
-   --tokens validation targets of the bundled sample with the plain evaluator (stride = window), the sliding
-   window at stride 64, and legal TTT (stride 64, chunks of 16 sequences, 3 epochs, SGD), as
-   train_gpt.evaluate runs them. Printed: scored tokens per second, and the model FLOPs each performed
-   (train_gpt.forward_flops_per_token; TTT training counts 3x forward) per second, so the evaluators'
-   overheads beyond their FLOPs show.
-2. 8xH100 projection for the default configuration (11L d=512, window 2048) on the official validation set
-   (62,021,632 targets): FLOPs of each evaluator, divided by the throughput the records achieved on the same
-   model and hardware (PR #1019: 86.7 ms per 786,432-token training step, its stride-64 sliding evaluation
-   in about 85 s; PR #549: legal TTT in about 408 s), expressed as MFU of the
-   8 x 989.4 bf16 dense TFLOP/s.
+1. Proxy table. The frontier preset at the proxy size (benchmarks/frontier_proxy.py's configs(300)["frontier"]
+   over its SHAPE: 4 layers, d=128, sequence 256, sp1024 sample) is trained once by train_gpt.py in a subprocess,
+   300 steps, seed 1337, with its own final evaluation reduced to the plain one (TTT_ENABLED=0, EVAL_DOCS=0,
+   NGRAM_TILT_ENABLED=0, TTT_MODE at its default) and GPTQ calibration on 16 training batches as the preset's
+   (16 x 8,192 tokens: the preset's 12,582,912 would take most of an hour on CPU); the artifact it exports is
+   copied to --save (printed), and --artifact PATH skips the training and reuses one. The artifact is loaded
+   as score_artifact loads it (decode_artifact, build_model(qat=False), load_state_dict), a fresh copy for every
+   TTT row, and scored on the sample's whole validation shard (100 documents, EVAL_INCLUDE_TAIL=1) by: the
+   plain evaluator (stride = window),
+   the stream sliding window at stride 64, document windows, document windows + the n-gram tilt, per-document
+   LoRA TTT without phases, with one phase, with one phase + tilt (the frontier evaluator), and for reference the
+   seed stack's chunked SGD TTT on stream windows at stride 64 (its defaults: lr 0.002, 3 epochs, momentum 0.9).
+   Knobs are the preset's (chunk 64, short steps 256:16,2000:32, batch 24, rank 80, no_qv, lr 1e-4 x 0.75, phase
+   SGD lr 1e-3 for 1 epoch, tilt order 16 / threshold 0.8 / boost 2.625), except what must shrink with the proxy:
+   - EVAL_SEQ_LEN 3072 -> 256, the proxy's training length (the windows, and the LoRA path's context cap);
+   - PHASED_TTT_PREFIX_DOCS 2500 -> 5% of the validation documents (the records': 2,500 of ~50,000), at least
+     one batch (TTT_BATCH_SIZE), since a phase boundary falls after whole batches;
+   - TTT_CHUNK_TOKENS 32768 -> 4096: the same 16 windows a chunk as the seed stack's 32768 / 2048 (32768 would
+     leave the phase SGD's ~30k tokens one chunk, which it does not train on, and chunk TTT 4 chunks in all).
+   Seconds are wall time on this CPU (one thread with OMP_NUM_THREADS=1); the tilt rows include the n-gram
+   hints' time; tokens/s = scored targets / seconds. Nothing is tuned. --docs N scores the first N documents
+   only (every row the same ones; the phase prefix from N): the LoRA rows' cost is set by each batch's longest
+   document, 285 adapter steps of up to 24 x 256 tokens on all 100 (the 8,886-token document alone 139), 99 on
+   the first 40 (longest 4,418); --rows runs some rows (several processes can share a machine's cores).
+2. 8xH100 projection: train_gpt.eval_costs (model FLOPs, seconds at EVAL_MFU) of each evaluator the frontier
+   preset (configs/frontier.env) and the seed-stack defaults run, on a stand-in validation stream: the sample's
+   400 documents, each after a BOS, encoded with the preset's tokenizer (frontier: CaseOps SP8192, data/caseops.py
+   encode before SentencePiece; seed stack: sp1024), tiled to the official token counts. Then EVAL_MFU["lora"]
+   derived from PR #2014's own LoRA settings and its logged time.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
+import sentencepiece as spm
 import torch
 
 # proxy first: it puts the repository root and data/ on sys.path
-from proxy import CPU, DATA, PROXY, TOKENIZER, ensure_sample
+from proxy import CPU, DATA, ROOT, SAMPLE, TOKENIZER, config, ensure_sample, train_run
+from frontier_proxy import SHAPE, configs
+import caseops
 import train_gpt as tg
 
-H100_BF16_FLOPS = 989.4e12  # dense, per GPU (H100 SXM datasheet)
-VAL_TARGETS = 62_021_632  # the official validation set, as every record since 03-19 scores it
-RECORD_TRAIN_STEP_S, RECORD_TRAIN_TOKENS = 0.0867, 786_432  # PR #1019
-RECORD_SLIDING_S, RECORD_TTT_S = 85.0, 408.0  # PR #1019 sliding stride 64; PR #549 legal TTT (its eval loop)
+STEPS, SEED, EVAL_LEN = 300, 1337, 256
+PREFIX_FRAC = 2_500 / 50_000  # PR #2014's phase prefix, as a fraction of the official validation documents
+CHUNK_TOKENS = 16 * EVAL_LEN  # the seed stack's 32768-token chunks hold 16 of its 2048-token windows
+CASEOPS_TOKENIZER = ROOT / "data" / "sample" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+OFFICIAL_TOKENS = {"frontier": 47_853_344, "seed stack": 62_021_633}  # CaseOps (PR #2014's tail count); sp1024
+OFFICIAL_DOCS = 50_000  # about; 47,853,343 CaseOps targets
+PR2014_LORA = dict(TTT_CHUNK_SIZE="48", TTT_SHORT_SCORE_FIRST_STEPS="256:8,2000:24")
+PR2014_TTT_S = (490.0, 530.0, 572.0)  # its logged LoRA TTT times: low, middle, high
 
 
-def eval_flops(h: tg.Hyperparameters, n: int, seq_len: int, stride: int, ttt: bool) -> float:
-    """Model FLOPs of evaluate(): every window is a full forward pass; TTT adds epochs x 3 x forward over the
-    whole sequences of every chunk but the last."""
-    per_seq = seq_len * sum(tg.forward_flops_per_token(h, seq_len))
-    total = len(tg.window_ends(n, seq_len, stride)) * per_seq
-    if ttt:
-        n_chunks = math.ceil(n / h.ttt_chunk_tokens)
-        total += (n_chunks - 1) * (h.ttt_chunk_tokens // seq_len) * h.ttt_epochs * 3 * per_seq
-    return total
+def train_env() -> dict[str, str]:
+    """The proxy frontier preset as trained here: its own final evaluation only the plain one."""
+    env = {k: v for k, v in {**configs(STEPS)["frontier"], **SHAPE}.items() if k != "TTT_MODE"}
+    env.update(TTT_ENABLED="0", EVAL_DOCS="0", NGRAM_TILT_ENABLED="0", EVAL_SEQ_LEN=str(EVAL_LEN),
+               EVAL_STRIDE=str(EVAL_LEN), EVAL_INCLUDE_TAIL="1",
+               GPTQ_CALIB_TOKENS=str(16 * int(SHAPE["TRAIN_BATCH_TOKENS"])))  # 16 batches, as the preset's
+    return env
 
 
-def cpu_rows(tokens: int):
-    h = tg.Hyperparameters.from_env({**PROXY, "DATA_PATH": str(DATA), "TOKENIZER_PATH": str(TOKENIZER),
-                                     "TTT_CHUNK_TOKENS": str(16 * int(PROXY["TRAIN_SEQ_LEN"]))})
-    sp, _, val_files = tg.check_inputs(h)
-    full = tg.load_validation(h, sp, val_files, CPU.device)
-    val = tg.make_validation(full.tokens[: tokens + 1], full.luts, h.train_seq_len)
-    T = h.train_seq_len
-    print(f"\nCPU proxy: {val.num_targets:,} targets, window {T}, {torch.get_num_threads()} threads\n"
-          "| evaluator | scored tokens/s | model GFLOP/s | val_bpb (untrained model) |\n|---|---|---|---|")
-    for name, stride, ttt in (("plain", T, False), ("sliding, stride 64", 64, False), ("legal TTT, stride 64", 64, True)):
-        torch.manual_seed(0)
-        model = tg.build_model(h, CPU, sp.bos_id(), qat=False)
-        trainer = tg.ScoreFirstTTT(h, CPU, model, model) if ttt else None
+def proxy_h(**extra: str) -> tg.Hyperparameters:
+    env = {**train_env(), "ITERATIONS": str(STEPS), "SEED": str(SEED), "DATA_PATH": str(DATA),
+           "TOKENIZER_PATH": str(TOKENIZER), **extra}
+    return tg.Hyperparameters.from_env({k: v for k, v in env.items() if v is not None})
+
+
+def train_artifact(save: Path) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        r = tg.evaluate(h, CPU, model, val, tg.Windows(T, stride, h.eval_batch_seqs), ttt=trainer)
-        s = time.perf_counter() - t0
-        flops = eval_flops(h, val.num_targets, T, stride, ttt)
-        print(f"| {name} | {r.tokens / s:,.0f} | {flops / s / 1e9:.1f} | {r.val_bpb:.4f} |")
+        r = train_run("frontier", train_env(), STEPS, SEED, Path(tmp))
+        save.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(tmp) / "logs" / "proxy.ptz", save)
+    print(f"trained the proxy frontier preset: {STEPS} steps, seed {SEED}, pre-quant val_bpb {r['val_bpb']:.4f}, "
+          f"{r['params']:,} parameters, {time.perf_counter() - t0:.0f} s; artifact saved: {save}", flush=True)
+    return save
+
+
+def proxy_table(artifact: Path, docs: int | None, only: list[int] | None):
+    h = proxy_h()
+    sp, _, val_files = tg.check_inputs(h)
+    val = tg.load_validation(h, sp, val_files, CPU.device)
+    all_docs = len(tg.doc_bounds(val.tokens, val.bos_id)) - 1
+    if docs and docs < all_docs:  # the first `docs` documents: targets up to the next document's BOS
+        cut = tg.doc_bounds(val.tokens, val.bos_id)[docs]
+        val = tg.make_validation(val.tokens[: cut + 1], val.luts, val.seq_len, tail=True, bos_id=val.bos_id)
+    state = tg.decode_artifact(artifact.read_bytes(), h, str(artifact))
+
+    def fresh() -> tg.GPT:
+        model = tg.build_model(h, CPU, sp.bos_id(), qat=False)
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+    lora = dict(TTT_ENABLED="1", TTT_MODE="lora", TTT_CHUNK_TOKENS=str(CHUNK_TOKENS))
+    n_docs = len(tg.doc_bounds(val.tokens, val.bos_id)) - 1
+    prefix = max(round(PREFIX_FRAC * n_docs), proxy_h(**lora).ttt_batch_size)
+    t0 = time.perf_counter()
+    hints = tg.ngram_hints(val.tokens, h.token_order, h.token_threshold)
+    hints_s = time.perf_counter() - t0
+    phased = dict(lora, PHASED_TTT_PREFIX_DOCS=str(prefix))
+    model = fresh()  # the windows do not change the weights
+    plain, stride = tg.Windows(EVAL_LEN, EVAL_LEN, h.eval_batch_seqs), tg.Windows(EVAL_LEN, 64, h.eval_batch_seqs)
+    rows = {  # name: (hyperparameters, run(h), extra seconds)
+        "plain (stride 256)": (h, lambda h: tg.evaluate(h, CPU, model, val, plain), 0.0),
+        "stream sliding window, stride 64": (h, lambda h: tg.evaluate(h, CPU, model, val, stride), 0.0),
+        "document windows (stride 256)": (h, lambda h: tg.evaluate(h, CPU, model, val, plain, docs=True), 0.0),
+        "document windows + n-gram tilt": (proxy_h(NGRAM_TILT_ENABLED="1"),
+                                           lambda h: tg.evaluate(h, CPU, model, val, plain, docs=True, hints=hints),
+                                           hints_s),
+        "LoRA TTT, no phases": (proxy_h(**lora, PHASED_TTT_NUM_PHASES="0"), None, 0.0),
+        f"LoRA TTT, 1 phase ({prefix} prefix docs)": (proxy_h(**phased), None, 0.0),
+        "LoRA TTT, 1 phase + n-gram tilt (frontier evaluator)": (proxy_h(**phased, NGRAM_TILT_ENABLED="1"), None,
+                                                                   hints_s),
+        "chunked SGD TTT (seed stack's), stride 64": (
+            proxy_h(TTT_ENABLED="1", TTT_CHUNK_TOKENS=str(CHUNK_TOKENS), TTT_LR=None, TTT_EPOCHS=None), None, 0.0),
+    }
+    print(f"\nProxy frontier preset ({artifact}), validation: {val.num_targets:,} targets, {val.byte_count:,} bytes, "
+          f"{n_docs} of its {all_docs} documents; window {EVAL_LEN}, {torch.get_num_threads()} thread(s); n-gram hints "
+          f"{int((hints >= 0).sum()):,}/{len(hints):,} targets hinted in {hints_s:.1f} s\n"
+          "| evaluator | val_bpb | Δ vs plain | seconds on this CPU | scored tokens/s |\n|---|---|---|---|---|",
+          flush=True)
+    base_bpb = None
+    for i, (name, (hr, run, extra_s)) in enumerate(rows.items(), 1):
+        if only and i > 1 and i not in only:  # the plain row always runs: the others' Δ
+            continue
+        if run is None and hr.ttt_mode == "lora":
+            m, tilt = fresh(), hints if hr.ngram_tilt_enabled else None
+            run = lambda hr, m=m, tilt=tilt: tg.lora_ttt(hr, CPU, m, m, val, hints=tilt)  # noqa: E731
+        elif run is None:
+            m = fresh()
+            run = lambda hr, m=m: tg.evaluate(  # noqa: E731
+                hr, CPU, m, val, stride, ttt=tg.ScoreFirstTTT(hr, CPU, m, m))
+        torch.manual_seed(SEED)
+        t0 = time.perf_counter()
+        r = run(hr)
+        s = time.perf_counter() - t0 + extra_s
+        base_bpb = r.val_bpb if base_bpb is None else base_bpb
+        delta = "–" if name.startswith("plain") else f"{r.val_bpb - base_bpb:+.4f}"
+        print(f"| {name} | {r.val_bpb:.4f} | {delta} | {s:.1f} | {r.tokens / s:,.0f} |", flush=True)
+
+
+def stand_in(tokenizer: Path, case_ops: bool, tokens: int) -> tuple[np.ndarray, int, float]:
+    """The sample's documents, each after a BOS, tiled to `tokens`; (stream, bos id, mean tokens per document)."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
+    docs = [[sp.bos_id()] + sp.encode(caseops.encode(t) if case_ops else t) for t in texts]
+    stream = np.concatenate(docs).astype(np.uint16)
+    return np.resize(stream, tokens), sp.bos_id(), len(stream) / len(docs)
 
 
 def projection():
-    h = tg.Hyperparameters()
-    T, gpus = h.eval_len, 8 * H100_BF16_FLOPS
-    train_flops = 3 * RECORD_TRAIN_TOKENS * sum(tg.forward_flops_per_token(h, h.train_seq_len))
-    mfu = {"train": train_flops / RECORD_TRAIN_STEP_S / gpus,
-           "sliding": eval_flops(h, VAL_TARGETS, T, 64, False) / RECORD_SLIDING_S / gpus,
-           "ttt": eval_flops(h, VAL_TARGETS, T, 64, True) / RECORD_TTT_S / gpus}
-    print(f"\nRecords' achieved MFU on 8xH100 (this model's FLOPs / their times): training {mfu['train']:.1%} "
-          f"(#1019 step), sliding eval {mfu['sliding']:.1%} (#1019), legal TTT {mfu['ttt']:.1%} (#549)")
-    print(f"\nDefault configuration, {VAL_TARGETS:,} targets, window {T}, on 8xH100\n"
-          "| evaluator | windows | PFLOP | at sliding-eval MFU | at training MFU |\n|---|---|---|---|---|")
-    total = {}
-    for name, stride, ttt in (("plain (round trip)", T, False), ("sliding, stride 64", 64, False),
-                              ("legal TTT, stride 64", 64, True)):
-        flops = eval_flops(h, VAL_TARGETS, T, stride, ttt)
-        at = mfu["ttt"] if ttt else mfu["sliding"]
-        total[name] = flops / (at * gpus)
-        print(f"| {name} | {len(tg.window_ends(VAL_TARGETS, T, stride)):,} | {flops / 1e15:.1f} | "
-              f"{total[name]:.0f} s{' (TTT MFU)' if ttt else ''} | {flops / (mfu['train'] * gpus):.0f} s |")
-    evals = sum(total.values())
-    print(f"\nRound trip + sliding + TTT: about {evals:.0f} s of the 600 s evaluation budget, before the "
-          "export (quantization, pruning, compression) and the artifact load, which the time ledger adds.")
+    frontier, seed = tg.Hyperparameters.from_env(config("frontier")), tg.Hyperparameters()
+    seed_ttt = tg.Hyperparameters.from_env({"TTT_ENABLED": "1"})
+    streams = {"frontier": stand_in(CASEOPS_TOKENIZER, True, OFFICIAL_TOKENS["frontier"]),
+               "seed stack": stand_in(TOKENIZER, False, OFFICIAL_TOKENS["seed stack"])}
+    print(f"\n8xH100 projection: train_gpt.eval_costs at EVAL_MFU {tg.EVAL_MFU} of 8 x "
+          f"{tg.H100_BF16_FLOPS / 1e12:.1f} bf16 TFLOP/s; stand-in validation: the sample's 400 documents tiled "
+          f"(frontier {OFFICIAL_TOKENS['frontier']:,} CaseOps SP8192 tokens, {streams['frontier'][2]:.0f} per "
+          f"document; seed stack {OFFICIAL_TOKENS['seed stack']:,} sp1024 tokens, {streams['seed stack'][2]:.0f} "
+          "per document)\n| configuration | evaluator | PFLOP | projected s |\n|---|---|---|---|")
+    vals = {}
+    for label, h, key in (("frontier preset", frontier, "frontier"), ("seed stack (defaults)", seed, "seed stack"),
+                          ("seed stack + TTT_ENABLED=1", seed_ttt, "seed stack")):
+        tokens, bos, _ = streams[key]
+        val = vals[key] = tg.ValidationData(tokens, None, h.train_seq_len, 0, bos_id=bos)
+        costs = tg.eval_costs(h, val)
+        for name, (flops, s) in costs.items():
+            print(f"| {label} | {name} | {flops / 1e15:.1f} | {s:.0f} |")
+        print(f"| {label} | **total** | {sum(f for f, _ in costs.values()) / 1e15:.1f} | "
+              f"**{sum(s for _, s in costs.values()):.0f}** |")
+    h2014 = tg.Hyperparameters.from_env({**config("frontier"), **PR2014_LORA})
+    flops = tg.eval_costs(h2014, vals["frontier"])["legal_ttt"][0]
+    mfu = [flops / s / (8 * tg.H100_BF16_FLOPS) for s in PR2014_TTT_S]
+    mean_doc = streams["frontier"][2]
+    print(f"\nEVAL_MFU['lora'] derived: PR #2014's LoRA TTT ({', '.join(f'{k}={v}' for k, v in PR2014_LORA.items())}, "
+          f"the rest as the frontier preset) on the stand-in costs {flops / 1e15:.1f} PFLOP; / {PR2014_TTT_S[1]:.0f} s "
+          f"(the middle of its logged {PR2014_TTT_S[0]:.0f}-{PR2014_TTT_S[2]:.0f} s) / (8 x "
+          f"{tg.H100_BF16_FLOPS / 1e12:.1f} TFLOP/s) = {mfu[1]:.1%} MFU ({mfu[2]:.1%}-{mfu[0]:.1%} over the range); "
+          f"train_gpt.EVAL_MFU['lora'] = {tg.EVAL_MFU['lora']:.1%}.\n"
+          f"The stand-in's documents average {mean_doc:.0f} tokens, the official set's about "
+          f"{(OFFICIAL_TOKENS['frontier'] - 1) / OFFICIAL_DOCS:.0f} (47,853,343 targets in about 50,000 documents): "
+          "the LoRA path's cost depends on the document lengths (batch shapes, chunk steps, the phase prefix), so "
+          "the LoRA FLOPs, this MFU and the LoRA projection are estimates.")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=32_768, help="validation targets scored on CPU")
+    ap.add_argument("--artifact", type=Path, help="a saved proxy artifact to evaluate (skips the training)")
+    ap.add_argument("--save", type=Path, default=Path(tempfile.gettempdir()) / "eval_proxy" /
+                    f"frontier_proxy_{STEPS}_{SEED}.ptz", help="where the trained artifact is kept")
+    ap.add_argument("--docs", type=int, help="score the first DOCS validation documents only (default: all 100)")
+    ap.add_argument("--rows", type=int, nargs="+", help="table rows to run, 1-8 (the plain row 1 always runs)")
+    ap.add_argument("--only", choices=("proxy", "projection"), help="one part only")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ensure_sample()
-    cpu_rows(args.tokens)
-    projection()
+    t0 = time.perf_counter()
+    if args.only != "projection":
+        ensure_sample()
+        proxy_table(args.artifact or train_artifact(args.save), args.docs, args.rows)
+    if args.only != "proxy":
+        projection()
+    print(f"\neval_proxy: {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
