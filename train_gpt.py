@@ -375,8 +375,8 @@ class Hyperparameters:
              f"must be in [0, NUM_LAYERS={self.num_layers}]"),
             ("TTT_SHORT_SCORE_FIRST_STEPS", chunk_steps(self.ttt_short_score_first_steps) is not None,
              "must be empty or comma-separated DOC_LEN:CHUNK pairs of positive integers, e.g. 256:16,2000:32"),
-            ("TTT_CHUNK_SIZE", max([self.ttt_chunk_size] + [c for _, c in chunk_steps(self.ttt_short_score_first_steps)
-                                                            or []]) <= eval_len,
+            ("TTT_CHUNK_SIZE", self.ttt_mode != "lora" or max(
+                [self.ttt_chunk_size] + [c for _, c in chunk_steps(self.ttt_short_score_first_steps) or []]) <= eval_len,
              f"and every TTT_SHORT_SCORE_FIRST_STEPS chunk must be <= EVAL_SEQ_LEN={eval_len} (a chunk is scored "
              "from one window)"),
             *[(k, self.ttt_mode == "lora" or getattr(self, k.lower()) == Hyperparameters.__dataclass_fields__[

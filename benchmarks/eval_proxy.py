@@ -29,7 +29,7 @@
    document, 285 adapter steps of up to 24 x 256 tokens on all 100 (the 8,886-token document alone 139), 99 on
    the first 40 (longest 4,418); --rows runs some rows (several processes can share a machine's cores).
 2. 8xH100 projection: train_gpt.eval_costs (model FLOPs, seconds at EVAL_MFU) of each evaluator the frontier
-   preset (configs/frontier.env) and the seed-stack defaults run, on a stand-in validation stream: the sample's
+   preset (the defaults) and the seed stack (configs/seed_stack.env) run, on a stand-in validation stream: the sample's
    400 documents, each after a BOS, encoded with the preset's tokenizer (frontier: CaseOps SP8192, data/caseops.py
    encode before SentencePiece; seed stack: sp1024), tiled to the official token counts. Then EVAL_MFU["lora"]
    derived from PR #2014's own LoRA settings and its logged time.
@@ -163,8 +163,8 @@ def stand_in(tokenizer: Path, case_ops: bool, tokens: int) -> tuple[np.ndarray, 
 
 
 def projection():
-    frontier, seed = tg.Hyperparameters.from_env(config("frontier")), tg.Hyperparameters()
-    seed_ttt = tg.Hyperparameters.from_env({"TTT_ENABLED": "1"})
+    frontier, seed = tg.Hyperparameters(), tg.Hyperparameters.from_env(config("seed_stack"))
+    seed_ttt = tg.Hyperparameters.from_env({**config("seed_stack"), "TTT_ENABLED": "1"})
     streams = {"frontier": stand_in(CASEOPS_TOKENIZER, True, OFFICIAL_TOKENS["frontier"]),
                "seed stack": stand_in(TOKENIZER, False, OFFICIAL_TOKENS["seed stack"])}
     print(f"\n8xH100 projection: train_gpt.eval_costs at EVAL_MFU {tg.EVAL_MFU} of 8 x "
@@ -173,7 +173,7 @@ def projection():
           f"document; seed stack {OFFICIAL_TOKENS['seed stack']:,} sp1024 tokens, {streams['seed stack'][2]:.0f} "
           "per document)\n| configuration | evaluator | PFLOP | projected s |\n|---|---|---|---|")
     vals = {}
-    for label, h, key in (("frontier preset", frontier, "frontier"), ("seed stack (defaults)", seed, "seed stack"),
+    for label, h, key in (("frontier (the defaults)", frontier, "frontier"), ("seed stack", seed, "seed stack"),
                           ("seed stack + TTT_ENABLED=1", seed_ttt, "seed stack")):
         tokens, bos, _ = streams[key]
         val = vals[key] = tg.ValidationData(tokens, None, h.train_seq_len, 0, bos_id=bos)

@@ -15,9 +15,10 @@ and exits 2 before any work. Checks, in order:
    of SDPA run in bf16 (the kernel train_gpt.py falls back to) plus twice the bf16 rounding step of the
    reference: the acceptance rule of FlashAttention's own tests (Dao-AILab/flash-attention,
    hopper/test_flash_attn.py, test_flash_attn_output).
-3. The training step at full size: train_gpt.Hyperparameters() defaults (11 layers, d=512, sequence 2048;
-   the sample's vocabulary is the default 1024), built, banked and compiled exactly as train_gpt.train does.
-   The record's step is 786,432 tokens over 8 GPUs, i.e. on each GPU one micro-step of 48 x 2048 tokens plus
+3. The training step at full size: train_gpt.Hyperparameters() defaults (the frontier stack: 11 layers, d=512,
+   on the bundled sample built as CaseOps SP8192 data; the last stage, packed rows of 3072-token segments through
+   the looped 17-layer pass), built, banked and compiled exactly as train_gpt.train does.
+   The record's step is 786,432 tokens over 8 GPUs, i.e. on each GPU one micro-step of 98,304 tokens plus
    the optimizer step. One GPU runs world size 1, i.e. 8 such micro-steps and then the optimizer; each
    micro-step is timed with CUDA events (after 3 warm-up steps that compile), so the per-GPU forward and
    backward work is measured exactly. The projected 8xH100 step is one micro-step plus the one-GPU optimizer
@@ -69,7 +70,7 @@ import train_gpt as tg  # noqa: E402
 
 FORMAT = "parameter-golf-gpu-check/1"
 SAMPLE_JSONL = ROOT / "data" / "sample" / "fineweb_sample.jsonl"
-TOKENIZER = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"
+TOKENIZER = ROOT / "data" / "sample" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"  # the default data
 SAMPLE_VAL_DOCS = 100  # as quickstart.sh: 100 validation documents, 300 training documents
 RECORD_ATTENTION = dict(batch=4, seq_len=2048, heads=8, kv_heads=4, head_dim=64)  # the default model's attention
 WARMUP_STEPS = 3  # world-size-1 steps before timing: the first compiles the model and Newton-Schulz
@@ -289,7 +290,8 @@ def time_training_step(h: tg.Hyperparameters, d: tg.Dist, steps: int, warmup_ste
         report["attention"] = "fa3" if base.blocks[0].attn.use_fa3 else "sdpa"
         model, opt = tg.prepare_training(dataclasses.replace(h, compile="1" if backend else "0"), d, base)
         averager, params = tg.make_averager(h, base, lambda m: None), list(base.parameters())
-        loader = tg.DistributedTokenLoader(tg.TrainingData(train_files, h.vocab_size), d.rank, d.world_size)
+        loader = tg.DistributedTokenLoader(tg.TrainingData(train_files, h.vocab_size), d.rank, d.world_size,
+                                           sp.bos_id() if h.doc_packing else None)  # packed rows, as train does
 
         def step(i: int, marks: list | None) -> torch.Tensor:
             """train_gpt.train's step (train_gpt.train_step, then the EMA); a mark after each micro-step and after
@@ -369,7 +371,7 @@ def build_sample_shards(out_dir: Path) -> Path:
     """The bundled sample as shards (data/build_shards.py, as quickstart.sh builds them)."""
     cmd = [sys.executable, str(ROOT / "data" / "build_shards.py"), "--input", str(SAMPLE_JSONL),
            "--tokenizer", str(TOKENIZER), "--output-dir", str(out_dir), "--num-val-docs", str(SAMPLE_VAL_DOCS),
-           "--allow-small-val", "--workers", str(min(4, os.cpu_count() or 1))]
+           "--allow-small-val", "--caseops", "--workers", str(min(4, os.cpu_count() or 1))]
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode:
         raise RuntimeError(f"data/build_shards.py failed: {(r.stderr or r.stdout).strip()[-1000:]}")
@@ -413,19 +415,20 @@ def parse_pipeline_log(text: str) -> dict:
     return out
 
 
-def pipeline_env(data_dir: Path, overrides: dict[str, str]) -> dict[str, str]:
+def pipeline_env(data_dir: Path, overrides: dict[str, str], tokenizer: Path = TOKENIZER) -> dict[str, str]:
     """The child's environment: this one without any knob or torchrun variable, plus the overrides."""
     knobs = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)} | set(tg.RENAMED)
     launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in knobs | launcher}
-    return {**env, "DATA_PATH": str(data_dir), "TOKENIZER_PATH": str(TOKENIZER), **overrides}
+    return {**env, "DATA_PATH": str(data_dir), "TOKENIZER_PATH": str(tokenizer), **overrides}
 
 
-def run_pipeline(data_dir: Path, workdir: Path, log_path: Path, timeout_s: float, overrides: dict[str, str]) -> dict:
+def run_pipeline(data_dir: Path, workdir: Path, log_path: Path, timeout_s: float, overrides: dict[str, str],
+                 tokenizer: Path = TOKENIZER) -> dict:
     """train_gpt.py end to end in workdir (its logs/ and final_model.ptz land there), stopped after
     timeout_s; console output to log_path. Returns the parsed figures, the return code and whether it ran
     out of time."""
-    env = pipeline_env(data_dir, overrides)
+    env = pipeline_env(data_dir, overrides, tokenizer)
     shown = ("DATA_PATH", "TOKENIZER_PATH", *overrides)
     report = {"command": "python3 train_gpt.py", "env": {k: env[k] for k in shown}, "timeout_s": round(timeout_s, 1),
               "returncode": None, "timed_out": False, "wall_s": 0.0, "steps": None, "error": None,
@@ -557,8 +560,9 @@ def summary_lines(report: dict) -> list[str]:
 
 def collect(args: argparse.Namespace, d: tg.Dist, data_dir: Path, workdir: Path, log_path: Path, fa3_fn,
             attention_shape: dict = RECORD_ATTENTION, h: tg.Hyperparameters | None = None,
-            pipeline_overrides: dict[str, str] = PIPELINE_ENV, backend: str | None = "inductor", log=print) -> dict:
-    """Every check in order, on device d (tests pass a CPU Dist, a tiny h and an SDPA stand-in)."""
+            pipeline_overrides: dict[str, str] = PIPELINE_ENV, backend: str | None = "inductor", log=print,
+            tokenizer: Path = TOKENIZER) -> dict:
+    """Every check in order, on device d (tests pass a CPU Dist, a tiny h, its tokenizer and an SDPA stand-in)."""
     t_start, elapsed = time.perf_counter(), {}
 
     def timed(name, fn):
@@ -572,7 +576,7 @@ def collect(args: argparse.Namespace, d: tg.Dist, data_dir: Path, workdir: Path,
     attention = timed("attention_check", lambda: compare_attention(fa3_fn, d.device, **attention_shape)) \
         if fa3_fn is not None else {"skipped": "FlashAttention 3 does not import"}
     h = h or tg.Hyperparameters()
-    h.data_path, h.tokenizer_path, h.device = str(data_dir), str(TOKENIZER), d.device.type
+    h.data_path, h.tokenizer_path, h.device = str(data_dir), str(tokenizer), d.device.type
     log("[gpu_check] training step at full size: compiling, then timing")
     step = timed("training_step", lambda: time_training_step(h, d, args.steps, backend=backend, log=log))
     torch._dynamo.reset()  # the compiled model's caches hold its memory; the pipeline needs the GPU
@@ -586,7 +590,8 @@ def collect(args: argparse.Namespace, d: tg.Dist, data_dir: Path, workdir: Path,
         pipeline = {"skipped": f"only {left:.0f} s of --timeout {args.timeout} left"}
     else:
         log(f"[gpu_check] full pipeline: train_gpt.py (console output: {log_path}), at most {left:.0f} s")
-        pipeline = timed("pipeline", lambda: run_pipeline(data_dir, workdir, log_path, left, pipeline_overrides))
+        pipeline = timed("pipeline", lambda: run_pipeline(data_dir, workdir, log_path, left, pipeline_overrides,
+                                                          tokenizer))
     elapsed["total"] = round(time.perf_counter() - t_start, 1)
     return assemble_report(args, env, attention, step, pipeline, elapsed)
 

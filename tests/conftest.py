@@ -47,7 +47,8 @@ def read_env(path: Path) -> dict[str, str]:
 SEED_STACK_ENV = read_env(CONFIGS / "seed_stack.env")
 
 # A tiny seed-stack configuration that trains in seconds on CPU (environment form, for subprocess runs).
-TINY_ENV = {**SEED_STACK_ENV, **read_env(CONFIGS / "tiny.env")}
+TINY_ENV = {**{k: v for k, v in SEED_STACK_ENV.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")},
+            **read_env(CONFIGS / "tiny.env")}
 
 # The official baseline's settings (the README runs them from this file).
 BASELINE_ENV = read_env(CONFIGS / "baseline.env")

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from build_shards import write_shard
-from conftest import ROOT, SP1024, SP8192, TINY_ENV, tiny_h
+from conftest import ROOT, SEED_STACK_ENV, SP1024, SP8192, TINY_ENV, tiny_h
 
 import train_gpt
 from train_gpt import Hyperparameters
@@ -17,11 +17,14 @@ from train_gpt import Hyperparameters
 
 def test_env_parsing_casts_by_default_type():
     h = Hyperparameters.from_env({"NUM_LAYERS": "11", "MLP_MULT": "3.5", "TIE_EMBEDDINGS": "0",
-                                  "MAX_WALLCLOCK_SECONDS": "560", "RUN_ID": "abc"})
+                                  "MAX_WALLCLOCK_SECONDS": "560", "RUN_ID": "abc"})  # on the defaults (frontier)
     assert (h.num_layers, h.mlp_mult, h.tie_embeddings, h.max_wallclock_seconds, h.run_id) == (11, 3.5, False, 560.0, "abc")
     assert Hyperparameters.from_env({}) == Hyperparameters()
-    assert Hyperparameters.from_env({"NUM_LAYERS": "9", "VE_LAYERS": ""}).value_embed_layers == []  # off
-    Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "3", "QUANT_METHOD": "rtn"})  # no reserve without GPTQ
+    seed = Hyperparameters.from_env({**SEED_STACK_ENV, "NUM_LAYERS": "9", "VE_LAYERS": ""})
+    assert seed.value_embed_layers == [] and seed.mlp_mult == 3.0  # off; the seed stack's own values
+    Hyperparameters.from_env({**SEED_STACK_ENV, "MAX_WALLCLOCK_SECONDS": "3", "QUANT_METHOD": "rtn"})  # no reserve
+    with pytest.raises(ValueError, match="GPTQ_EMBED=True: needs QUANT_METHOD=gptq"):  # the frontier's extras need it
+        Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "3", "QUANT_METHOD": "rtn"})
 
 
 @pytest.mark.parametrize("env, var", [
@@ -74,8 +77,9 @@ def test_env_parsing_casts_by_default_type():
     ({"TTT_GRAD_CLIP": "-1"}, "TTT_GRAD_CLIP"),
 ])
 def test_invalid_values_are_rejected_naming_the_variable(env, var):
+    """Each rule on the seed stack's settings (the frontier defaults would trip other rules first)."""
     with pytest.raises(ValueError, match=rf"^{var}="):
-        Hyperparameters.from_env(env)
+        Hyperparameters.from_env({**SEED_STACK_ENV, **env})
 
 
 def test_world_size_must_divide_the_micro_batches(monkeypatch):
@@ -172,8 +176,8 @@ def test_knob_rules_live_beside_their_fields_and_variants_revalidate():
         "bigram_dim", "xsa_last_n", "attn_gate", "attn_gate_window", "attn_gate_scale", "ln_scale", "ve_dim",
         "ve_layers", "num_loops", "loop_start", "loop_end", "parallel_start_layer"}
     # derived values are computed once, as properties
-    assert (h.head_dim, h.kv_dim, h.mlp_hidden, h.eval_len) == (64, 256, 1536, 2048)
-    assert h.uses_hessians and h.uses_train_calibration and h.loop_cap_ms == 596_000
+    assert (h.head_dim, h.kv_dim, h.mlp_hidden, h.eval_len) == (64, 256, 2048, 3072)
+    assert h.uses_hessians and h.uses_train_calibration and h.loop_cap_ms == 592_000  # the 8 s GPTQ reserve
 
 
 def test_every_configuration_error_at_once_the_variables_set_first():
@@ -214,7 +218,8 @@ def test_value_embedding_switch_is_the_layer_list():
 
 @pytest.mark.parametrize("depth", range(1, 13))
 def test_every_depth_validates_and_runs_with_the_other_defaults(depth):
-    h = Hyperparameters.from_env({"NUM_LAYERS": str(depth)})
+    """Of the seed stack: the frontier's loop and lane indices are absolute (3..5, 8), as in the records."""
+    h = Hyperparameters.from_env({**SEED_STACK_ENV, "NUM_LAYERS": str(depth)})
     model = train_gpt.GPT(h)
     x = torch.randint(0, h.vocab_size, (1, 16))
     assert model(x, x).isfinite() and h.value_embed_layers == [max(depth - 2, 0), depth - 1][-min(depth, 2):]

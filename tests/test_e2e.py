@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SP1024, STEP_LINE, TINY_ENV
+from conftest import ROOT, SEED_STACK_ENV, SP1024, STEP_LINE, TINY_ENV
 
 import train_gpt
 
@@ -117,7 +117,8 @@ def test_run_summary_reproduces_the_configuration_and_the_score(runs):
     s = json.loads((cwd / "logs" / "e2e.json").read_text())
     h = train_gpt.Hyperparameters.from_env({**s["env"], "SEED": str(s["seed"]), "RUN_ID": s["run_id"]})
     assert vars(h) == s["config"]  # the env of the summary parses back into exactly the configuration
-    assert s["env"]["TTT_ENABLED"] == "1" and s["seed"] == 1234 and s["world_size"] == 1
+    assert s["env"]["TTT_MODE"] == "chunks" and s["config"]["ttt_enabled"] and s["seed"] == 1234  # the seed stack's
+    assert s["env"]["VOCAB_SIZE"] == "1024" and "TTT_ENABLED" not in s["env"] and s["world_size"] == 1  # TTT: default
     assert s["score"]["source"] == "legal_ttt_exact"
     assert f"{s['score']['val_bpb']:.8f}" == field(out, "final_int8_zlib_roundtrip_exact", "val_bpb")
     assert s["artifact"]["model_bytes"] == (cwd / "final_model.ptz").stat().st_size
@@ -134,12 +135,16 @@ def test_each_run_keeps_its_artifact_and_final_model_is_the_latest(runs):
     assert not [p for p in cwd.rglob("*") if ".tmp" in p.name]  # every write was atomic
 
 
+TINY_SEED_STACK = {k: v for k, v in SEED_STACK_ENV.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}
+
+
 @pytest.mark.slow
 def test_two_layers_with_every_other_model_default_trains_exports_and_scores(tmp_path, short_val_shards):
-    """A change of depth needs no second knob (VE_LAYERS=-2,-1 follows the depth). Only the run's length and batch
-    (one step, the smallest batch of 2048-token sequences), its calibration (one sequence) and its validation data
-    (one sequence) are shrunk to CPU size; every technique, width and export knob keeps its default."""
-    env = {**{k: v for k, v in os.environ.items() if k not in TINY_ENV}, "NUM_LAYERS": "2",
+    """The seed stack: a change of depth needs no second knob (VE_LAYERS=-2,-1 follows the depth; the frontier's
+    loop and lane indices are absolute, as the records'). Only the run's length and batch (one step, the smallest
+    batch of 2048-token sequences), its calibration (one sequence) and its validation data (one sequence) are
+    shrunk to CPU size; every technique, width and export knob keeps the preset's value."""
+    env = {**{k: v for k, v in os.environ.items() if k not in TINY_ENV}, **TINY_SEED_STACK, "NUM_LAYERS": "2",
            "DATA_PATH": str(short_val_shards), "TOKENIZER_PATH": str(SP1024), "RUN_ID": "two", "DEVICE": "cpu",
            "ITERATIONS": "1", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_BATCH_TOKENS": "16384",
            "VAL_BATCH_SIZE": "65536", "EVAL_STRIDE": "2048", "GPTQ_CALIB_TOKENS": "2048", "VAL_LOSS_EVERY": "0"}
@@ -151,12 +156,14 @@ def test_two_layers_with_every_other_model_default_trains_exports_and_scores(tmp
 
 
 # configs/frontier.env at a tiny size: its layer indices, schedule and calibration moved to 4 layers of d=64 and
-# 256-token micro-batches, its evaluator to 64-token windows and a 5-document phase, on the sp1024 sample
+# 256-token micro-batches, its evaluator to 64-token windows, one-document batches and a 2-document phase (the
+# short validation data has 4 documents), on the sp1024 sample
 FRONTIER_TINY = dict(NUM_LAYERS="4", MODEL_DIM="64", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3",
                      TRAIN_SEQ_LEN="64", TRAIN_SEQ_SCHEDULE="16@0.100,32@0.700,64@1.000", SEQ_CHANGE_WARMUP_STEPS="2",
                      ITERATIONS="10", WARMUP_STEPS="1", GPTQ_CALIB_TOKENS="2048", VAL_LOSS_EVERY="0", VOCAB_SIZE="1024",
                      AWQ_LITE_GROUP_SIZE="16", EVAL_SEQ_LEN="64", EVAL_STRIDE="64", TTT_LORA_RANK="4",
-                     TTT_BATCH_SIZE="4", PHASED_TTT_PREFIX_DOCS="5", TTT_CHUNK_TOKENS="1024", TTT_SHORT_SCORE_FIRST_STEPS="1000:32")
+                     TTT_BATCH_SIZE="1", PHASED_TTT_PREFIX_DOCS="2", TTT_CHUNK_TOKENS="1024",
+                     TTT_SHORT_SCORE_FIRST_STEPS="1000:32")
 
 
 def test_the_frontier_preset_runs_end_to_end_at_a_tiny_size(tmp_path, short_val_shards):
@@ -176,5 +183,5 @@ def test_the_frontier_preset_runs_end_to_end_at_a_tiny_size(tmp_path, short_val_
     assert re.search(r"^eval_projection 8xH100 roundtrip:\d+s doc_window:\d+s legal_ttt:\d+s total:", out, re.M)
     assert re.search(r"^ngram_tilt order:16 threshold:0.8 boost:2.625 hinted:\d+/\d+", out, re.M)
     assert re.search(r"^final_int6_doc_window val_loss:\S+ val_bpb:\S+ stride:64 ngram_tilt:2.625 ", out, re.M)
-    assert "ttt_lora:start" in out and "lora_ttt phase [1/2] batches:2 docs_scored:6" in out
+    assert "ttt_lora:start" in out and "lora_ttt phase [1/2] batches:2 docs_scored:2" in out
     assert "official_score source:legal_ttt_exact" in out

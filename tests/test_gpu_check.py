@@ -123,7 +123,7 @@ def test_every_check_on_cpu_writes_the_report(tiny_shards, tmp_path):
     workdir.mkdir()
     report = gpu_check.collect(args, CPU, tiny_shards, workdir, tmp_path / "r.pipeline.log", sdpa_standin(),
                                attention_shape=SMALL_ATTENTION, h=tiny_h(), pipeline_overrides=TINY_PIPELINE,
-                               backend=None, log=lambda m: None)
+                               backend=None, log=lambda m: None, tokenizer=SP1024)
     report = json.loads(json.dumps(report))  # what --out holds
     assert set(report) == {"format", "date", "ok", "problems", "notes", "args", "environment", "attention_check",
                            "training_step", "pipeline", "elapsed_s"}
@@ -197,7 +197,7 @@ def test_dynamo_counts_see_graphs_recompiles_and_breaks():
 
 
 def test_the_pipeline_is_stopped_at_its_time_limit(tiny_shards, tmp_path):
-    r = gpu_check.run_pipeline(tiny_shards, tmp_path, tmp_path / "log", 0.5, TINY_PIPELINE)
+    r = gpu_check.run_pipeline(tiny_shards, tmp_path, tmp_path / "log", 0.5, TINY_PIPELINE, SP1024)
     assert r["timed_out"] and not r["ok"] and r["returncode"] != 0 and isinstance(r["log_tail"], list)
 
 
@@ -243,3 +243,16 @@ def test_assemble_report_names_each_failed_check():
     assert skipped["ok"]
     h200 = fake_report(env__gpus=[{"name": "NVIDIA H200"}], env__is_h100=False)
     assert h200["ok"] and "not an H100" in h200["notes"][0]
+
+
+def test_the_training_step_times_the_default_stack_packed_and_looped(tiny_shards):
+    """The defaults (the frontier stack, at the quickstart's size): packed rows with their segments through the
+    looped pass, as train_gpt.train runs its last stage."""
+    from conftest import QUICKSTART_ENV
+
+    h = train_gpt.Hyperparameters.from_env({**QUICKSTART_ENV, "VOCAB_SIZE": "1024", "DATA_PATH": str(tiny_shards),
+                                            "TOKENIZER_PATH": str(SP1024)})
+    assert h.doc_packing and h.num_loops == 2
+    step = gpu_check.time_training_step(h, CPU, steps=1, warmup_steps=0, backend=None, log=lambda m: None)
+    assert step["error"] is None, step["error"]
+    assert step["seq_len"] == 256 and step["tokens_per_micro_step"] == 1024 and step["final_train_loss"] > 0

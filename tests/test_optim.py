@@ -362,7 +362,7 @@ def test_min_lr_and_warmdown_frac_change_the_optimizer_result():
 
 def test_one_lr_schedule_at_a_time():
     with pytest.raises(train_gpt.ConfigError, match=r"WARMDOWN_FRAC=0.3: must be 0 while WARMDOWN_ITERS=4000 > 0"):
-        Hyperparameters(warmdown_frac=0.3)
+        Hyperparameters(warmdown_frac=0.3, warmdown_iters=4000)
     assert Hyperparameters(warmdown_frac=0.3, warmdown_iters=0).warmdown_frac == 0.3
     with pytest.raises(train_gpt.ConfigError, match="MIN_LR=1.5: must be in"):
         Hyperparameters(min_lr=1.5)

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import run_distributed, tiny_h
+from conftest import SEED_STACK_ENV, run_distributed, tiny_h
 from torch._dynamo.utils import counters
 from test_model import CPU, randomized
 
@@ -97,7 +97,7 @@ def test_sdclip_takes_k_by_tensor_group_and_off_is_the_clip_search():
                          ({"QUANT_CLIP": "sdclip", "QUANT_METHOD": "rtn", "QUANT_SDCLIP_LAMBDA": "0.1"},
                           "QUANT_SDCLIP_LAMBDA=0.1: needs QUANT_METHOD=gptq")):
         with pytest.raises(train_gpt.ConfigError, match=message):
-            train_gpt.Hyperparameters.from_env(env)
+            train_gpt.Hyperparameters.from_env({**SEED_STACK_ENV, **env})
 
 
 def _nextafter_row_scale(clip, qmax):

@@ -82,8 +82,8 @@ def test_loops_off_is_todays_model_and_on_changes_it():
     ({"NUM_LOOPS": "2", "PARALLEL_START_LAYER": "5"}, "PARALLEL_START_LAYER=5: .*above LOOP_END=5"),
 ])
 def test_recurrence_and_parallel_knobs_are_validated(env, message):
-    with pytest.raises(train_gpt.ConfigError, match=message):
-        train_gpt.Hyperparameters.from_env(env)
+    with pytest.raises(train_gpt.ConfigError, match=message):  # on the seed stack: no loop, no lanes
+        train_gpt.Hyperparameters.from_env({**SEED_STACK_ENV, **env})
 
 
 class _Stub(torch.nn.Module):
