@@ -65,7 +65,7 @@ def test_ci_runs_the_readme_test_command():
     assert command in ci.splitlines()
 
 
-@pytest.mark.parametrize("name", ["baseline", "frontier"])
+@pytest.mark.parametrize("name", ["baseline", "seed_stack", "frontier"])
 def test_readme_runs_the_presets_from_their_config_files(name):
     command = re.search(rf"<!-- {name}-env -->\s*```bash\n(.+?)\n```", README, flags=re.S).group(1).strip()
     assert command.startswith(f"env $(grep -v '^#' configs/{name}.env | xargs) torchrun ")
