@@ -2825,7 +2825,8 @@ class BatchedLoRA(nn.Module):
     """Test-time adapters for a batch of documents (PR #1530, #1767): row b of a batch has its own rank-r pair
     (A, B) at each virtual layer on the attention's q, k, v and output (which reads the attention input) and
     beside the MLP (on its input), less those TTT_MASK drops, and one on the output head, added to the logits
-    before the cap; delta = (x A^T) B^T alpha / r. B starts at zero, so a fresh adapter changes nothing."""
+    before the cap; delta = (x A^T) B^T alpha / r. B starts at zero, so a fresh adapter changes nothing. A batch
+    of fewer documents uses the first rows."""
 
     def __init__(self, h: Hyperparameters, batch: int, device: torch.device):
         super().__init__()
@@ -2854,7 +2855,8 @@ class BatchedLoRA(nn.Module):
     def delta(self, j: int, target: str, x: Tensor) -> Tensor | int:
         if target not in self.A:
             return 0
-        A, B = self.A[target][j].to(x.dtype), self.B[target][j].to(x.dtype)
+        n = x.size(0)  # a short last batch uses the first rows
+        A, B = self.A[target][j][:n].to(x.dtype), self.B[target][j][:n].to(x.dtype)
         return torch.bmm(torch.bmm(x, A.mT), B.mT) * self.scale
 
 
@@ -2873,14 +2875,14 @@ def ttt_batch(h: Hyperparameters, d: Dist, model: nn.Module, lora: BatchedLoRA, 
     for ci in range(int(chunks.max())):
         end = np.minimum((ci + 1) * c, n)
         count = np.maximum(end - ci * c, 0)
-        end = np.where(count > 0, end, 1)  # a finished (or padding) document: one masked position
+        end = np.where(count > 0, end, 1)  # a finished document: one masked position
         w = np.minimum(end, h.eval_len)
         loss, mask = score_rows(d, model, val, np.stack([start + end - w, w, count], 1), sums, trace, hints,
                                 h.token_boost, lora)
-        train = torch.from_numpy(chunks > ci + 1).to(d.device)
+        train = chunks > ci + 1  # on the host: no device sync to decide
         if train.any():
             m = mask.float()
-            ((loss * m).sum(1) / m.sum(1).clamp(min=1) * train).sum().backward()
+            ((loss * m).sum(1) / m.sum(1).clamp(min=1) * torch.from_numpy(train).to(d.device)).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -2911,8 +2913,7 @@ def lora_ttt(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: Vali
             gen = torch.Generator().manual_seed(h.seed * 7919 + phase * 104729 + lane)
             for i, k in enumerate(range(cuts[phase] + (lane - cuts[phase]) % h.ttt_lanes, cuts[phase + 1], h.ttt_lanes)):
                 lora.reset(gen if i == 0 or not h.ttt_warm_start_a else None)
-                batch = docs[queue[k]]
-                ttt_batch(h, d, model, lora, val, np.pad(batch, ((0, size - len(batch)), (0, 0))), sums, trace, hints)
+                ttt_batch(h, d, model, lora, val, docs[queue[k]], sums, trace, hints)
         if log:
             log(f"  lora_ttt phase [{phase + 1}/{len(cuts) - 1}] batches:{cuts[phase + 1]} docs_scored:"
                 f"{sum(map(len, queue[: cuts[phase + 1]]))} time={time.perf_counter() - t0:.1f}s")
@@ -2971,7 +2972,7 @@ def eval_costs(h: Hyperparameters, val: ValidationData) -> dict[str, tuple[float
             c = next((c for limit, c in steps if m.max() + 1 <= limit), h.ttt_chunk_size)
             ci = np.arange(-(-m.max() // c))
             widest = np.minimum(np.minimum((ci + 1) * c, m.max()), L)  # the longest document sets each shape
-            total += h.ttt_batch_size * cost(widest, np.where(ci + 1 < -(-m.max() // c), 3, 1))
+            total += len(m) * cost(widest, np.where(ci + 1 < -(-m.max() // c), 3, 1))
         for mark in [min(h.phased_ttt_prefix_docs, len(lengths)) * j // h.phased_ttt_num_phases
                      for j in range(1, h.phased_ttt_num_phases + 1)]:
             total += sgd(np.sort(lengths)[::-1][: -(-mark // h.ttt_batch_size) * h.ttt_batch_size][-mark:].sum())

@@ -294,7 +294,7 @@ def test_eval_costs_count_each_evaluators_windows_and_steps():
     val = train_gpt.ValidationData(np.array([1] + [5] * 99 + [1] + [5] * 50, dtype=np.uint16), None, 64, 0)
     mm, k = train_gpt.forward_flops_per_token(h, 1)
     f = lambda w: w * mm + k * w * (w + 1) / 2  # noqa: E731  a causal pass over w tokens
-    lora = 3 * (3 * (f(16) + f(32) + f(48) + 3 * f(64)) + f(64))  # chunk 16 (101 <= 128), 7 chunks, last untrained
+    lora = 2 * (3 * (f(16) + f(32) + f(48) + 3 * f(64)) + f(64))  # 2 rows; chunk 16 (101 <= 128), 7 chunks, last untrained
     sgd = (math.ceil(150 / 64) - 1) * 1 * 3 * f(64)  # the phase: both documents, every chunk of 64 but the last
     costs = train_gpt.eval_costs(h, val)
     expected = {"roundtrip": 3 * f(64), "doc_window": 2 * f(64) + f(50), "legal_ttt": lora + sgd}
