@@ -255,4 +255,5 @@ def test_the_training_step_times_the_default_stack_packed_and_looped(tiny_shards
     assert h.doc_packing and h.num_loops == 2
     step = gpu_check.time_training_step(h, CPU, steps=1, warmup_steps=0, backend=None, log=lambda m: None)
     assert step["error"] is None, step["error"]
-    assert step["seq_len"] == 256 and step["tokens_per_micro_step"] == 1024 and step["final_train_loss"] > 0
+    assert step["seq_len"] == 256 and step["tokens_per_micro_step"] == h.train_batch_tokens // 8 > 0
+    assert step["final_train_loss"] > 0
