@@ -5,7 +5,7 @@
 --steps 0 skips the proxy model; --artifact also takes a packed container (train_gpt.pack_tensors).
 
 1. Models: the seed stack at the CPU proxy size trained --steps steps, exported as the default export does
-   (GPTQ int6 matrices, int8 embeddings, every matrix quantized); the full-size default configuration (27M
+   (GPTQ int6 matrices, int8 embeddings, every matrix quantized); the full-size seed stack (27M
    parameters) trained 2 steps on CPU as benchmarks/quant_proxy.py step 4 does (near its initialization, so
    not representative of trained weight statistics); and any --artifact (e.g. final_model.ptz of a GPU run).
 2. For each: the whole artifact payload (the packed container) compressed by lzma-9e, zstd-22, brotli-11 and
@@ -42,7 +42,7 @@ def proxy_container(steps: int) -> bytes:
 
 
 def full_size_artifact(work: Path) -> Path:
-    """The default configuration, 2 steps on CPU, exported (benchmarks/quant_proxy.py step 4)."""
+    """The seed stack at full size, 2 steps on CPU, exported (benchmarks/quant_proxy.py step 4)."""
     full_size_run(work)
     return work / tg.ARTIFACT_PATH
 
@@ -126,7 +126,7 @@ def main(argv=None):
     if not a.skip_full_size:
         with tempfile.TemporaryDirectory() as tmp:
             path = full_size_artifact(Path(tmp))
-            variants(*compare("full-size default configuration (27M parameters), 2 CPU steps from initialization",
+            variants(*compare("full-size seed stack (27M parameters), 2 CPU steps from initialization",
                               artifact_container(path)))
 
 

@@ -27,22 +27,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-from proxy import PROXY, config, ensure_sample, train_run
+from proxy import SEED, config, ensure_sample, train_run
 import train_gpt as tg
 
-SHAPE = {**{k: v for k, v in PROXY.items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
+SHAPE = {**{k: v for k, v in config("proxy").items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
          "TRAIN_LOG_EVERY": "50"}
 # the full-size preset's indices moved to the proxy's 4 layers (see the docstring)
 PROXY_FRONTIER = dict(LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", TRAIN_SEQ_LEN="256",
-                      TRAIN_SEQ_SCHEDULE="64@0.100,128@0.700,256@1.000")
-# frontier minus one technique: knobs set to their seed-stack (off) value; None removes a knob from the preset
+                      TRAIN_SEQ_SCHEDULE="64@0.100,128@0.700,256@1.000",
+                      # the rows compare pre-quantization val_bpb: the final evaluation stays the plain one
+                      EVAL_SEQ_LEN="256", EVAL_STRIDE="256", EVAL_DOCS="0", TTT_ENABLED="0", NGRAM_TILT_ENABLED="0",
+                      GPTQ_CALIB_TOKENS=str(16 * int(SHAPE["TRAIN_BATCH_TOKENS"])))  # 16 batches, as the preset's
+# frontier minus one technique: knobs set to their seed-stack (off) value; None: the seed stack's (or default) value
 ABLATIONS = {  # the techniques new in this preset first (the order a short run covers)
     "- recurrence": dict(NUM_LOOPS="0", LOOP_START=None, LOOP_END=None, ENABLE_LOOPING_AT=None),
     "- parallel residuals": dict(PARALLEL_START_LAYER="0"),
     "- document packing": dict(DOC_PACKING="0"),
     "- progressive context": dict(TRAIN_SEQ_SCHEDULE=None, SEQ_CHANGE_WARMUP_STEPS=None),
     "- trained asymmetric softcap": dict(LOGIT_SOFTCAP_ASYM="0"),
-    "- sparse attention gate": dict(ATTN_GATE="none", ATTN_GATE_SCALE=None),
+    "- sparse attention gate": dict(ATTN_GATE="none", ATTN_GATE_SCALE=None, QUANT_GATE_BITS=None),
     "- input SmearGate": dict(SMEAR_GATE="off"),
     "- skip gates": dict(SKIP_GATES="0"),
     "leaky slope 0.5 (not 0.3)": dict(MLP_LEAKY_SLOPE="0.5"),
@@ -56,14 +59,16 @@ RECORD_MS = {"plain": 96.0, "looped": 141.0, "average": 122.0}  # PR #1855 / #20
 
 
 def configs(steps: int) -> dict[str, dict[str, str]]:
-    frontier = {k: v for k, v in config("frontier").items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE")}
+    frontier = {**{k: v for k, v in config("frontier").items() if k not in ("DATA_PATH", "TOKENIZER_PATH")},
+                "VOCAB_SIZE": "1024"}
     frontier.update(PROXY_FRONTIER, MUON_MOMENTUM_WARMUP_STEPS=str(round(steps * 1500 / 4900)),
                     SEQ_CHANGE_WARMUP_STEPS=str(max(1, round(steps * 32 / 4900))))
-    rows = {"seed stack": dict(WARMDOWN_ITERS=str(round(steps * 4000 / 6920)),
+    rows = {"seed stack": dict(SEED, WARMDOWN_ITERS=str(round(steps * 4000 / 6920)),
                                MUON_MOMENTUM_WARMUP_STEPS=str(round(steps * 1500 / 6920))),
             "frontier": frontier}
-    for name, change in ABLATIONS.items():
-        rows[name] = {k: v for k, v in {**frontier, **change}.items() if v is not None}
+    for name, change in ABLATIONS.items():  # None: the seed stack's value, or the knob's default if it has none
+        rows[name] = {k: SEED.get(k) if v is None else v for k, v in {**frontier, **change}.items()
+                      if v is not None or k in SEED}
     return rows
 
 

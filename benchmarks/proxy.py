@@ -36,7 +36,8 @@ def config(name: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines)
 
 
-PROXY = {**config("seed_stack"), **config("proxy")}  # the seed stack at the CPU proxy size: 4 layers, d=128, sequence 256
+SEED = {k: v for k, v in config("seed_stack").items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}  # no paths
+PROXY = {**SEED, **config("proxy")}  # the seed stack at the CPU proxy size: 4 layers, d=128, sequence 256
 CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
 
 
@@ -64,8 +65,8 @@ def train_run(name: str, env: dict[str, str], steps: int, seed: int, workdir: Pa
 
 
 def full_size_run(work: Path) -> str:
-    """The default configuration (27M parameters) trained 2 steps on CPU on 16,384-token batches and exported as a
-    record run would, in `work` (its artifact: work / train_gpt.ARTIFACT_PATH); returns the run's stdout. The
+    """The seed stack (configs/seed_stack.env, 27M parameters) trained 2 steps on CPU on 16,384-token batches and
+    exported as a record run would, in `work` (its artifact: work / train_gpt.ARTIFACT_PATH); returns the run's stdout. The
     plain evaluator only: a 27M-parameter sliding window is slow on CPU."""
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
     texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
@@ -74,7 +75,7 @@ def full_size_run(work: Path) -> str:
     encode = lambda ts: np.concatenate([[sp.bos_id()] + sp.encode(t) for t in ts]).astype(np.uint16)  # noqa: E731
     build_shards.write_shard(shards / "fineweb_val_000000.bin", encode(texts[:10]))
     build_shards.write_shard(shards / "fineweb_train_000000.bin", encode(texts[100:]))
-    env = {**os.environ, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(TOKENIZER), "DEVICE": "cpu",
+    env = {**os.environ, **SEED, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(TOKENIZER), "DEVICE": "cpu",
            "ITERATIONS": "2", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "16384",
            "VAL_BATCH_SIZE": "16384", "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_CALIB_TOKENS": "8192", "RUN_ID": "full",
            "EVAL_STRIDE": "2048"}

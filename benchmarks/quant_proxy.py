@@ -10,7 +10,7 @@
    round-trip val_bpb minus the averaged weights' val_bpb, with lzma bytes and the time each took.
 3. Entropy: the quantized symbols of the int6 GPTQ artifact (int8 for the embeddings) compressed by zstd-22 and lzma, divided by their order-0 Shannon
    entropy (per tensor), i.e. how far the coder is from that limit; and the same ratio for the whole artifact.
-4. Full size: the default configuration (27M parameters) trained 2 steps on CPU on 16,384-token batches and
+4. Full size: the seed stack (27M parameters) trained 2 steps on CPU on 16,384-token batches and
    exported as a record run would: code bytes, model bytes and the total, which must fit 16,000,000.
 """
 
@@ -89,12 +89,12 @@ def entropy(tensors: dict, meta: dict):
 
 
 def full_size(work: Path):
-    """The default configuration, 2 steps on CPU, exported (proxy.full_size_run)."""
+    """The seed stack at full size, 2 steps on CPU, exported (proxy.full_size_run)."""
     t0 = time.perf_counter()
     out = full_size_run(work)
     keep = ("model_params", "quantization", "Serialized", "Code size", "Total submission", "artifact", "narrow", "selective",
             "final_")
-    print(f"\nfull-size default configuration, 2 CPU steps ({time.perf_counter() - t0:.0f} s):")
+    print(f"\nfull-size seed stack, 2 CPU steps ({time.perf_counter() - t0:.0f} s):")
     print("\n".join(line for line in out.splitlines() if line.startswith(keep)))
 
 

@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from proxy import PROXY, config, ensure_sample, train_run
+from proxy import SEED, config, ensure_sample, train_run
 
-# the proxy's shape and schedule, without its quantization settings, logging every 50 steps
-SHAPE = {**{k: v for k, v in PROXY.items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
+# the proxy's shape (configs/proxy.env, no stack), without its quantization settings, logging every 50 steps
+SHAPE = {**{k: v for k, v in config("proxy").items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
          "TRAIN_LOG_EVERY": "50"}
 MODEL_KNOBS = ("MLP_MULT", "MLP_ACT", "ROPE_DIMS", "ROPE_NTK_LEN", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE",
                "XSA_LAST_N", "LN_SCALE", "VE_LAYERS", "ORTHO_INIT")
@@ -36,10 +36,11 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
 
     base = {k: v for k, v in config("baseline").items() if k not in ("TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS",
                                                                        "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY")}
+    base["EVAL_STRIDE"] = SHAPE["TRAIN_SEQ_LEN"]  # the baseline's 1024 would exceed the proxy's window: plain
     return {
         "baseline": {**base, **scaled(1200, 500, 13780)},
-        "baseline+recipe": {**{k: base[k] for k in MODEL_KNOBS if k in base}, **scaled(4000, 1500, 6920)},
-        "seed stack": scaled(4000, 1500, 6920),  # value embeddings on the last two layers, the default
+        "baseline+recipe": {**SEED, **{k: base[k] for k in MODEL_KNOBS if k in base}, **scaled(4000, 1500, 6920)},
+        "seed stack": {**SEED, **scaled(4000, 1500, 6920)},  # value embeddings on the last two layers
     }
 
 
