@@ -2851,6 +2851,11 @@ class BatchedLoRA(nn.Module):
                 if gen is not None:
                     A.copy_((torch.rand(A.shape, generator=gen) * 2 - 1) * A.size(-1) ** -0.5)
 
+    def optimizer(self, h: Hyperparameters) -> torch.optim.AdamW:
+        """A fresh AdamW over the adapters with the TTT settings (PR #1530, #1953: lr x TTT_LOCAL_LR_MULT)."""
+        return torch.optim.AdamW(self.parameters(), lr=h.ttt_lora_lr * h.ttt_local_lr_mult, eps=1e-10,
+                                 betas=(h.ttt_beta1, h.ttt_beta2), weight_decay=h.ttt_weight_decay)
+
     def slot(self, j: int):
         """Virtual layer j's adapters as lora(target, x)."""
         return functools.partial(self.delta, j)
@@ -2873,8 +2878,7 @@ def ttt_batch(h: Hyperparameters, d: Dist, model: nn.Module, lora: BatchedLoRA, 
     start, n = docs[:, 0], docs[:, 1]
     c = next((c for limit, c in chunk_steps(h.ttt_short_score_first_steps) if n.max() + 1 <= limit), h.ttt_chunk_size)
     chunks = -(-n // c)
-    opt = torch.optim.AdamW(lora.parameters(), lr=h.ttt_lora_lr * h.ttt_local_lr_mult, eps=1e-10,
-                            betas=(h.ttt_beta1, h.ttt_beta2), weight_decay=h.ttt_weight_decay)
+    opt = lora.optimizer(h)
     for ci in range(int(chunks.max())):
         end = np.minimum((ci + 1) * c, n)
         count = np.maximum(end - ci * c, 0)
@@ -3007,8 +3011,7 @@ def eval_warmup(h: Hyperparameters, d: Dist, model: nn.Module, dyn: nn.Module, b
         return
     lora = BatchedLoRA(h, h.ttt_batch_size, d.device)
     lora.reset(g)
-    opt = torch.optim.AdamW(lora.parameters(), lr=h.ttt_lora_lr * h.ttt_local_lr_mult, eps=1e-10,
-                            betas=(h.ttt_beta1, h.ttt_beta2), weight_decay=h.ttt_weight_decay)
+    opt = lora.optimizer(h)
     for p in base.parameters():
         p.requires_grad_(False)
     for n in sorted({c for _, c in chunk_steps(h.ttt_short_score_first_steps)} | {h.ttt_chunk_size, h.eval_len}):
