@@ -2963,14 +2963,13 @@ def eval_costs(h: Hyperparameters, val: ValidationData) -> dict[str, tuple[float
     n, L = val.num_targets, h.eval_len
     bounds = doc_bounds(val.tokens, val.bos_id)
     out = {"roundtrip": (cost(eval_windows(np.array([0, n]), val.seq_len, val.seq_len)[:, 1]), "windows")}
+    windows = cost(eval_windows(bounds if h.eval_docs else np.array([0, n]), L, h.eval_stride)[:, 1])
     if h.eval_docs or (L, h.eval_stride) != (val.seq_len, val.seq_len):
-        name = "doc_window" if h.eval_docs else "sliding_window"
-        out[name] = (cost(eval_windows(bounds if h.eval_docs else np.array([0, n]), L, h.eval_stride)[:, 1]), "windows")
+        out["doc_window" if h.eval_docs else "sliding_window"] = (windows, "windows")
     sgd = lambda tokens: (math.ceil(tokens / h.ttt_chunk_tokens) - 1) * (h.ttt_chunk_tokens // L) * h.ttt_epochs * \
         cost([L], 3)  # noqa: E731
     if h.ttt_enabled and h.ttt_mode == "chunks":
-        out["legal_ttt"] = (cost(eval_windows(bounds if h.eval_docs else np.array([0, n]), L, h.eval_stride)[:, 1])
-                            + sgd(n), "chunks")
+        out["legal_ttt"] = (windows + sgd(n), "chunks")
     elif h.ttt_enabled:
         lengths, total = np.diff(bounds), 0.0
         order, steps = np.argsort(lengths, kind="stable"), chunk_steps(h.ttt_short_score_first_steps)

@@ -5,12 +5,14 @@
 --steps 0 skips the proxy model; --artifact also takes a packed container (train_gpt.pack_tensors).
 
 1. Models: the seed stack at the CPU proxy size trained --steps steps, exported as the default export does
-   (GPTQ int6 matrices, int8 embeddings, every matrix quantized); the full-size seed stack (27M
-   parameters) trained 2 steps on CPU as benchmarks/quant_proxy.py step 4 does (near its initialization, so
-   not representative of trained weight statistics); and any --artifact (e.g. final_model.ptz of a GPU run).
+   (GPTQ int6 matrices, int8 embeddings, every matrix quantized); the full-size default (the frontier preset,
+   35.9M parameters) trained 2 steps on CPU as benchmarks/quant_proxy.py step 4 does (near its initialization,
+   so not representative of trained weight statistics); and any --artifact (e.g. final_model.ptz of a GPU run).
 2. For each: the whole artifact payload (the packed container) compressed by lzma-9e, zstd-22, brotli-11 and
-   rans, with rans relative to the best of the others; the int8 symbols' order-0 entropy (one table per tensor)
-   and what rans spends on them; seconds to encode and decode.
+   rans, with rans relative to the best of the others; the int8 symbols' order-0 entropy (one table per
+   tensor) and what rans spends on them; what a context model could spend at best (its tables free: the
+   conditional entropy) given the rANS context, given the previous symbol's magnitude, and given both;
+   seconds to encode and decode.
 3. Variants: the rANS model's RANS_GRID (spread codes per octave; 1 = coarse, few tables), and for the
    general-purpose compressors on the symbols alone: as stored, each tensor's rows sorted by their rms (a
    similarity sort), and the symbols split into a high-nibble and a low-nibble stream.
@@ -42,7 +44,7 @@ def proxy_container(steps: int) -> bytes:
 
 
 def full_size_artifact(work: Path) -> Path:
-    """The seed stack at full size, 2 steps on CPU, exported (benchmarks/quant_proxy.py step 4)."""
+    """The default (frontier) at full size, 2 steps on CPU, exported (benchmarks/quant_proxy.py step 4)."""
     full_size_run(work)
     return work / tg.ARTIFACT_PATH
 
@@ -62,14 +64,29 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
+def conditional_bytes(keys: np.ndarray, syms: np.ndarray) -> float:
+    """H(symbol | key) in bytes, from the counts themselves."""
+    joint, marg = np.bincount(keys * 256 + syms), np.bincount(keys)
+    xlogx = lambda c: (c[c > 0] * np.log2(c[c > 0])).sum()  # noqa: E731
+    return (xlogx(marg) - xlogx(joint)) / 8
+
+
 def compare(label: str, data: bytes):
     tensors, meta = tg.unpack_tensors(data)
     symbols = {n: t for n, t in tensors.items() if t.dtype == torch.int8}
     n = sum(t.numel() for t in symbols.values())
     h0 = sum(tg.entropy_bytes(t) for t in symbols.values())
+    ideal = np.zeros(3)
+    for t in symbols.values():  # the bound of a context model whose tables cost nothing
+        q = t.numpy().reshape(-1, t.shape[-1] if t.dim() else 1)
+        rc = np.add.outer(*(c.astype(np.int64) + 64 for c in tg.spread_codes(q))).ravel()
+        prev = np.minimum(np.abs(np.pad(q[:, :-1], ((0, 0), (1, 0))).astype(np.int64)), 7).ravel()
+        ideal += [conditional_bytes(k, q.view(np.uint8).ravel()) for k in (rc, prev, rc * 8 + prev)]
     sizes = {}
     print(f"\n{label}: container {len(data):,} bytes, {n:,} int8 symbols, order-0 entropy (per tensor) "
-          f"{h0:,.0f} bytes ({8 * h0 / max(n, 1):.3f} bits/symbol)")
+          f"{h0:,.0f} bytes ({8 * h0 / max(n, 1):.3f} bits/symbol); a context model at best (tables free): "
+          f"{ideal[0]:,.0f} given the rANS context, {ideal[1]:,.0f} given the previous symbol's magnitude, "
+          f"{ideal[2]:,.0f} given both ({ideal.min() / max(h0, 1):.4f} x order-0)")
     print("| compressor | bytes | / best general | encode s | decode s |\n|---|---|---|---|---|")
     rows = []
     for m in (*GENERAL, "rans"):
@@ -126,7 +143,7 @@ def main(argv=None):
     if not a.skip_full_size:
         with tempfile.TemporaryDirectory() as tmp:
             path = full_size_artifact(Path(tmp))
-            variants(*compare("full-size seed stack (27M parameters), 2 CPU steps from initialization",
+            variants(*compare("full-size default (frontier, 35.9M parameters), 2 CPU steps from initialization",
                               artifact_container(path)))
 
 

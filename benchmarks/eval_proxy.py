@@ -67,9 +67,7 @@ PR2014_TTT_S = (490.0, 530.0, 572.0)  # its logged LoRA TTT times: low, middle, 
 def train_env() -> dict[str, str]:
     """The proxy frontier preset as trained here: its own final evaluation only the plain one."""
     env = {k: v for k, v in {**configs(STEPS)["frontier"], **SHAPE}.items() if k != "TTT_MODE"}
-    env.update(TTT_ENABLED="0", EVAL_DOCS="0", NGRAM_TILT_ENABLED="0", EVAL_SEQ_LEN=str(EVAL_LEN),
-               EVAL_STRIDE=str(EVAL_LEN), EVAL_INCLUDE_TAIL="1",
-               GPTQ_CALIB_TOKENS=str(16 * int(SHAPE["TRAIN_BATCH_TOKENS"])))  # 16 batches, as the preset's
+    env.update(EVAL_SEQ_LEN=str(EVAL_LEN), EVAL_STRIDE=str(EVAL_LEN), EVAL_INCLUDE_TAIL="1")
     return env
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ CONFIGS = ROOT / "configs"
 SAMPLE = ROOT / "data" / "sample" / "fineweb_sample.jsonl"
 DATA = ROOT / "data" / "datasets" / "sample_sp1024"
 TOKENIZER = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"
+CASEOPS_TOKENIZER = ROOT / "data" / "sample" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 
 def config(name: str) -> dict[str, str]:
@@ -41,47 +43,75 @@ PROXY = {**SEED, **config("proxy")}  # the seed stack at the CPU proxy size: 4 l
 CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
 
 
-def ensure_sample():
-    """The quickstart's shards of the bundled sample, built once."""
-    if not DATA.is_dir():
-        build_shards.build([SAMPLE], DATA, TOKENIZER, num_val_docs=100, allow_small_val=True)
+def sample(variant: str = "sp1024") -> tuple[Path, Path]:
+    """(shards, tokenizer) of the quickstart's build of the bundled sample: data/datasets/sample_<variant>, sp1024
+    or caseops, the same 100 validation documents."""
+    return (DATA, TOKENIZER) if variant == "sp1024" else (DATA.with_name("sample_caseops"), CASEOPS_TOKENIZER)
+
+
+def ensure_sample(variant: str = "sp1024") -> tuple[Path, Path]:
+    """sample(variant), built once under a temporary name."""
+    data, tokenizer = sample(variant)
+    if not data.is_dir():
+        partial = data.with_name(data.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build_shards.build([SAMPLE], partial, tokenizer, num_val_docs=100, allow_small_val=True,
+                           caseops_data=variant == "caseops")
+        partial.rename(data)
+    return data, tokenizer
 
 
 def train_run(name: str, env: dict[str, str], steps: int, seed: int, workdir: Path) -> dict:
-    """train_gpt.py in a subprocess on the bundled sample for `steps` steps: pre-quantization val_bpb (the last
-    validation before export), training tokens per second, ms per step, parameters and peak RSS."""
-    full = {**os.environ, **env, "ITERATIONS": str(steps), "SEED": str(seed), "DATA_PATH": str(DATA),
-            "TOKENIZER_PATH": str(TOKENIZER), "RUN_ID": "proxy"}
+    """train_gpt.py in a subprocess on the bundled sample (sp1024 unless env names DATA_PATH and TOKENIZER_PATH)
+    for `steps` steps: pre-quantization val_bpb (val_bpb: the last validation before export; averaged: of the
+    weights exported, i.e. averaged when the run averages), the round trip through the run's quantizer (plain
+    evaluator), the final score (the official grep line), training tokens per second, ms per step, parameters
+    and peak RSS."""
+    full = {**os.environ, "DATA_PATH": str(DATA), "TOKENIZER_PATH": str(TOKENIZER), **env, "ITERATIONS": str(steps),
+            "SEED": str(seed), "RUN_ID": "proxy"}
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=workdir, env=full, capture_output=True,
                        text=True)
     if r.returncode:
         sys.exit(f"{name}: train_gpt.py failed:\n{r.stderr[-2000:]}")
     out = r.stdout
     last = re.findall(rf"^step:{steps}/{steps} val_loss:\S+ val_bpb:(\S+) train_time:(\d+)ms", out, re.M)[-1]
+    bpb = lambda pat: [float(b) for b in re.findall(rf"^{pat} val_loss:\S+ val_bpb:(\S+)", out, re.M)]  # noqa: E731
     return dict(name=name, seed=seed, val_bpb=float(last[0]), ms=int(last[1]) / steps,
+                averaged=bpb("averaged_weights")[-1], roundtrip=bpb(r"final_\w+_roundtrip_exact")[0],
+                final=bpb("final_int8_zlib_roundtrip_exact")[-1],
                 tok_s=steps * int(full["TRAIN_BATCH_TOKENS"]) / (int(last[1]) / 1000),
                 rss=int(re.search(r"peak memory rss: (\d+) MiB", out).group(1)),
                 params=int(re.search(r"model_params:(\d+)", out).group(1)))
 
 
-def full_size_run(work: Path) -> str:
-    """The seed stack (configs/seed_stack.env, 27M parameters) trained 2 steps on CPU on 16,384-token batches and
-    exported as a record run would, in `work` (its artifact: work / train_gpt.ARTIFACT_PATH); returns the run's stdout. The
-    plain evaluator only: a 27M-parameter sliding window is slow on CPU."""
-    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
-    shards = work / "shards"
-    shards.mkdir()
-    encode = lambda ts: np.concatenate([[sp.bos_id()] + sp.encode(t) for t in ts]).astype(np.uint16)  # noqa: E731
-    build_shards.write_shard(shards / "fineweb_val_000000.bin", encode(texts[:10]))
-    build_shards.write_shard(shards / "fineweb_train_000000.bin", encode(texts[100:]))
-    env = {**os.environ, **SEED, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(TOKENIZER), "DEVICE": "cpu",
-           "ITERATIONS": "2", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "16384",
-           "VAL_BATCH_SIZE": "16384", "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_CALIB_TOKENS": "8192", "RUN_ID": "full",
-           "EVAL_STRIDE": "2048"}
+def full_size_run(work: Path, name: str = "frontier") -> str:
+    """configs/<name>.env at full size (frontier: the default, 35.9M parameters, on the sample as CaseOps SP8192
+    data; seed_stack: 27M parameters on sp1024) trained 2 steps on CPU on 16,384-token batches (the frontier's
+    24,576: eight rows of its 3,072-token context, one length throughout) and exported as a record run would, in
+    `work` (its artifact: work / train_gpt.ARTIFACT_PATH); returns the run's stdout. The plain round-trip
+    evaluator only (no sliding window, TTT or tilt: slow on CPU at this size) on 10 documents; calibration reads
+    8,192 tokens."""
+    shards, env = work / "shards", {k: v for k, v in config(name).items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}
+    env.update(ITERATIONS="2", WARMUP_STEPS="0", VAL_LOSS_EVERY="0", TRAIN_BATCH_TOKENS="16384",
+               VAL_BATCH_SIZE="16384", GPTQ_CALIB_TOKENS="8192", EVAL_STRIDE=env.get("EVAL_SEQ_LEN", "2048"))
+    if name == "frontier":
+        tokenizer = CASEOPS_TOKENIZER
+        build_shards.build([SAMPLE], shards, tokenizer, num_val_docs=10, allow_small_val=True, caseops_data=True,
+                           workers=1, log=lambda m: None)
+        env.update(TRAIN_SEQ_SCHEDULE="", SEQ_CHANGE_WARMUP_STEPS="0", EVAL_DOCS="0", TTT_ENABLED="0",
+                   NGRAM_TILT_ENABLED="0", TRAIN_BATCH_TOKENS="24576", VAL_BATCH_SIZE="24576")
+    else:
+        texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
+        tokenizer, sp = TOKENIZER, spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+        encode = lambda ts: np.concatenate([[sp.bos_id()] + sp.encode(t) for t in ts]).astype(np.uint16)  # noqa: E731
+        shards.mkdir()
+        build_shards.write_shard(shards / "fineweb_val_000000.bin", encode(texts[:10]))
+        build_shards.write_shard(shards / "fineweb_train_000000.bin", encode(texts[100:]))
+    env = {**os.environ, **env, "DATA_PATH": str(shards), "TOKENIZER_PATH": str(tokenizer), "DEVICE": "cpu",
+           "MAX_WALLCLOCK_SECONDS": "0", "RUN_ID": "full"}
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=work, env=env, capture_output=True, text=True)
     if r.returncode:
-        sys.exit(f"full-size run failed:\n{r.stderr[-3000:]}")
+        sys.exit(f"full-size run ({name}) failed:\n{r.stderr[-3000:]}")
     return r.stdout
 
 

@@ -35,7 +35,8 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
                     MUON_MOMENTUM_WARMUP_STEPS=str(round(steps * warmup / of)))
 
     base = {k: v for k, v in config("baseline").items() if k not in ("TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS",
-                                                                       "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY")}
+                                                                       "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
+                                                                       "DATA_PATH", "TOKENIZER_PATH")}
     base["EVAL_STRIDE"] = SHAPE["TRAIN_SEQ_LEN"]  # the baseline's 1024 would exceed the proxy's window: plain
     return {
         "baseline": {**base, **scaled(1200, 500, 13780)},

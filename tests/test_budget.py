@@ -2,6 +2,7 @@
 train_gpt's FLOP count for the defaults at the MFU PR #1019 reached, and the defaults are the frontier preset."""
 
 import re
+import sys
 
 import pytest
 from conftest import FRONTIER_ENV, ROOT, SEED_STACK_ENV
@@ -42,3 +43,27 @@ def test_the_readme_training_budget_is_the_flop_count_at_pr_1019s_mfu():
     assert f"A time-weighted {1 / per_ms:.1f} ms/step" in README
     steps = h.loop_cap_ms * per_ms
     assert 4_200 < steps < 4_300 and "about 4,250 steps in the 592 s" in README
+
+
+def test_the_ladder_climbs_from_the_seed_stack_to_the_default_preset_section_by_section():
+    """benchmarks/ladder.py: each rung adds one section of configs/frontier.env (plus the proxy's moved indices and
+    lengths), every rung is a valid configuration, and the last is the default at the proxy's size."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ladder
+
+    rows, sections = ladder.configs(300), ladder.sections()
+    assert [t for t, _ in sections] == ["vocabulary and CaseOps data", "model", "training context",
+                                        "optimizer and schedule", "quantizer", "evaluator"]
+    assert list(rows) == ["baseline", "seed stack", *(f"+ {t}" for t, _ in sections)]
+    assert {k for _, s in sections for k in s} == set(FRONTIER_ENV)
+    moved = {*ladder.SHAPE, "DATA_PATH", "TOKENIZER_PATH", "MUON_MOMENTUM_WARMUP_STEPS", "PHASED_TTT_PREFIX_DOCS",
+             "SEQ_CHANGE_WARMUP_STEPS", "LOOP_START", "LOOP_END", "PARALLEL_START_LAYER", "TRAIN_SEQ_SCHEDULE",
+             "EVAL_SEQ_LEN", "EVAL_STRIDE"}
+    names = list(rows)
+    for (title, settings), before, after in zip(sections, names[1:], names[2:]):
+        changed = {k for k in {*rows[before], *rows[after]} if rows[before].get(k) != rows[after].get(k)}
+        assert changed - moved <= set(settings) and {k for k in settings if k not in moved} <= set(rows[after]), title
+        assert all(rows[after][k] == v for k, v in settings.items() if k not in moved), title
+    for env in rows.values():
+        tg.Hyperparameters.from_env(env)  # each rung is a configuration train_gpt accepts
+    assert tg.Hyperparameters.from_env(rows["+ evaluator"]).ttt_mode == "lora"
