@@ -1,8 +1,8 @@
 """What the CPU proxy benchmarks share: the repository paths, the named configurations of configs/ (the proxy
 size is configs/proxy.env), the quickstart's shards of the bundled sample (built once) and the one-process CPU
 setting. Every benchmark imports this module, train_gpt and data/build_shards, and nothing else of the
-repository (not each other, but for eval_proxy.py's use of frontier_proxy.py's proxy frontier preset; not the
-tests)."""
+repository (not each other, but for eval_proxy.py's use of frontier_proxy.py's proxy frontier preset and
+ladder.py's of the rows of frontier_proxy.py and seed_stack_proxy.py; not the tests)."""
 
 from __future__ import annotations
 
