@@ -5,7 +5,7 @@
                                                         [--only proxy|projection]
 
 1. Proxy table. The frontier preset at the proxy size (benchmarks/frontier_proxy.py's configs(300)["frontier"]
-   over its SHAPE: 4 layers, d=128, sequence 256, sp1024 sample) is trained once by train_gpt.py in a subprocess,
+   over proxy.py's SHAPE: 4 layers, d=128, sequence 256, sp1024) is trained once by train_gpt.py in a subprocess,
    300 steps, seed 1337, with its own final evaluation reduced to the plain one (TTT_ENABLED=0, EVAL_DOCS=0,
    NGRAM_TILT_ENABLED=0, TTT_MODE at its default) and GPTQ calibration on 16 training batches as the preset's
    (16 x 8,192 tokens: the preset's 12,582,912 would take most of an hour on CPU); the artifact it exports is
@@ -49,8 +49,8 @@ import sentencepiece as spm
 import torch
 
 # proxy first: it puts the repository root and data/ on sys.path
-from proxy import CPU, DATA, ROOT, SAMPLE, TOKENIZER, config, ensure_sample, train_run
-from frontier_proxy import SHAPE, configs
+from proxy import CPU, DATA, ROOT, SAMPLE, SHAPE, TOKENIZER, config, ensure_sample, train_run
+from frontier_proxy import configs
 import caseops
 import train_gpt as tg
 

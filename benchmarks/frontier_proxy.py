@@ -21,17 +21,11 @@ removed in turn, plus the full-size preset's FLOPs and projected 8xH100 step tim
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
-import tempfile
-from pathlib import Path
 
-from proxy import SEED, config, ensure_sample, train_run
+from proxy import SEED, SHAPE, config, ensure_sample, row_args, run_rows
 import train_gpt as tg
 
-SHAPE = {**{k: v for k, v in config("proxy").items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
-         "TRAIN_LOG_EVERY": "50"}
 # the full-size preset's indices moved to the proxy's 4 layers (see the docstring)
 PROXY_FRONTIER = dict(LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", TRAIN_SEQ_LEN="256",
                       TRAIN_SEQ_SCHEDULE="64@0.100,128@0.700,256@1.000",
@@ -98,18 +92,10 @@ def projection():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 42])
-    p.add_argument("--only", nargs="+", help="row names to run (default: all)")
-    a = p.parse_args(argv)
+    a = row_args(__doc__, argv)
     ensure_sample()
-    rows, todo = [], {k: v for k, v in configs(a.steps).items() if not a.only or k in a.only}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, env in todo.items():
-            for seed in a.seeds:
-                rows.append(train_run(name, {**env, **SHAPE}, a.steps, seed, Path(tmp)))
-                print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
+    todo = {k: v for k, v in configs(a.steps).items() if not a.only or k in a.only}
+    rows = run_rows({name: {**env, **SHAPE} for name, env in todo.items()}, a.steps, a.seeds)
     base = {r["seed"]: r["val_bpb"] for r in rows if r["name"] == "frontier"}
     print(f"{a.steps} steps, seeds {' '.join(map(str, a.seeds))}; Δ = paired difference to the frontier row\n"
           "| config | params | pre-quant val_bpb (mean) | per seed | Δ vs frontier | ms/step |\n|---|---|---|---|---|---|")

@@ -20,18 +20,15 @@ repeats it, a check that only the export and the scoring changed.
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
-import sys
-import tempfile
-from pathlib import Path
 
-from proxy import CONFIGS, config, ensure_sample, sample, train_run
+from proxy import CONFIGS, config, ensure_sample, row_args, run_rows, sample
+import proxy
 import frontier_proxy
 import seed_stack_proxy
 
-SHAPE = {**config("proxy"), "TRAIN_LOG_EVERY": "50"}  # every matrix quantized, as at full size
+SHAPE = {**config("proxy"), **proxy.SHAPE}  # every matrix quantized, as at full size
 
 
 def sections(name: str = "frontier") -> list[tuple[str, dict[str, str]]]:
@@ -71,20 +68,11 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 42])
-    p.add_argument("--only", nargs="+", help="row names to run (default: all)")
-    a = p.parse_args(argv)
+    a = row_args(__doc__, argv)
     for variant in ("sp1024", "caseops"):
         ensure_sample(variant)
     todo = {k: v for k, v in configs(a.steps).items() if not a.only or k in a.only}
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, env in todo.items():
-            for seed in a.seeds:
-                rows.append(train_run(name, env, a.steps, seed, Path(tmp)))
-                print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
+    rows = run_rows(todo, a.steps, a.seeds)
     print(f"{a.steps} steps, seeds {' '.join(map(str, a.seeds))}; means over the seeds (per seed in brackets)\n"
           "| rung | params | pre-quant val_bpb | round trip | quant gap | final val_bpb | ms/step |\n"
           "|---|---|---|---|---|---|---|")

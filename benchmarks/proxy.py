@@ -6,12 +6,14 @@ ladder.py's of the rows of frontier_proxy.py and seed_stack_proxy.py; not the te
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,10 @@ def config(name: str) -> dict[str, str]:
 
 SEED = {k: v for k, v in config("seed_stack").items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}  # no paths
 PROXY = {**SEED, **config("proxy")}  # the seed stack at the CPU proxy size: 4 layers, d=128, sequence 256
+# the proxy's shape for the rows that compare pre-quantization val_bpb (configs/proxy.env, no stack, without its
+# quantization settings), logging every 50 steps
+SHAPE = {**{k: v for k, v in config("proxy").items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
+         "TRAIN_LOG_EVERY": "50"}
 CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
 
 
@@ -82,6 +88,27 @@ def train_run(name: str, env: dict[str, str], steps: int, seed: int, workdir: Pa
                 tok_s=steps * int(full["TRAIN_BATCH_TOKENS"]) / (int(last[1]) / 1000),
                 rss=int(re.search(r"peak memory rss: (\d+) MiB", out).group(1)),
                 params=int(re.search(r"model_params:(\d+)", out).group(1)))
+
+
+def row_args(doc: str, argv=None) -> argparse.Namespace:
+    """The command line of a benchmark that trains named rows: --steps, --seeds and --only."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 42])
+    p.add_argument("--only", nargs="+", help="row names to run (default: all)")
+    return p.parse_args(argv)
+
+
+def run_rows(rows: dict[str, dict[str, str]], steps: int, seeds: list[int]) -> list[dict]:
+    """train_run of each row at each seed, row by row, in one temporary directory; a `done:` line on stderr as
+    each ends."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, env in rows.items():
+            for seed in seeds:
+                out.append(train_run(name, env, steps, seed, Path(tmp)))
+                print(f"done: {out[-1]}", file=sys.stderr, flush=True)
+    return out
 
 
 def full_size_run(work: Path, name: str = "frontier") -> str:

@@ -20,11 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from proxy import SEED, config, ensure_sample, train_run
+from proxy import SEED, SHAPE, config, ensure_sample, train_run
 
-# the proxy's shape (configs/proxy.env, no stack), without its quantization settings, logging every 50 steps
-SHAPE = {**{k: v for k, v in config("proxy").items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
-         "TRAIN_LOG_EVERY": "50"}
 MODEL_KNOBS = ("MLP_MULT", "MLP_ACT", "ROPE_DIMS", "ROPE_NTK_LEN", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE",
                "XSA_LAST_N", "LN_SCALE", "VE_LAYERS", "ORTHO_INIT")
 
