@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Quickstart: build shards from the bundled FineWeb sample (once per variant), then train and score a tiny model
-# on CPU. VARIANT picks the data: caseops (default: SP8192 on case-transformed text, scored on the original
+# Quickstart: build shards from the bundled FineWeb sample (once per variant; its first 50 documents are the
+# validation split, half the benchmarks' 100, so that evaluation takes half as long), then train and score a tiny
+# model on CPU. VARIANT picks the data: caseops (default: SP8192 on case-transformed text, scored on the original
 # bytes through the byte sidecar), sp1024 (the official tokenizer) or sp8192 (byte fallback).
 # The configuration is configs/quickstart.env; every knob can still be overridden from the environment, e.g.
 # `ITERATIONS=50 ./quickstart.sh`, and so can DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE.
@@ -15,11 +16,11 @@ case "$variant" in
              flags=(--caseops) ;;
     *) echo "quickstart.sh: VARIANT=$variant: expected sp1024, sp8192 or caseops" >&2; exit 2 ;;
 esac
-data=data/datasets/sample_$variant
+data=data/datasets/quickstart_$variant
 if [ ! -d "$data" ]; then  # built under a temporary name, so an interrupted build is never mistaken for a finished one
     rm -rf "$data.partial"
     python3 data/build_shards.py --input data/sample/fineweb_sample.jsonl --tokenizer "$tokenizer" \
-        --output-dir "$data.partial" --num-val-docs 100 --allow-small-val ${flags[@]+"${flags[@]}"}
+        --output-dir "$data.partial" --num-val-docs 50 --allow-small-val ${flags[@]+"${flags[@]}"}
     mv "$data.partial" "$data"
 fi
 export DATA_PATH="${DATA_PATH:-$data}" TOKENIZER_PATH="${TOKENIZER_PATH:-$tokenizer}" VOCAB_SIZE="${VOCAB_SIZE:-$vocab}"

@@ -71,7 +71,7 @@ import train_gpt as tg  # noqa: E402
 FORMAT = "parameter-golf-gpu-check/1"
 SAMPLE_JSONL = ROOT / "data" / "sample" / "fineweb_sample.jsonl"
 TOKENIZER = ROOT / "data" / "sample" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"  # the default data
-SAMPLE_VAL_DOCS = 100  # as quickstart.sh: 100 validation documents, 300 training documents
+SAMPLE_VAL_DOCS = 100  # as the benchmarks: 100 validation documents, 300 training documents
 RECORD_ATTENTION = dict(batch=4, seq_len=2048, heads=8, kv_heads=4, head_dim=64)  # the default model's attention
 WARMUP_STEPS = 3  # world-size-1 steps before timing: the first compiles the model and Newton-Schulz
 PIPELINE_ENV = {"ITERATIONS": "10", "WARMUP_STEPS": "2", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1",

@@ -1,6 +1,6 @@
 """What the CPU proxy benchmarks share: the repository paths, the named configurations of configs/ (the proxy
-size is configs/proxy.env), the quickstart's shards of the bundled sample (built once) and the one-process CPU
-setting. Every benchmark imports this module, train_gpt and data/build_shards, and nothing else of the
+size is configs/proxy.env), the shards of the bundled sample (built once, 100 validation documents) and the
+one-process CPU setting. Every benchmark imports this module, train_gpt and data/build_shards, and nothing else of the
 repository (not each other, but for eval_proxy.py's use of frontier_proxy.py's proxy frontier preset and
 ladder.py's of the rows of frontier_proxy.py and seed_stack_proxy.py; not the tests)."""
 
@@ -50,8 +50,8 @@ CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
 
 
 def sample(variant: str = "sp1024") -> tuple[Path, Path]:
-    """(shards, tokenizer) of the quickstart's build of the bundled sample: data/datasets/sample_<variant>, sp1024
-    or caseops, the same 100 validation documents."""
+    """(shards, tokenizer) of the benchmarks' build of the bundled sample: data/datasets/sample_<variant>, sp1024
+    or caseops, the same 100 validation documents (the quickstart's build keeps 50)."""
     return (DATA, TOKENIZER) if variant == "sp1024" else (DATA.with_name("sample_caseops"), CASEOPS_TOKENIZER)
 
 

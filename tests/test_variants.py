@@ -1,6 +1,6 @@
 """The data variants in train_gpt.py: CaseOps data is scored on the original bytes of its sidecar (checked before
 training), every evaluator uses them, the data fingerprint names the variant; and whole runs on the sp8192 and
-CaseOps sample shards, as `VARIANT=... ./quickstart.sh` builds them."""
+CaseOps sample shards, as the benchmarks build them (`VARIANT=... ./quickstart.sh` keeps 50 validation documents)."""
 
 import json
 import math
@@ -24,7 +24,7 @@ MODELS = {"sp1024": SP1024, "sp8192": SP8192, "caseops": CASEOPS}
 
 @pytest.fixture(scope="module")
 def variant_shards(tmp_path_factory):
-    """variant -> shards of the whole bundled sample (100 validation documents), as quickstart.sh builds them."""
+    """variant -> shards of the whole bundled sample (100 validation documents), as the benchmarks build them."""
     out = {}
     for variant in ("sp8192", "caseops"):
         path = tmp_path_factory.mktemp(variant)
