@@ -227,7 +227,7 @@ def readme(runs: list[Run], args, sub: dict) -> str:
         "## Results", "",
         f"val_loss and val_bpb are each run's official score ({first['score']['source']}); the other columns are "
         "the stages of the run (pre_quant_raw: the trained weights, averaged: after weight averaging, "
-        "roundtrip: the compressed artifact decoded, sliding_window / legal_ttt: the final evaluators). "
+        "roundtrip: the compressed artifact decoded, sliding_window / doc_window / legal_ttt: the final evaluators). "
         f"Times are the charged training and evaluation time (limit {BUDGET_MS // 1000} s each); "
         f"bytes are code + compressed model (cap {CAP_BYTES:,}).", "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, "",

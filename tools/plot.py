@@ -74,7 +74,8 @@ def plot(runs: list[tuple[str, dict]], out) -> None:
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize="small")
-    fig.suptitle("train_gpt.py runs (star: final int8+zlib roundtrip val_bpb)", fontsize="medium")
+    fig.suptitle("train_gpt.py runs (star: the official score, the final_int8_zlib_roundtrip_exact line)",
+                 fontsize="medium")
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
