@@ -15,7 +15,8 @@ records' fractions. Printed per row: parameters; pre-quantization val_bpb of the
 the round trip through the row's quantizer, plain evaluator, and its gap; the final score through the row's
 evaluator (the official grep line); ms per step (inflated by anything else running, not comparable across
 rows). The quantizer and evaluator rungs train exactly as the optimizer rung: their pre-quantization column
-repeats it, a check that only the export and the scoring changed.
+repeats it, a check that only the export and the scoring changed (the evaluator rung's over one more, partial
+window: EVAL_INCLUDE_TAIL scores the last targets). The README's table is this at --steps 150.
 """
 
 from __future__ import annotations
