@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 
-from proxy import SEED, SHAPE, config, ensure_sample, row_args, run_rows
+from proxy import SEED, SHAPE, chosen, config, ensure_sample, row_args, run_rows
 import train_gpt as tg
 
 # the full-size preset's indices moved to the proxy's 4 layers (see the docstring)
@@ -93,8 +93,8 @@ def projection():
 
 def main(argv=None):
     a = row_args(__doc__, argv)
+    todo = chosen(configs(a.steps), a.only)  # an unknown --only name ends here, before anything is built
     ensure_sample()
-    todo = {k: v for k, v in configs(a.steps).items() if not a.only or k in a.only}
     rows = run_rows({name: {**env, **SHAPE} for name, env in todo.items()}, a.steps, a.seeds)
     base = {r["seed"]: r["val_bpb"] for r in rows if r["name"] == "frontier"}
     print(f"{a.steps} steps, seeds {' '.join(map(str, a.seeds))}; Δ = paired difference to the frontier row\n"

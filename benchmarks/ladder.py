@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import statistics
 
-from proxy import CONFIGS, config, ensure_sample, row_args, run_rows, sample
+from proxy import CONFIGS, chosen, config, ensure_sample, row_args, run_rows, sample
 import proxy
 import frontier_proxy
 import seed_stack_proxy
@@ -70,9 +70,9 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
 
 def main(argv=None):
     a = row_args(__doc__, argv)
+    todo = chosen(configs(a.steps), a.only)  # an unknown --only name ends here, before anything is built
     for variant in ("sp1024", "caseops"):
         ensure_sample(variant)
-    todo = {k: v for k, v in configs(a.steps).items() if not a.only or k in a.only}
     rows = run_rows(todo, a.steps, a.seeds)
     print(f"{a.steps} steps, seeds {' '.join(map(str, a.seeds))}; means over the seeds (per seed in brackets)\n"
           "| rung | params | pre-quant val_bpb | round trip | quant gap | final val_bpb | ms/step |\n"

@@ -99,6 +99,13 @@ def row_args(doc: str, argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def chosen(rows: dict[str, dict[str, str]], only: list[str] | None) -> dict[str, dict[str, str]]:
+    """The rows --only names (all when it names none), in the rows' order; an unknown name is an error."""
+    if unknown := set(only or ()) - set(rows):
+        sys.exit(f"--only: no row named {', '.join(map(repr, sorted(unknown)))}; the rows: {', '.join(rows)}")
+    return {k: v for k, v in rows.items() if not only or k in only}
+
+
 def run_rows(rows: dict[str, dict[str, str]], steps: int, seeds: list[int]) -> list[dict]:
     """train_run of each row at each seed, row by row, in one temporary directory; a `done:` line on stderr as
     each ends."""
