@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: build shards from the bundled FineWeb sample (once per variant; its first 50 documents are the
-# validation split, half the benchmarks' 100: evaluation 136 s instead of 188 s on 2 cores), then train and score
-# a tiny model on CPU. VARIANT picks the data: caseops (default: SP8192 on case-transformed text, scored on the original
+# validation split, half the benchmarks' 100, for half the evaluation time), then train and score a tiny model
+# on CPU. VARIANT picks the data: caseops (default: SP8192 on case-transformed text, scored on the original
 # bytes through the byte sidecar), sp1024 (the official tokenizer) or sp8192 (byte fallback).
 # The configuration is configs/quickstart.env; every knob can still be overridden from the environment, e.g.
 # `ITERATIONS=50 ./quickstart.sh`, and so can DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE.

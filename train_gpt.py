@@ -766,8 +766,8 @@ def load_data_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
 
 class TrainingData:
     """The training shards behind a gate. run() closes it when the training clock stops (after GPTQ calibration
-    on training tokens), and from then on every read raises: evaluation cannot touch training data (spec
-    section 1.2). tokens_read counts every token handed out, compile warm-up included."""
+    on training tokens), and from then on every read raises: evaluation cannot touch training data (the
+    challenge README's rules). tokens_read counts every token handed out, compile warm-up included."""
 
     def __init__(self, files: list[str], vocab_size: int):
         self.files, self.vocab_size, self.closed, self.tokens_read = files, vocab_size, False, 0
@@ -2894,24 +2894,48 @@ def ttt_batch(h: Hyperparameters, d: Dist, model: nn.Module, lora: BatchedLoRA, 
             opt.zero_grad(set_to_none=True)
 
 
+def ttt_plan(h: Hyperparameters, lengths: np.ndarray) -> tuple[list[np.ndarray], list[int], list[np.ndarray]]:
+    """The phased LoRA TTT's plan over documents of these lengths (PR #2014): the queue (batches of TTT_BATCH_SIZE
+    document indices, by length, longest batch first), the phase boundaries in batches (the first
+    ceil(P k / N / batch) for P = PHASED_TTT_PREFIX_DOCS, N phases) and, for each boundary with documents left
+    to score after it, the P k / N shortest of the documents scored so far, shortest first: global_sgd's."""
+    size, order = h.ttt_batch_size, np.argsort(lengths, kind="stable")
+    queue = [order[i : i + size] for i in range(0, len(order), size)][::-1]
+    marks = [min(h.phased_ttt_prefix_docs, len(lengths)) * k // h.phased_ttt_num_phases
+             for k in range(1, h.phased_ttt_num_phases + 1)]
+    cuts = [0, *(min(-(-m // size), len(queue)) for m in marks), len(queue)]
+    rank_of = np.argsort(order)  # position in the ascending order
+    scored = [np.concatenate(queue[:c]) for c, m in zip(cuts[1:], marks) if c < len(queue)]
+    return queue, cuts, [s[np.argsort(rank_of[s])][:m] for s, m in zip(scored, marks)]
+
+
+def check_ttt_phases(h: Hyperparameters, val: ValidationData):
+    """Before training: each phase's SGD trains on every TTT_CHUNK_TOKENS chunk of its documents but the last, so
+    documents of one chunk or less would make the phase a silent no-op (32,768-token chunks over a small
+    validation set's few prefix documents)."""
+    if h.ttt_enabled and h.ttt_mode == "lora":
+        lengths = np.diff(doc_bounds(val.tokens, val.bos_id))
+        for docs in ttt_plan(h, lengths)[2]:
+            if (n := int(lengths[docs].sum())) <= h.ttt_chunk_tokens:
+                raise ConfigError(
+                    f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens}: a phase's SGD (PHASED_TTT_PREFIX_DOCS="
+                    f"{h.phased_ttt_prefix_docs}, TTT_BATCH_SIZE={h.ttt_batch_size}) gets {n:,} tokens, one chunk "
+                    f"or less, and trains on none (every chunk but the last); expected fewer TTT_CHUNK_TOKENS, more "
+                    f"PHASED_TTT_PREFIX_DOCS or PHASED_TTT_NUM_PHASES=0")
+
+
 def lora_ttt(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: ValidationData,
              trace: Tensor | None = None, log=None, hints: np.ndarray | None = None) -> EvalResult:
     """Phased per-document LoRA TTT (PR #1530, #1610, #2014). Documents sorted by length (stable) form batches of
     TTT_BATCH_SIZE, queued longest first; batch k is lane k % TTT_LANES's, and rank r runs lanes r, r +
     WORLD_SIZE, ... in queue order, each lane with its own adapters (warm-start A carries over within a lane),
-    so the result does not depend on the number of ranks. Phase boundaries at the first ceil(P k / N / batch)
-    batches (P = PHASED_TTT_PREFIX_DOCS, N phases): once every rank has scored them, the P k / N shortest of
-    their documents train the weights with the chunks' SGD (global_sgd), and fresh adapters score the rest."""
+    so the result does not depend on the number of ranks. Phases as ttt_plan; once every rank has scored a
+    phase's batches, its documents for global_sgd train the weights, and fresh adapters score the rest."""
     bounds = doc_bounds(val.tokens, val.bos_id)
-    docs, size = np.stack([bounds[:-1], np.diff(bounds)], 1), h.ttt_batch_size
-    order = np.argsort(docs[:, 1], kind="stable")
-    queue = [order[i : i + size] for i in range(0, len(order), size)][::-1]
-    rank_of = np.argsort(order)  # position in the ascending order
-    marks = [min(h.phased_ttt_prefix_docs, len(docs)) * k // h.phased_ttt_num_phases
-             for k in range(1, h.phased_ttt_num_phases + 1)]
-    cuts = [0, *(min(-(-m // size), len(queue)) for m in marks), len(queue)]
+    docs = np.stack([bounds[:-1], np.diff(bounds)], 1)
+    queue, cuts, phase_docs = ttt_plan(h, docs[:, 1])
     sums = torch.zeros(3, dtype=torch.float64, device=d.device)
-    lora, t0 = BatchedLoRA(h, size, d.device), time.perf_counter()
+    lora, t0 = BatchedLoRA(h, h.ttt_batch_size, d.device), time.perf_counter()
     model.eval()
     for p in base.parameters():
         p.requires_grad_(False)
@@ -2921,12 +2945,13 @@ def lora_ttt(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: Vali
             for i, k in enumerate(range(cuts[phase] + (lane - cuts[phase]) % h.ttt_lanes, cuts[phase + 1], h.ttt_lanes)):
                 lora.reset(gen if i == 0 or not h.ttt_warm_start_a else None)
                 ttt_batch(h, d, model, lora, val, docs[queue[k]], sums, trace, hints)
+        sgd = phase < len(phase_docs)
         if log:
             log(f"  lora_ttt phase [{phase + 1}/{len(cuts) - 1}] batches:{cuts[phase + 1]} docs_scored:"
-                f"{sum(map(len, queue[: cuts[phase + 1]]))} time={time.perf_counter() - t0:.1f}s")
-        if phase < len(marks) and cuts[phase + 1] < len(queue):
-            scored = np.concatenate(queue[: cuts[phase + 1]])
-            global_sgd(h, d, model, base, val, docs[scored[np.argsort(rank_of[scored])][: marks[phase]]])
+                f"{sum(map(len, queue[: cuts[phase + 1]]))} time={time.perf_counter() - t0:.1f}s" +
+                (f" sgd_docs:{len(phase_docs[phase])} sgd_tokens:{docs[phase_docs[phase], 1].sum()}" if sgd else ""))
+        if sgd:
+            global_sgd(h, d, model, base, val, docs[phase_docs[phase]])
             for p in base.parameters():
                 p.requires_grad_(False)
     return eval_result(d, val, sums, trace, "legal_ttt", f"lora seq_len:{h.eval_len}")
@@ -2971,17 +2996,14 @@ def eval_costs(h: Hyperparameters, val: ValidationData) -> dict[str, tuple[float
     if h.ttt_enabled and h.ttt_mode == "chunks":
         out["legal_ttt"] = (windows + sgd(n), "chunks")
     elif h.ttt_enabled:
-        lengths, total = np.diff(bounds), 0.0
-        order, steps = np.argsort(lengths, kind="stable"), chunk_steps(h.ttt_short_score_first_steps)
-        for i in range(0, len(order), h.ttt_batch_size):
-            m = lengths[order[i : i + h.ttt_batch_size]]
+        lengths, total, steps = np.diff(bounds), 0.0, chunk_steps(h.ttt_short_score_first_steps)
+        queue, _, phase_docs = ttt_plan(h, lengths)
+        for m in (lengths[b] for b in queue):
             c = next((c for limit, c in steps if m.max() + 1 <= limit), h.ttt_chunk_size)
             ci = np.arange(-(-m.max() // c))
             widest = np.minimum(np.minimum((ci + 1) * c, m.max()), L)  # the longest document sets each shape
             total += len(m) * cost(widest, np.where(ci + 1 < -(-m.max() // c), 3, 1))
-        for mark in [min(h.phased_ttt_prefix_docs, len(lengths)) * j // h.phased_ttt_num_phases
-                     for j in range(1, h.phased_ttt_num_phases + 1)]:
-            total += sgd(np.sort(lengths)[::-1][: -(-mark // h.ttt_batch_size) * h.ttt_batch_size][-mark:].sum())
+        total += sum(sgd(lengths[docs].sum()) for docs in phase_docs)
         out["legal_ttt"] = (total, "lora")
     return {name: (flops, flops / (8 * H100_BF16_FLOPS * EVAL_MFU[kind])) for name, (flops, kind) in out.items()}
 
@@ -3339,14 +3361,13 @@ def log_training(h: Hyperparameters, d: Dist, result: TrainResult, ledger: TimeL
     ledger.add("train_loop", "train", result.train_ms)
 
 
-def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list[str]):
+def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list[str], val: ValidationData):
     code, source, counted = read_code()
     log = Logger(h.log_path if d.is_main else None)
     if d.is_main:
         print(h.log_path, flush=True)
     log_run_header(h, d, log, source, code, counted)
     torch.manual_seed(h.seed)
-    val = load_validation(h, sp, val_files, d.device)
     base_model = build_model(h, d, sp.bos_id())
     describe_run(h, d, sp, base_model, val, len(train_files), len(val_files), log)
     costs = eval_costs(h, val)
@@ -3428,10 +3449,12 @@ def main():
             d = init_dist(h)
             h.run_id = d.broadcast_str(h.run_id)  # one run id (and so one log and artifact name) for all ranks
             check_outputs(h)
+            val = load_validation(h, sp, val_files, d.device)
+            check_ttt_phases(h, val)
         except ValueError as e:  # the configuration or the inputs
             fail(e)
         try:
-            run(h, d, sp, train_files, val_files)
+            run(h, d, sp, train_files, val_files, val)
         except OSError as e:  # a file that cannot be written after all (a full disk): one line, no traceback
             fail(e)
     finally:

@@ -10,8 +10,8 @@ bundled sample: sp1024 data up to the vocabulary rung, from there the same docum
 scored on the same original bytes. The baseline and the seed stack rows are benchmarks/seed_stack_proxy.py's
 and benchmarks/frontier_proxy.py's; the frontier's layer indices and lengths move to 4 layers as
 frontier_proxy.py moves them (its docstring), with the evaluator's 5-document TTT phase (5% of the 100
-validation documents, as 2,500 of 50,000) and 16 calibration batches; step-count schedules scale by the
-records' fractions. Printed per row: parameters; pre-quantization val_bpb of the exported (averaged) weights;
+validation documents, as 2,500 of 50,000) on eval_proxy.py's 4,096-token SGD chunks and 16 calibration batches;
+step-count schedules scale by the records' fractions. Printed per row: parameters; pre-quantization val_bpb of the exported (averaged) weights;
 the round trip through the row's quantizer, plain evaluator, and its gap; the final score through the row's
 evaluator (the official grep line); ms per step (inflated by anything else running, not comparable across
 rows). The quantizer and evaluator rungs train exactly as the optimizer rung: their pre-quantization column
@@ -56,13 +56,15 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
                          "EVAL_SEQ_LEN", "EVAL_STRIDE", "GPTQ_CALIB_TOKENS")},
              "SEQ_CHANGE_WARMUP_STEPS": str(max(1, round(steps * 32 / 4900))), "PHASED_TTT_PREFIX_DOCS": "5",
              "MUON_MOMENTUM_WARMUP_STEPS": str(round(steps * 1500 / 4900)),  # the frontier optimizer's run length
+             "TTT_CHUNK_TOKENS": "4096",  # as benchmarks/eval_proxy.py: 32768 leaves the phase SGD nothing to train on
              "DATA_PATH": str(data), "TOKENIZER_PATH": str(tokenizer)}
     seed = frontier_proxy.configs(steps)["seed stack"]
     rows = {"baseline": {**seed_stack_proxy.configs(steps)["baseline"], **SHAPE}, "seed stack": {**seed, **SHAPE}}
     env, added = dict(seed), set()
     for title, settings in sections():
-        own = {"optimizer and schedule": "MUON_MOMENTUM_WARMUP_STEPS", "evaluator": "PHASED_TTT_PREFIX_DOCS"}
-        added |= {*settings, own.get(title, "")}  # the knob the section's proxy value comes with (moved)
+        own = {"optimizer and schedule": ("MUON_MOMENTUM_WARMUP_STEPS",),
+               "evaluator": ("PHASED_TTT_PREFIX_DOCS", "TTT_CHUNK_TOKENS")}
+        added |= {*settings, *own.get(title, ())}  # the knobs the section's proxy values come with (moved)
         env.update(settings)
         rows[f"+ {title}"] = {**env, **SHAPE, **{k: v for k, v in moved.items() if k in added}}
     return rows

@@ -280,6 +280,18 @@ def test_bare_run_on_a_fresh_clone_says_where_data_comes_from(tmp_path):
     assert "data/cached_challenge_fineweb.py" in r.stderr and "./quickstart.sh" in r.stderr
 
 
+def test_a_phase_sgd_with_nothing_to_train_on_stops_the_script_before_training(tmp_path, sample_shards):
+    """The sample's 2 longest validation documents, the phase SGD's, hold fewer tokens than the default's 32,768-token
+    chunks: one clean error and no log, so nothing was trained (the check: test_eval_frontier.py)."""
+    env = {**os.environ, **TINY_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024), "TTT_ENABLED": "1",
+           "TTT_MODE": "lora", "TTT_BATCH_SIZE": "1", "PHASED_TTT_PREFIX_DOCS": "2"}
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert r.stderr.startswith("train_gpt.py: error: TTT_CHUNK_TOKENS=32768: a phase's SGD (PHASED_TTT_PREFIX_DOCS=2")
+    assert not list(tmp_path.rglob("*.txt")) and r.stdout == ""
+
+
 @pytest.mark.slow
 def test_a_world_size_that_does_not_divide_8_prints_one_clean_error(tmp_path, sample_shards):
     env = {**os.environ, **TINY_ENV, "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(SP1024)}

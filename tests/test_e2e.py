@@ -184,4 +184,5 @@ def test_the_frontier_preset_runs_end_to_end_at_a_tiny_size(tmp_path, short_val_
     assert re.search(r"^ngram_tilt order:16 threshold:0.8 boost:2.625 hinted:\d+/\d+", out, re.M)
     assert re.search(r"^final_int6_doc_window val_loss:\S+ val_bpb:\S+ stride:64 ngram_tilt:2.625 ", out, re.M)
     assert "ttt_lora:start" in out and "lora_ttt phase [1/2] batches:2 docs_scored:2" in out
+    assert re.search(r"^  lora_ttt phase \[1/2\] .* sgd_docs:2 sgd_tokens:\d+$", out, re.M)  # the pause's SGD
     assert "official_score source:legal_ttt_exact" in out

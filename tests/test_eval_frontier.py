@@ -288,14 +288,35 @@ def test_lora_ttt_knobs_are_refused_unless_lora_ttt_reads_them():
         tiny_h(**{**LORA, "ttt_short_score_first_steps": "256:128"})
 
 
+def test_a_phase_sgd_with_nothing_to_train_on_is_a_configuration_error():
+    """The phase SGD trains on every TTT_CHUNK_TOKENS chunk of its documents but the last: documents of one chunk
+    or less are an error naming the knobs (the script raises it before training), a second chunk is enough, and
+    a prefix that covers every document (no SGD: nothing left to score) is no error."""
+    lengths = [100, 50, 300, 200]  # batches of 2 longest first: [300, 200], then the pause, then [100, 50]
+    tokens = np.concatenate([[1] + [5] * (n - 1) for n in lengths] + [[1]]).astype(np.uint16)
+    val = train_gpt.ValidationData(tokens, None, 64, 0)
+    h = lambda **kw: tiny_h(**{**LORA, "ttt_batch_size": 2, "phased_ttt_prefix_docs": 1, **kw})  # noqa: E731
+    queue, cuts, [docs] = train_gpt.ttt_plan(h(), np.array(lengths))
+    assert [q.tolist() for q in queue] == [[3, 2], [1, 0]] and cuts == [0, 1, 2] and docs.tolist() == [3]
+    with pytest.raises(train_gpt.ConfigError, match=r"^TTT_CHUNK_TOKENS=256: .* gets 200 tokens, one chunk or less"):
+        train_gpt.check_ttt_phases(h(ttt_chunk_tokens=256), val)
+    with pytest.raises(train_gpt.ConfigError, match="TTT_CHUNK_TOKENS=200"):
+        train_gpt.check_ttt_phases(h(ttt_chunk_tokens=200), val)
+    train_gpt.check_ttt_phases(h(ttt_chunk_tokens=199), val)  # two chunks: the first trains
+    train_gpt.check_ttt_phases(h(ttt_chunk_tokens=256, phased_ttt_prefix_docs=3), val)  # after 2 batches: none left
+    train_gpt.check_ttt_phases(h(ttt_chunk_tokens=256, phased_ttt_num_phases=0), val)
+
+
 def test_eval_costs_count_each_evaluators_windows_and_steps():
-    """Two documents of 100 and 50 targets: the FLOPs eval_costs projects, written out window by window."""
-    h = tiny_h(**{**LORA, "ttt_chunk_tokens": 64, "eval_stride": 64})
+    """Two documents of 100 and 50 targets, one a batch: the FLOPs eval_costs projects, written out window by
+    window."""
+    h = tiny_h(**{**LORA, "ttt_chunk_tokens": 64, "eval_stride": 64, "ttt_batch_size": 1, "phased_ttt_prefix_docs": 1})
     val = train_gpt.ValidationData(np.array([1] + [5] * 99 + [1] + [5] * 50, dtype=np.uint16), None, 64, 0)
     mm, k = train_gpt.forward_flops_per_token(h, 1)
     f = lambda w: w * mm + k * w * (w + 1) / 2  # noqa: E731  a causal pass over w tokens
-    lora = 2 * (3 * (f(16) + f(32) + f(48) + 3 * f(64)) + f(64))  # 2 rows; chunk 16 (101 <= 128), 7 chunks, last untrained
-    sgd = (math.ceil(150 / 64) - 1) * 1 * 3 * f(64)  # the phase: both documents, every chunk of 64 but the last
+    lora = 3 * (f(16) + f(32) + f(48) + 3 * f(64)) + f(64)  # the 100: chunk 16 (101 <= 128), 7 chunks, last untrained
+    lora += 3 * (f(8) + f(16) + f(24) + f(32) + f(40) + f(48)) + f(50)  # the 50: chunk 8 (51 <= 64), 7 chunks
+    sgd = (math.ceil(100 / 64) - 1) * 1 * 3 * f(64)  # the phase after the first batch: the 100, all chunks but the last
     costs = train_gpt.eval_costs(h, val)
     expected = {"roundtrip": 3 * f(64), "doc_window": 2 * f(64) + f(50), "legal_ttt": lora + sgd}
     assert costs.keys() == expected.keys()

@@ -2,6 +2,7 @@
 training), every evaluator uses them, the data fingerprint names the variant; and whole runs on the sp8192 and
 CaseOps sample shards, as the benchmarks build them (`VARIANT=... ./quickstart.sh` keeps 50 validation documents)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -9,11 +10,12 @@ import re
 import subprocess
 import sys
 
+import numpy
 import pytest
 import sentencepiece as spm
 import torch
 from build_shards import build, write_shard
-from conftest import CASEOPS, ROOT, SAMPLE_JSONL, SP1024, SP8192, TINY_ENV, tiny_h
+from conftest import CASEOPS, QUICKSTART_ENV, ROOT, SAMPLE_JSONL, SP1024, SP8192, TINY_ENV, tiny_h
 
 import train_gpt
 from train_gpt import Dist
@@ -68,6 +70,29 @@ def test_every_evaluator_scores_the_sidecar_bytes_exactly_once(variant_shards):
         r = train_gpt.evaluate(h, CPU, model, val, train_gpt.Windows(64, stride, 8))
         assert (r.tokens, r.bytes) == (4096, int(val.sidecar[1:].sum()))
         assert math.isclose(r.val_bpb, r.val_loss * r.tokens / (math.log(2) * r.bytes))
+
+
+def test_the_quickstart_and_the_ladder_give_their_phase_sgd_something_to_train_on(variant_shards):
+    """configs/quickstart.env on the quickstart's 50 validation documents, the ladder's evaluator rung on the
+    benchmarks' 100: the phase SGD's documents hold more than one TTT_CHUNK_TOKENS chunk, so it trains (at the
+    default 32,768 they would not: the script would refuse the run)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ladder
+
+    data = {"DATA_PATH": str(variant_shards["caseops"]), "TOKENIZER_PATH": str(CASEOPS), "VOCAB_SIZE": "8192"}
+    for env, docs in ((QUICKSTART_ENV, 50), (ladder.configs(150)["+ evaluator"], 100)):
+        h = train_gpt.Hyperparameters.from_env({**env, **data})
+        sp, _, val_files = train_gpt.check_inputs(h)
+        val = train_gpt.load_validation(h, sp, val_files, torch.device("cpu"))
+        end = train_gpt.doc_bounds(val.tokens, val.bos_id)[docs] + 1
+        val = train_gpt.make_validation(val.tokens[:end], val.luts, val.seq_len, val.sidecar[:end],
+                                        h.eval_include_tail, val.bos_id)
+        lengths = numpy.diff(train_gpt.doc_bounds(val.tokens, val.bos_id))
+        [sgd_docs] = train_gpt.ttt_plan(h, lengths)[2]
+        assert len(lengths) == docs and h.ttt_chunk_tokens < lengths[sgd_docs].sum() < 32_768
+        train_gpt.check_ttt_phases(h, val)
+        with pytest.raises(train_gpt.ConfigError, match="TTT_CHUNK_TOKENS=32768"):
+            train_gpt.check_ttt_phases(dataclasses.replace(h, ttt_chunk_tokens=32_768), val)
 
 
 def test_sidecar_refusals(tmp_path, variant_shards):
