@@ -11,12 +11,13 @@ scored on the same original bytes. The baseline and the seed stack rows are benc
 and benchmarks/frontier_proxy.py's; the frontier's layer indices and lengths move to 4 layers as
 frontier_proxy.py moves them (its docstring), with the evaluator's 5-document TTT phase (5% of the 100
 validation documents, as 2,500 of 50,000) on eval_proxy.py's 4,096-token SGD chunks and 16 calibration batches;
-step-count schedules scale by the records' fractions. Printed per row: parameters; pre-quantization val_bpb of the exported (averaged) weights;
-the round trip through the row's quantizer, plain evaluator, and its gap; the final score through the row's
-evaluator (the official grep line); ms per step (inflated by anything else running, not comparable across
-rows). The quantizer and evaluator rungs train exactly as the optimizer rung: their pre-quantization column
-repeats it, a check that only the export and the scoring changed (the evaluator rung's over one more, partial
-window: EVAL_INCLUDE_TAIL scores the last targets). The README's table is this at --steps 150.
+step-count schedules scale by the records' fractions. Printed per row: parameters; pre-quantization val_bpb of
+the exported (averaged) weights; the round trip through the row's quantizer, plain evaluator, and its gap; the
+final score through the row's evaluator (the official grep line); ms per step (inflated by anything else
+running, not comparable across rows). The quantizer and evaluator rungs train exactly as the optimizer rung:
+their pre-quantization column repeats it, a check that only the export and the scoring changed (the evaluator
+rung's over one more, partial window: EVAL_INCLUDE_TAIL scores the last targets). The README's table is this at
+--steps 150.
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ def test_the_ladder_climbs_from_the_seed_stack_to_the_default_preset_section_by_
     assert list(rows) == ["baseline", "seed stack", *(f"+ {t}" for t, _ in sections)]
     assert {k for _, s in sections for k in s} == set(FRONTIER_ENV)
     moved = {*ladder.SHAPE, "DATA_PATH", "TOKENIZER_PATH", "MUON_MOMENTUM_WARMUP_STEPS", "PHASED_TTT_PREFIX_DOCS",
-             "TTT_CHUNK_TOKENS", "SEQ_CHANGE_WARMUP_STEPS", "LOOP_START", "LOOP_END", "PARALLEL_START_LAYER", "TRAIN_SEQ_SCHEDULE",
-             "EVAL_SEQ_LEN", "EVAL_STRIDE"}
+             "TTT_CHUNK_TOKENS", "SEQ_CHANGE_WARMUP_STEPS", "LOOP_START", "LOOP_END", "PARALLEL_START_LAYER",
+             "TRAIN_SEQ_SCHEDULE", "EVAL_SEQ_LEN", "EVAL_STRIDE"}
     names = list(rows)
     for (title, settings), before, after in zip(sections, names[1:], names[2:]):
         changed = {k for k in {*rows[before], *rows[after]} if rows[before].get(k) != rows[after].get(k)}
