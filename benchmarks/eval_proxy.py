@@ -28,11 +28,11 @@
    only (every row the same ones; the phase prefix from N): the LoRA rows' cost is set by each batch's longest
    document, 285 adapter steps of up to 24 x 256 tokens on all 100 (the 8,886-token document alone 139), 99 on
    the first 40 (longest 4,418); --rows runs some rows (several processes can share a machine's cores).
-2. 8xH100 projection: train_gpt.eval_costs (model FLOPs, seconds at EVAL_MFU) of each evaluator the frontier
+2. 8xH100 projection: train_gpt.eval_costs (model FLOPs, projected seconds) of each evaluator the frontier
    preset (the defaults) and the seed stack (configs/seed_stack.env) run, on a stand-in validation stream: the sample's
    400 documents, each after a BOS, encoded with the preset's tokenizer (frontier: CaseOps SP8192, data/caseops.py
-   encode before SentencePiece; seed stack: sp1024), tiled to the official token counts. Then EVAL_MFU["lora"]
-   derived from PR #2014's own LoRA settings and its logged time.
+   encode before SentencePiece; seed stack: sp1024), tiled to the official token counts. Then PR #2014's LoRA
+   settings projected from PR #2140's measured anchor, against PR #2014's own logged time.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ CASEOPS_TOKENIZER = ROOT / "data" / "sample" / "fineweb_8192_bpe_lossless_caps_c
 OFFICIAL_TOKENS = {"frontier": 47_853_344, "seed stack": 62_021_633}  # CaseOps (PR #2014's tail count); sp1024
 OFFICIAL_DOCS = 50_000  # about; 47,853,343 CaseOps targets
 PR2014_LORA = dict(TTT_CHUNK_SIZE="48", TTT_SHORT_SCORE_FIRST_STEPS="256:8,2000:24")
-PR2014_TTT_S = (490.0, 530.0, 572.0)  # its logged LoRA TTT times: low, middle, high
+PR2014_TTT_S = (490.0, 572.0)  # its logged LoRA TTT times: lowest, highest
 
 
 def train_env() -> dict[str, str]:
@@ -165,7 +165,8 @@ def projection():
     seed_ttt = tg.Hyperparameters.from_env({**config("seed_stack"), "TTT_ENABLED": "1"})
     streams = {"frontier": stand_in(CASEOPS_TOKENIZER, True, OFFICIAL_TOKENS["frontier"]),
                "seed stack": stand_in(TOKENIZER, False, OFFICIAL_TOKENS["seed stack"])}
-    print(f"\n8xH100 projection: train_gpt.eval_costs at EVAL_MFU {tg.EVAL_MFU} of 8 x "
+    print(f"\n8xH100 projection: train_gpt.eval_costs (LoRA TTT and hints at PR #2140's measured times, the "
+          f"others at EVAL_MFU {tg.EVAL_MFU} of 8 x "
           f"{tg.H100_BF16_FLOPS / 1e12:.1f} bf16 TFLOP/s; stand-in validation: the sample's 400 documents tiled "
           f"(frontier {OFFICIAL_TOKENS['frontier']:,} CaseOps SP8192 tokens, {streams['frontier'][2]:.0f} per "
           f"document; seed stack {OFFICIAL_TOKENS['seed stack']:,} sp1024 tokens, {streams['seed stack'][2]:.0f} "
@@ -180,19 +181,17 @@ def projection():
             print(f"| {label} | {name} | {flops / 1e15:.1f} | {s:.0f} |")
         print(f"| {label} | **total** | {sum(f for f, _ in costs.values()) / 1e15:.1f} | "
               f"**{sum(s for _, s in costs.values()):.0f}** |")
-    h2014 = tg.Hyperparameters.from_env({**config("frontier"), **PR2014_LORA})
-    flops = tg.eval_costs(h2014, vals["frontier"])["legal_ttt"][0]
-    mfu = [flops / s / (8 * tg.H100_BF16_FLOPS) for s in PR2014_TTT_S]
+    h2014 = tg.Hyperparameters.from_env({**config("frontier"), **PR2014_LORA, "NGRAM_TILT_ENABLED": "0"})
+    projected = tg.eval_costs(h2014, vals["frontier"])["legal_ttt"][1]
     mean_doc = streams["frontier"][2]
-    print(f"\nEVAL_MFU['lora'] derived: PR #2014's LoRA TTT ({', '.join(f'{k}={v}' for k, v in PR2014_LORA.items())}, "
-          f"the rest as the frontier preset) on the stand-in costs {flops / 1e15:.1f} PFLOP; / {PR2014_TTT_S[1]:.0f} s "
-          f"(the middle of its logged {PR2014_TTT_S[0]:.0f}-{PR2014_TTT_S[2]:.0f} s) / (8 x "
-          f"{tg.H100_BF16_FLOPS / 1e12:.1f} TFLOP/s) = {mfu[1]:.1%} MFU ({mfu[2]:.1%}-{mfu[0]:.1%} over the range); "
-          f"train_gpt.EVAL_MFU['lora'] = {tg.EVAL_MFU['lora']:.1%}.\n"
+    print(f"\nCross-check of the LoRA anchor (PR #2140's slowest seed, {tg.ANCHOR_TTT_S:.1f} s of LoRA TTT with the "
+          f"defaults' evaluator): PR #2014's evaluator ({', '.join(f'{k}={v}' for k, v in PR2014_LORA.items())}, no "
+          f"tilt), scaled from it by FLOPs on the stand-in, projects {projected:.0f} s; PR #2014 logged "
+          f"{PR2014_TTT_S[0]:.0f}-{PR2014_TTT_S[2]:.0f} s.\n"
           f"The stand-in's documents average {mean_doc:.0f} tokens, the official set's about "
           f"{(OFFICIAL_TOKENS['frontier'] - 1) / OFFICIAL_DOCS:.0f} (47,853,343 targets in about 50,000 documents): "
-          "the LoRA path's cost depends on the document lengths (batch shapes, chunk steps, the phase prefix), so "
-          "the LoRA FLOPs, this MFU and the LoRA projection are estimates.")
+          "the FLOP ratio depends on the document lengths (batch shapes, chunk steps, the phase prefix); on the "
+          "official set a run projects its own.")
 
 
 def main():

@@ -75,7 +75,7 @@ SAMPLE_VAL_DOCS = 100  # as the benchmarks: 100 validation documents, 300 traini
 RECORD_ATTENTION = dict(batch=4, seq_len=2048, heads=8, kv_heads=4, head_dim=64)  # the default model's attention
 WARMUP_STEPS = 3  # world-size-1 steps before timing: the first compiles the model and Newton-Schulz
 PIPELINE_ENV = {"ITERATIONS": "10", "WARMUP_STEPS": "2", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1",
-                "DEVICE": "cuda", "RUN_ID": "gpu_check"}
+                "DEVICE": "cuda", "RUN_ID": "gpu_check", "EVAL_DIAGNOSTICS": "1"}  # every phase timed
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 20, 1000, 20
 MIN_TIMEOUT, MAX_TIMEOUT, DEFAULT_TIMEOUT = 60, 7200, 480
 MIN_PIPELINE_S = 30  # the pipeline is skipped when less than this is left of --timeout

@@ -74,7 +74,7 @@ def train_run(name: str, env: dict[str, str], steps: int, seed: int, workdir: Pa
     evaluator), the final score (the official grep line), training tokens per second, ms per step, parameters
     and peak RSS."""
     full = {**os.environ, "DATA_PATH": str(DATA), "TOKENIZER_PATH": str(TOKENIZER), **env, "ITERATIONS": str(steps),
-            "SEED": str(seed), "RUN_ID": "proxy"}
+            "SEED": str(seed), "RUN_ID": "proxy", "EVAL_DIAGNOSTICS": "1"}  # the columns below are diagnostics
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=workdir, env=full, capture_output=True,
                        text=True)
     if r.returncode:

@@ -1,5 +1,6 @@
 """Configuration: parsing, validation before heavy work, and the input checks that name what is wrong."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -87,6 +88,21 @@ def test_world_size_must_divide_the_micro_batches(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="WORLD_SIZE=3"):
         train_gpt.init_dist(tiny_h())
+
+
+def test_packed_training_on_cuda_without_flashattention_3_is_refused_before_anything_runs(monkeypatch):
+    """SDPA would build a dense mask of each packed row's tokens squared (98,304^2 at full size): out of memory
+    after the data and model are set up, so init_dist refuses, naming the extra; CPU (tests) and DOC_PACKING=0
+    still get SDPA."""
+    monkeypatch.setattr(train_gpt.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_gpt, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(train_gpt.torch.cuda, "set_device", lambda device: None)  # a CPU build has no CUDA
+    with pytest.raises(train_gpt.ConfigError, match=r"^DOC_PACKING=True: .*flash_attn_interface.*DOC_PACKING=0"):
+        train_gpt.init_dist(Hyperparameters())
+    assert train_gpt.init_dist(dataclasses.replace(Hyperparameters(), doc_packing=False)).cuda
+    assert not train_gpt.init_dist(dataclasses.replace(Hyperparameters(), device="cpu")).cuda
+    monkeypatch.setattr(train_gpt, "flash_attn_varlen_func", object())
+    assert train_gpt.init_dist(Hyperparameters()).cuda
 
 
 def test_input_checks(tmp_path, sample_shards):

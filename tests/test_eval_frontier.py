@@ -4,6 +4,7 @@ causal, C2 a normalised distribution, C3 score before update, C4 each target onc
 black-box on a tiny looped model with every evaluation feature on."""
 
 import inspect
+import dataclasses
 import math
 
 import numpy as np
@@ -266,7 +267,7 @@ def test_the_eval_warmup_reads_no_validation_data_and_keeps_the_weights():
     counter = CompileCounter()
     torch._dynamo.reset()
     dyn = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
-    train_gpt.eval_warmup(h, CPU, model, dyn, model, 64)
+    train_gpt.eval_warmup(h, CPU, model, dyn, model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     warm = counter.frame_count
@@ -275,6 +276,15 @@ def test_the_eval_warmup_reads_no_validation_data_and_keeps_the_weights():
     train_gpt.evaluate(h, CPU, dyn, val, train_gpt.Windows(64, 64, 4), docs=True, hints=_hints(h, val))
     train_gpt.lora_ttt(h, CPU, dyn, model, val, hints=_hints(h, val))
     assert counter.frame_count == warm > 0
+    # without diagnostics only the scored evaluator's graphs: fewer, and LoRA TTT still compiles nothing new
+    counter, h = CompileCounter(), dataclasses.replace(h, eval_diagnostics=False)
+    torch._dynamo.reset()
+    dyn = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    train_gpt.eval_warmup(h, CPU, model, dyn, model)
+    assert 0 < counter.frame_count < warm
+    lora = counter.frame_count
+    train_gpt.lora_ttt(h, CPU, dyn, model, val, hints=_hints(h, val))
+    assert counter.frame_count == lora
 
 
 def test_lora_ttt_knobs_are_refused_unless_lora_ttt_reads_them():
@@ -307,6 +317,21 @@ def test_a_phase_sgd_with_nothing_to_train_on_is_a_configuration_error():
     train_gpt.check_ttt_phases(h(ttt_chunk_tokens=256, phased_ttt_num_phases=0), val)
 
 
+def test_the_phase_boundary_is_counted_in_documents():
+    """A queue whose first batch is short (50 documents in batches of 8: 2, then 8s) still gives the phase SGD
+    every document PHASED_TTT_PREFIX_DOCS asks for, the shortest of those scored before the pause; a prefix
+    below the number of phases gives the first pause none."""
+    lengths = np.arange(100, 150)
+    h = lambda **kw: tiny_h(**{**LORA, "ttt_batch_size": 8, **kw})  # noqa: E731
+    queue, cuts, [docs] = train_gpt.ttt_plan(h(phased_ttt_prefix_docs=3), lengths)
+    assert [len(b) for b in queue] == [2] + [8] * 6 and cuts == [0, 2, 7]
+    assert docs.tolist() == [40, 41, 42]  # scored: the 2 longest, then 40..47; its 3 shortest
+    queue, cuts, [docs] = train_gpt.ttt_plan(h(phased_ttt_prefix_docs=2), lengths)
+    assert cuts == [0, 1, 7] and docs.tolist() == [48, 49]
+    queue, cuts, (none, docs) = train_gpt.ttt_plan(h(phased_ttt_prefix_docs=1, phased_ttt_num_phases=2), lengths)
+    assert cuts == [0, 0, 1, 7] and len(none) == 0 and docs.tolist() == [48]
+
+
 def test_eval_costs_count_each_evaluators_windows_and_steps():
     """Two documents of 100 and 50 targets, one a batch: the FLOPs eval_costs projects, written out window by
     window."""
@@ -318,9 +343,27 @@ def test_eval_costs_count_each_evaluators_windows_and_steps():
     lora += 3 * (f(8) + f(16) + f(24) + f(32) + f(40) + f(48)) + f(50)  # the 50: chunk 8 (51 <= 64), 7 chunks
     sgd = (math.ceil(100 / 64) - 1) * 1 * 3 * f(64)  # the phase after the first batch: the 100, all chunks but the last
     costs = train_gpt.eval_costs(h, val)
-    expected = {"roundtrip": 3 * f(64), "doc_window": 2 * f(64) + f(50), "legal_ttt": lora + sgd}
-    assert costs.keys() == expected.keys()
+    expected = {"roundtrip": 3 * f(64), "doc_window": 2 * f(64) + f(50), "ngram_hints": 0, "legal_ttt": lora + sgd}
+    assert list(costs) == list(expected)
+    assert costs["ngram_hints"][1] == train_gpt.ANCHOR_HINTS_S * val.num_targets / train_gpt.OFFICIAL_TARGETS
     for name, (flops, seconds) in costs.items():
         assert math.isclose(flops, expected[name], rel_tol=1e-12), name
-        kind = "lora" if name == "legal_ttt" else "windows"
-        assert math.isclose(seconds, flops / (8 * train_gpt.H100_BF16_FLOPS * train_gpt.EVAL_MFU[kind]))
+        if name in ("roundtrip", "doc_window"):
+            assert math.isclose(seconds, flops / (8 * train_gpt.H100_BF16_FLOPS * train_gpt.EVAL_MFU["windows"]))
+    assert train_gpt.eval_costs(dataclasses.replace(h, eval_diagnostics=False), val).keys() == {"ngram_hints", "legal_ttt"}
+
+
+def test_the_default_record_run_fits_both_clocks_at_the_records_measured_times():
+    """The evaluation projection of the defaults is PR #2140's measured 553 s (hints and LoRA TTT, its slowest
+    seed) per official target count, on any documents; a costlier evaluator projects more, by its FLOPs; training
+    stops GPTQ_RESERVE_SECONDS early, more than PR #1855's measured Hessian collection (4.9 s) needs."""
+    val = train_gpt.ValidationData(np.concatenate([[1] + [5] * (n - 1) for n in range(40, 4000, 37)] + [[1]])
+                                   .astype(np.uint16), None, 64, 0)
+    h, n = train_gpt.Hyperparameters(), val.num_targets
+    costs = train_gpt.eval_costs(h, val)
+    assert list(costs) == ["ngram_hints", "legal_ttt"]  # no diagnostics by default
+    total = sum(s for _, s in costs.values()) * train_gpt.OFFICIAL_TARGETS / n
+    assert math.isclose(total, 553.0) and total <= 570
+    slower = train_gpt.eval_costs(dataclasses.replace(h, ttt_chunk_size=48, ttt_short_score_first_steps="256:8"), val)
+    assert slower["legal_ttt"][1] / costs["legal_ttt"][1] == slower["legal_ttt"][0] / costs["legal_ttt"][0] > 1.1
+    assert h.loop_cap_ms / 1000 + 4.9 < h.max_wallclock_seconds

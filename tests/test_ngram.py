@@ -122,3 +122,13 @@ def test_hints_are_tokens_or_minus_one_and_none_before_a_full_context(order):
 def test_order_outside_the_hash_is_refused(order):
     with pytest.raises(ValueError, match="TOKEN_ORDER"):
         train_gpt.ngram_hints(np.zeros(10, dtype=np.uint16), order, 0.8)
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_ranks_share_the_hints_by_hash_and_a_max_merges_them_exactly(real_tokens, world):
+    """part=(r, w) builds only the targets whose context hash is r mod w: the shares are disjoint, each non-empty
+    on real text, and their elementwise max is the whole (score_artifact all-reduces them with MAX)."""
+    whole = train_gpt.ngram_hints(real_tokens, 4, 0.5)
+    shares = [train_gpt.ngram_hints(real_tokens, 4, 0.5, (r, world)) for r in range(world)]
+    assert np.array_equal(np.maximum.reduce(shares), whole) and (whole >= 0).sum() > 50
+    assert ((np.stack(shares) >= 0).sum(0) <= 1).all() and all((s >= 0).any() for s in shares[:2])

@@ -90,6 +90,7 @@ def test_the_quickstart_and_the_ladder_give_their_phase_sgd_something_to_train_o
         lengths = numpy.diff(train_gpt.doc_bounds(val.tokens, val.bos_id))
         [sgd_docs] = train_gpt.ttt_plan(h, lengths)[2]
         assert len(lengths) == docs and h.ttt_chunk_tokens < lengths[sgd_docs].sum() < 32_768
+        assert len(sgd_docs) == h.phased_ttt_prefix_docs  # all it asks for, though the first batch is a short one
         train_gpt.check_ttt_phases(h, val)
         with pytest.raises(train_gpt.ConfigError, match="TTT_CHUNK_TOKENS=32768"):
             train_gpt.check_ttt_phases(dataclasses.replace(h, ttt_chunk_tokens=32_768), val)
