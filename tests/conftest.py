@@ -23,6 +23,20 @@ CASEOPS = ROOT / "data" / "sample" / "fineweb_8192_bpe_lossless_caps_caseops_v1_
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a whole-script run of train_gpt.py (or torchrun), or over 5 s on 2 CPU "
                                        "cores; the inner loop `pytest -m \"not slow\" tests` leaves these out")
+    for name in caller_knobs(os.environ):  # before any fixture: the tests' runs never see the caller's knobs
+        del os.environ[name]
+
+
+def caller_knobs(environ) -> list[str]:
+    """The variables of `environ` that train_gpt.py or its launchers would read: every knob, renamed knob and
+    near miss, the run scripts' SEEDS and NAME, and torchrun's rank and rendezvous variables."""
+    import dataclasses
+
+    import train_gpt
+
+    knobs = [f.name.upper() for f in dataclasses.fields(train_gpt.Hyperparameters)]
+    return [k for k in environ if k in knobs or k in train_gpt.RENAMED or k in train_gpt.FOREIGN_NAMES - {"NUM_THREADS"}
+            or k in dict(train_gpt.near_misses({k: ""}, knobs))]
 
 
 @pytest.fixture(scope="session")

@@ -317,3 +317,16 @@ def test_a_world_size_that_does_not_divide_8_prints_one_clean_error(tmp_path, sa
     assert r.returncode != 0 and out.count("train_gpt.py: error:") == 1
     assert "train_gpt.py: error: WORLD_SIZE=3: must divide 8" in out
     assert 'train_gpt.py", line' not in out  # no traceback from the script (torchrun adds its own summary)
+
+
+def test_the_callers_knobs_never_reach_the_tests():
+    """conftest removes, before any fixture runs, every variable train_gpt.py or torchrun would read (a hostile
+    `QUANT_METHOD=rtn NUM_LAYERS=3 TTT_ENABLED=0` exported by the caller once failed the suite)."""
+    from conftest import caller_knobs
+
+    hostile = {"QUANT_METHOD": "rtn", "NUM_LAYERS": "3", "TTT_ENABLED": "0", "PRUNE_MARGIN_BYTES": "1",
+               "TTT_LORA_RNK": "4", "RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "1", "HOME": "/root",
+               "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    assert sorted(caller_knobs(hostile)) == ["MASTER_PORT", "NUM_LAYERS", "PRUNE_MARGIN_BYTES", "QUANT_METHOD", "RANK",
+                                             "TTT_ENABLED", "TTT_LORA_RNK", "WORLD_SIZE"]
+    assert caller_knobs(os.environ) == []
