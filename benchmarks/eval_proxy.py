@@ -187,7 +187,7 @@ def projection():
     print(f"\nCross-check of the LoRA anchor (PR #2140's slowest seed, {tg.ANCHOR_TTT_S:.1f} s of LoRA TTT with the "
           f"defaults' evaluator): PR #2014's evaluator ({', '.join(f'{k}={v}' for k, v in PR2014_LORA.items())}, no "
           f"tilt), scaled from it by FLOPs on the stand-in, projects {projected:.0f} s; PR #2014 logged "
-          f"{PR2014_TTT_S[0]:.0f}-{PR2014_TTT_S[2]:.0f} s.\n"
+          f"{PR2014_TTT_S[0]:.0f}-{PR2014_TTT_S[1]:.0f} s.\n"
           f"The stand-in's documents average {mean_doc:.0f} tokens, the official set's about "
           f"{(OFFICIAL_TOKENS['frontier'] - 1) / OFFICIAL_DOCS:.0f} (47,853,343 targets in about 50,000 documents): "
           "the FLOP ratio depends on the document lengths (batch shapes, chunk steps, the phase prefix); on the "
