@@ -69,6 +69,10 @@ print(only_doc(), semicolon(), Doc().method(), Doc.x, total, names, text, é, ch
 '''
 
 
+# the pairs of tokens in TRICKY, besides two word characters, that read differently without a space between them
+MERGING = {("1", "."), ("''", "''")}
+
+
 @pytest.fixture(scope="module")
 def packed() -> bytes:
     return pack.pack(SOURCE)
@@ -86,6 +90,14 @@ def _interpreters() -> dict[str, str]:
     return found
 
 
+def _same(a, b, what: str):
+    """a == b, failing with the first difference in context: pytest's own diff of two whole files takes minutes."""
+    if a != b:
+        i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        j = max(i - 80, 0)
+        pytest.fail(f"{what} differ at {i} of {len(a)} / {len(b)}: {a[j:i + 80]!r} != {b[j:i + 80]!r}")
+
+
 def _without_docstrings(tree: ast.Module) -> ast.Module:
     """The comparison strip() is held to: the tree without every docstring (what ast.get_docstring finds, the
     first statement of a module, class or function body when it is a string constant), and `pass` in a body it
@@ -98,7 +110,7 @@ def _without_docstrings(tree: ast.Module) -> ast.Module:
 
 
 def _assert_stripped(source: str, stripped: str):
-    assert ast.dump(ast.parse(stripped)) == ast.dump(_without_docstrings(ast.parse(source)))
+    _same(ast.dump(ast.parse(stripped)), ast.dump(_without_docstrings(ast.parse(source))), "the ASTs")
     atoms = list(pack.atoms(stripped))  # tokens, an f-string one atom (3.12 splits it)
     assert not [a for a in atoms if a[0] in (tokenize.COMMENT, tokenize.NL)]  # no comments, no blank lines
     depth = 0
@@ -108,7 +120,8 @@ def _assert_stripped(source: str, stripped: str):
     tokens = [a for a in atoms if a[0] not in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)]
     for (_, a, _, end), (_, b, start, _) in zip(tokens, tokens[1:]):  # a space on a line only where it is needed
         gap = stripped[end:start]
-        assert "\n" in gap or gap == " " * pack.needs_space(a, b), (a, gap, b)
+        needed = bool(re.match(r"\w", a[-1]) and re.match(r"\w", b[0])) or (a, b) in MERGING
+        assert "\n" in gap or gap == " " * needed, (a, gap, b)
 
 
 def test_stripping_removes_docstrings_comments_and_whitespace_and_nothing_else(tmp_path):
@@ -129,11 +142,11 @@ def test_stripping_removes_docstrings_comments_and_whitespace_and_nothing_else(t
 def test_the_packed_train_gpt_counts_at_most_40000_bytes_and_holds_the_stripped_source(packed):
     stripped = pack.strip(SOURCE.decode()).encode()
     assert len(packed) <= 40_000 and len(stripped) < 0.7 * len(SOURCE)
-    assert pack.unpack(packed) == stripped
+    _same(pack.unpack(packed), stripped, "unpacked and stripped")
 
 
 def test_packing_is_reproducible_and_has_the_wrapper_shape(packed):
-    assert pack.pack(SOURCE) == packed
+    _same(pack.pack(SOURCE), packed, "two packings")
     m = re.fullmatch(rb'#coding:l1\nimport lzma,linecache as L\n'
                      rb'S=lzma\.decompress\(("""|\'\'\')(.*)\1\.encode\("l1"\)\)\n'
                      rb'F="train_gpt_stripped\.py";L\.cache\[F\]=\(len\(S\),None,S\.decode\(\)\.splitlines\(1\),F\)\n'
@@ -156,7 +169,7 @@ def test_every_python_from_3_10_to_3_12_packs_the_same_bytes_and_runs_them(packe
             r = subprocess.run([exe, str(ROOT / "tools" / "pack.py"), str(source), "-o", str(target)],
                                capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stderr
-        assert out.read_bytes() == packed, version
+        _same(out.read_bytes(), packed, f"packed by {version} and by {sys.version_info[:2]}")
         r = subprocess.run([exe, f"tricky{version}.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout == expected, (version, r.stderr)
     if len(pythons) < 3:
@@ -167,7 +180,8 @@ def test_brotli_packing_round_trips():
     pytest.importorskip("brotli")
     packed = pack.pack(SOURCE, "brotli")
     assert packed.startswith(b"#coding:l1\nimport brotli,linecache as L\nS=brotli.decompress(")
-    assert pack.pack(SOURCE, "brotli") == packed and pack.unpack(packed) == pack.strip(SOURCE.decode()).encode()
+    _same(pack.pack(SOURCE, "brotli"), packed, "two packings")
+    _same(pack.unpack(packed), pack.strip(SOURCE.decode()).encode(), "unpacked and stripped")
 
 
 def test_importing_the_packed_file_runs_nothing(packed, tmp_path, monkeypatch, capsys):
