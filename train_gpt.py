@@ -3345,8 +3345,8 @@ H100_BF16_FLOPS = 989.4e12  # dense bf16 peak of one H100 SXM, the denominator o
 
 def read_code() -> tuple[bytes, bytes, str]:
     """(the bytes of the file that ran, which count toward the cap; the source; 'source' or 'packed'). The file
-    is this source, or the packed (self-extracting) form of it made by tools/pack.py, which hands the source
-    over as PACKED_SOURCE."""
+    is this source, or the packed (self-extracting) form of it made by tools/pack.py, which hands over the source
+    that runs (this one without docstrings, comments and spare whitespace) as PACKED_SOURCE."""
     with open(os.path.abspath(__file__), "rb") as f:
         code = f.read()
     packed = "PACKED_SOURCE" in globals()

@@ -74,6 +74,18 @@ FRONTIER_ENV = read_env(CONFIGS / "frontier.env")
 QUICKSTART_ENV = {**read_env(CONFIGS / "quickstart.env"), "ITERATIONS": "3", "VAL_LOSS_EVERY": "0"}
 
 
+def caller_env() -> dict[str, str]:
+    """os.environ without what the caller may have exported for train_gpt.py (its knobs, renamed knobs, near
+    misses of them), the base environment of a whole-script run whose configuration the test sets."""
+    import dataclasses
+
+    import train_gpt
+
+    knobs = [f.name.upper() for f in dataclasses.fields(train_gpt.Hyperparameters)]
+    drop = {*knobs, *train_gpt.RENAMED, *(name for name, _ in train_gpt.near_misses(os.environ, knobs))}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def tiny_h(**overrides):
     """Hyperparameters of TINY_ENV with overrides, built in-process (a variant is validated like any config)."""
     import dataclasses
@@ -165,21 +177,23 @@ def run_distributed(fn, world_size: int, *args) -> list:
 @pytest.fixture(scope="session")
 def seed_runs(tmp_path_factory, short_val_shards):
     """Three real runs of the quickstart model (the defaults at a tiny size; 1 step each, 4,096 calibration tokens,
-    the short validation data, sp1024), seeds 1, 2, 3, launched as users do, by tools/run_seeds.sh, of a private
-    copy of train_gpt.py (so edits to the working tree during the session cannot change the code under the runs). One set of runs serves test_seeds.py (what
-    run_seeds.sh writes) and test_records.py (the record folder made from them). Returns a namespace: work (the
-    folder they ran in), script, seeds, summaries (their paths), stdout, cmd and env (to launch run_seeds.sh again)."""
+    the short validation data, sp1024), seeds 1, 2, 3, launched as users do, by tools/run_seeds.sh, of the packed
+    form (train_gpt_packed.py, which run_seeds.sh packs) of a private copy of train_gpt.py (so edits to the working
+    tree during the session cannot change the code under the runs). One set of runs serves test_seeds.py (what
+    run_seeds.sh writes), test_records.py (the record folder made from them) and test_pack.py (the readable copy
+    scores the same). Returns a namespace: work (the folder they ran in), source (the copy), script (its packed
+    form), seeds, summaries (their paths), stdout, cmd and env (to launch run_seeds.sh again)."""
     import types
 
     work = tmp_path_factory.mktemp("seed_runs")
-    script = work / "train_gpt.py"
-    shutil.copyfile(ROOT / "train_gpt.py", script)
+    source, script = work / "train_gpt.py", work / "train_gpt_packed.py"
+    shutil.copyfile(ROOT / "train_gpt.py", source)
     seeds = (1, 2, 3)
-    env = {**os.environ, **QUICKSTART_ENV, "ITERATIONS": "1", "GPTQ_CALIB_TOKENS": "4096",
+    env = {**caller_env(), **QUICKSTART_ENV, "ITERATIONS": "1", "GPTQ_CALIB_TOKENS": "4096",
            "DATA_PATH": str(short_val_shards), "TOKENIZER_PATH": str(SP1024), "VOCAB_SIZE": "1024",
            "SEEDS": " ".join(map(str, seeds)), "NAME": "qs"}
     cmd = [str(ROOT / "tools" / "run_seeds.sh"), sys.executable, str(script)]
     r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    return types.SimpleNamespace(work=work, script=script, seeds=seeds, stdout=r.stdout, cmd=cmd, env=env,
-                                 summaries=[work / "logs" / f"qs_seed{seed}.json" for seed in seeds])
+    return types.SimpleNamespace(work=work, source=source, script=script, seeds=seeds, stdout=r.stdout, cmd=cmd,
+                                 env=env, summaries=[work / "logs" / f"qs_seed{seed}.json" for seed in seeds])

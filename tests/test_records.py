@@ -90,8 +90,8 @@ def test_one_seed_gives_no_test_and_equal_seeds_a_degenerate_one():
 
 @pytest.fixture(scope="module")
 def runs(seed_runs):
-    """The three real quickstart runs of conftest's seed_runs (seeds 1, 2, 3, by tools/run_seeds.sh, of a private
-    copy of train_gpt.py). Returns (script, [summary paths])."""
+    """The three real quickstart runs of conftest's seed_runs (seeds 1, 2, 3, by tools/run_seeds.sh, of the packed
+    form of a private copy of train_gpt.py). Returns (script, [summary paths])."""
     assert seed_runs.seeds == SEEDS
     return seed_runs.script, seed_runs.summaries
 

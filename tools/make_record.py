@@ -170,7 +170,7 @@ def check_runs(runs: list[Run], script: Path, non_record: bool) -> bytes:
     try:
         code = script.read_bytes()
     except OSError as e:
-        raise Refusal(f"{script}: cannot read the script ({e.strerror or e})")
+        raise Refusal(f"{script}: cannot read the script ({e.strerror or e}); --script names the file the runs ran")
     digest = hashlib.sha256(code).hexdigest()
     if digest != first.s["code"]["sha256"]:
         raise Refusal(f"{script}: sha256 {digest[:12]}... is not the code the runs ran "
@@ -293,8 +293,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--date", type=date_arg,
                     default=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
                     help="YYYY-MM-DD (default: today, UTC)")
-    ap.add_argument("--script", type=Path, default=Path("train_gpt.py"),
-                    help="the code that ran (default: %(default)s)")
+    ap.add_argument("--script", type=Path, default=Path("train_gpt_packed.py"),
+                    help="the code that ran (default: %(default)s, the packed file tools/run_seeds.sh runs; "
+                         "train_gpt.py if the seeds ran it unpacked)")
     ap.add_argument("--non-record", action="store_true",
                     help="a non-record submission: allows training or evaluation over 600 s and hardware other "
                          "than 8 CUDA devices (nothing else)")
