@@ -75,14 +75,9 @@ QUICKSTART_ENV = {**read_env(CONFIGS / "quickstart.env"), "ITERATIONS": "3", "VA
 
 
 def caller_env() -> dict[str, str]:
-    """os.environ without what the caller may have exported for train_gpt.py (its knobs, renamed knobs, near
-    misses of them), the base environment of a whole-script run whose configuration the test sets."""
-    import dataclasses
-
-    import train_gpt
-
-    knobs = [f.name.upper() for f in dataclasses.fields(train_gpt.Hyperparameters)]
-    drop = {*knobs, *train_gpt.RENAMED, *(name for name, _ in train_gpt.near_misses(os.environ, knobs))}
+    """os.environ without caller_knobs: the base environment of a whole-script run whose configuration the test
+    sets (pytest_configure has removed them already; this keeps a run clean of any set since)."""
+    drop = set(caller_knobs(os.environ))
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
