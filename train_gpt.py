@@ -24,7 +24,7 @@ Notable features:
 - device-agnostic: CUDA (NCCL, bf16 autocast, torch.compile, FlashAttention 3 when installed) or CPU (gloo,
   fp32, SDPA), so the whole file is testable without a GPU
 
-Budget: this file stays under 3500 lines; its bytes count toward the 16,000,000-byte artifact.
+Budget: this file stays under 3600 lines; its bytes count toward the 16,000,000-byte artifact.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -51,6 +52,7 @@ import types
 import uuid
 import zlib
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
@@ -235,7 +237,7 @@ class Hyperparameters:
     prune_frac: float = knob(0.0, "[0, 1)")  # magnitude pruning of each int-N tensor before quantization
     fit_strategy: str = knob("bits", choices=("bits", "prune", "none"))  # over the byte target: narrow, then prune
     fit_margin_bytes: int = knob(1000, "[0, inf)")  # byte target = 16,000,000 - code bytes - this
-    compressor: str = knob("rans", choices=("lzma", "zstd", "brotli", "zlib", "rans"))  # rans: our entropy coder
+    compressor: str = knob("rans", choices=("lzma", "zstd", "brotli", "zlib", "rans", "pergroup"))  # rans: our coder
     # final evaluation of the artifact
     eval_seq_len: int = knob(3072, "[0, inf)")  # sliding-window length; 0 = TRAIN_SEQ_LEN
     eval_stride: int = 3072  # window advance; = the window length is the plain evaluator
@@ -374,6 +376,8 @@ class Hyperparameters:
              or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} (GPTQ calibrates on training tokens)"),
             ("COMPRESSOR", self.compressor != "brotli" or brotli is not None, "brotli needs the brotli package"),
+            ("COMPRESSOR", self.compressor != "pergroup" or shutil.which("lrzip") is not None,
+             "pergroup needs the lrzip binary on PATH (apt-get install lrzip)"),
             ("EVAL_STRIDE", 1 <= self.eval_stride <= eval_len, f"must be in [1, EVAL_SEQ_LEN={eval_len}]"),
             ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens >= eval_len,
              f"must be >= EVAL_SEQ_LEN={eval_len} (one TTT sequence)"),
@@ -1889,9 +1893,11 @@ def apply_average(model: nn.Module, averager) -> str:
 
 PRUNE_THREADS = 4  # concurrent trial encodes of the pruning search (lzma 9e needs ~0.7 GB each)
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # row-clip candidates of the GPTQ-lite search (PR #414)
-ARTIFACT_MAGIC, ARTIFACT_FORMAT = b"PGART", 2
-COMPRESSORS = ("lzma", "zstd", "brotli", "zlib", "rans")
-RANS_BITS, RANS_LANES, RANS_GRID = 12, 4096, 2  # table precision, most interleaved states, spread codes per octave
+ARTIFACT_MAGIC, ARTIFACT_FORMAT = b"PGART", 3
+COMPRESSORS = ("lzma", "zstd", "brotli", "zlib", "rans", "pergroup")
+PERGROUP_HOT = ("tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q")  # groups in L1 chain row order (PR #1855)
+RANS_BITS, RANS_LANES, RANS_GRID = 14, 1024, 2  # table precision, most interleaved states, spread codes per octave
+RANS_REFS = 2  # reference rows of a row (rans_refs)
 CONTAINER_MAGIC = b"PGTENSORS1"
 CONTAINER_DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
@@ -2288,47 +2294,83 @@ def spread_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return code(rows), code(cols / max(sq.mean() if sq.size else 1, 1e-6))
 
 
-def rans_contexts(rest: dict[str, Tensor], meta: dict, table: np.ndarray | None) -> tuple[list, np.ndarray, np.ndarray]:
-    """The coded tensors' names (container order), the table of context keys (None: those that occur) and each
-    symbol's row in it (-1: absent). A symbol's key: its tensor's bit width << 8 | 128 + row code + column code."""
-    names, info = [n[:-10] for n in rest if n.endswith(".rans_rows")], meta.get("tensors", {})
-    keys = [(min(info.get(n[:-2], {}).get("bits", 8), 8) << 8) + 128 + np.add.outer(
-        rest[n + ".rans_rows"].numpy().astype(np.int32), rest[n + ".rans_cols"].numpy()).ravel() for n in names]
-    keys = np.concatenate([np.zeros(0, np.int32), *keys])
-    table = np.flatnonzero(np.bincount(keys, minlength=1)).astype(np.int32) if table is None else table
-    row = np.full(9 << 8, -1, np.int32)
-    row[table] = np.arange(len(table))
-    return names, table, row[keys]
+def rans_contexts(rest: dict[str, Tensor], meta: dict) -> tuple[list, np.ndarray, np.ndarray, int]:
+    """Names of the coded tensors; each symbol's key less its references' part; the indices of its k = RANS_REFS
+    reference symbols (-1: none); the key space. Key: kind (name less layer, bit width, references or not) << 9 |
+    128 + row code + column code, or with references (16k + 1) x the row's residual code (0..14) + 8k + the sum of
+    the reference symbols clipped to +-8k, added as they are decoded."""
+    names, info, kinds, keys, refs, k = [n[:-10] for n in rest if n.endswith(".rans_rows")], meta.get("tensors", {}), \
+        {}, [np.zeros(0, np.int64)], [np.zeros((0, RANS_REFS), np.int64)], RANS_REFS
+    for n in names:
+        rows, cols = (np.clip(rest[n + s].numpy().astype(np.int64), -64, 63) for s in (".rans_rows", ".rans_cols"))
+        ref = rest[n + ".rans_ref"].numpy().astype(np.int64)[:, None] if n + ".rans_ref" in rest else None  # rows, 1, k
+        kind = kinds.setdefault((n.split(".", 2)[2] if n.startswith("blocks.") else n, ref is None,
+                                 info.get(n[:-2], {}).get("bits")), len(kinds)) << 9
+        refs.append(np.full((rows.size * cols.size, k), -1) if ref is None else np.where(ref < 0, -1, sum(
+            map(len, keys)) + ref * len(cols) + np.arange(len(cols))[:, None]).reshape(-1, k))
+        keys.append((np.add.outer(rows + kind + 128, cols) if ref is None else np.repeat(
+            kind + 8 * k + (16 * k + 1) * np.clip(rows[:, None] + 6, 0, 14), len(cols), 1)).ravel())
+    return names, np.concatenate(keys).astype(np.int32), np.concatenate(refs).astype(np.int32), len(kinds) << 9
+
+
+def rans_freq(w: np.ndarray) -> np.ndarray:
+    """The tables (rows summing to 2^RANS_BITS) from the stored bytes, their frequencies' square roots."""
+    w = w.astype(np.int64) ** 2
+    freq = np.where(w > 0, np.maximum(1, (w << RANS_BITS) // w.sum(1, keepdims=True).clip(1)), 0)
+    freq[np.arange(len(freq)), freq.argmax(1)] += (1 << RANS_BITS) - freq.sum(1)  # the rounding, to the likeliest
+    return freq
+
+
+def rans_refs(q: np.ndarray, rest: dict[str, Tensor], n: str, lanes: int):
+    """Where it pays, references for q's rows (what the greedy chain of the records' per-group lrzip finds, PR
+    #1855): the RANS_REFS nearest rows (L2) at least `gap` rows before each (-1: none), so decoded steps before
+    they are read; the row codes become the residual's. Pays: the conditional entropy falls by more than 2 bytes
+    a reference plus 200 a table."""
+    if len(q) <= (gap := 2 + lanes // q.shape[1]) or not RANS_REFS:
+        return
+    x, s, k = torch.from_numpy(q).float(), q.view(np.uint8).ravel(), RANS_REFS
+    d = ((x * x).sum(1) - 2 * x @ x.T).masked_fill_(torch.ones(len(q), len(q), dtype=torch.bool).triu(1 - gap), math.inf)
+    d, ref = d.topk(min(k, len(q)), 1, largest=False)
+    ref = np.where(d.isinf().numpy(), -1, ref.numpy())
+    r = q[ref].astype(np.int64) * (ref >= 0)[..., None]  # rows, k, columns
+    code = spread_codes(q - r[:, 0])[0].astype(np.int64)
+    key = ((16 * k + 1) * np.clip(code[:, None] + 6, 0, 14) + 8 * k + np.clip(r.sum(1), -8 * k, 8 * k)).ravel()
+    rc = np.add.outer(*(rest[n + c].numpy().astype(np.int64) + 64 for c in (".rans_rows", ".rans_cols"))).ravel()
+    entropy = lambda key: sum(float((c * np.log2(np.maximum(c, 1))).sum()) * sign for c, sign in (  # noqa: E731
+        (np.bincount(key), 1), (np.bincount(key * 256 + s), -1))) / 8
+    if entropy(key) + 2 * ref.size + 200 * len(np.unique(key)) < entropy(rc):
+        rest[n + ".rans_rows"], rest[n + ".rans_ref"] = map(torch.from_numpy, (
+            code.astype(np.int8), ref.astype(np.int16 if len(q) <= 1 << 15 else np.int32)))
 
 
 def rans_encode(data: bytes) -> bytes:
-    """Interleaved rANS (Duda 2013; Giesen 2014, "Interleaved entropy coders") of a container's int8 tensors, all
-    in one stream: symbol i goes to state i % lanes and all states step together (numpy); 32-bit states,
-    16-bit renormalization. The model: one order-0 table per context (rans_contexts), its counts scaled to total
-    2^RANS_BITS, every seen symbol at least 1. The tables, the spread codes and every other tensor form a
-    container compressed by the smallest of lzma, zstd and brotli. Payload: that compressor's index, the u32
-    length of its output, the output, then u16 words: the final states' low and high halves, then the
+    """Interleaved rANS (Duda 2013; Giesen 2014, "Interleaved entropy coders") of a container's int8 tensors, one
+    stream: symbol i goes to state i % lanes, all states step together (numpy); 32-bit states, 16-bit
+    renormalization; a static table per context (rans_contexts). The tables, spread codes, references and the
+    other tensors go through compress_best; then u16 words: the final states' low and high halves and the
     renormalization words in decoding order."""
     tensors, meta = unpack_tensors(data)
-    rest, syms, meta["rans_shapes"] = {}, [np.zeros(0, np.uint8)], {}
+    rest, syms, meta["rans_shapes"], k = {}, [], {}, RANS_REFS
+    lanes = min(RANS_LANES, -(-sum(t.numel() for t in tensors.values() if t.dtype == torch.int8) // 1024))
     for n, t in tensors.items():
         if t.dtype != torch.int8:
             rest[n] = t
             continue
-        cols = t.shape[-1] if t.dim() else 1
-        q = t.numpy().reshape(t.numel() // max(cols, 1), cols)
+        q = t.numpy().reshape(-1, t.shape[-1]) if t.dim() and t.shape[-1] else t.numpy().reshape(t.numel(), 1)
         rest[n + ".rans_rows"], rest[n + ".rans_cols"] = map(torch.from_numpy, spread_codes(q))
+        rans_refs(q, rest, n, lanes)
         syms.append(q.view(np.uint8).ravel())
         meta["rans_shapes"][n] = list(t.shape)
-    _, table, ctx = rans_contexts(rest, meta, None)
-    i = ctx * 256 + np.concatenate(syms)
+    key, ref = rans_contexts(rest, meta)[1:3]
+    syms = np.concatenate([*syms, np.zeros(1, np.uint8)])  # a 0 after the last symbol: the reference of none
+    key += np.clip(syms.view(np.int8)[ref].sum(1, dtype=np.int32), -8 * k, 8 * k)
+    table = np.flatnonzero(np.bincount(key, minlength=1))
+    i = np.searchsorted(table, key) * 256 + syms[:-1]
     counts = np.bincount(i, minlength=len(table) * 256).reshape(-1, 256)
-    freq = np.where(counts > 0, np.maximum(1, (counts << RANS_BITS) // counts.sum(1, keepdims=True).clip(1)), 0)
-    freq[np.arange(len(freq)), freq.argmax(1)] += (1 << RANS_BITS) - freq.sum(1)  # the rounding, to the likeliest
-    rest["rans.table"], rest["rans.freq"] = torch.from_numpy(table), torch.from_numpy(freq.astype(np.int32))
-    f, c = freq.astype(np.uint32).ravel()[i], (np.cumsum(freq, 1) - freq).astype(np.uint32).ravel()[i]
-    n, lanes, chunks = len(i), min(RANS_LANES, -(-len(i) // 1024)), []
-    x = np.full(lanes, 1 << 16, np.uint32)
+    w = np.where(counts > 0, np.maximum(1, np.round(np.sqrt((counts << RANS_BITS) / counts.sum(1, keepdims=True)))), 0)
+    rest["rans.table"], rest["rans.freq"], freq = map(torch.from_numpy, (table, w.astype(np.uint8), rans_freq(w)))
+    f, c = (a.numpy().astype(np.uint32).ravel()[i] for a in (freq, freq.cumsum(1) - freq))
+    n, chunks, x = len(i), [], np.full(lanes, 1 << 16, np.uint32)
     for lo in reversed(range(0, n, max(lanes, 1))):
         xs, fs = x[: n - lo], f[lo : lo + lanes]
         big = xs >> (32 - RANS_BITS) >= fs  # x >= f 2^(32 - RANS_BITS): emit 16 bits first
@@ -2336,76 +2378,128 @@ def rans_encode(data: bytes) -> bytes:
         xs[big] >>= 16
         d = (xs / fs).astype(np.uint32)  # exact: a float64 quotient is never rounded up to the next integer here
         xs[:] = (d << RANS_BITS) + xs - d * fs + c[lo : lo + lanes]
-    words = np.concatenate([x & 0xFFFF, x >> 16, *chunks[::-1]]).astype("<u2").tobytes()
-    heads = [(compress(pack_tensors(rest, meta), m), m) for m in ("lzma", "zstd", "brotli")[: 3 if brotli else 2]]
-    head, method = min(heads, key=lambda hm: len(hm[0]))
-    return bytes([COMPRESSORS.index(method)]) + len(head).to_bytes(4, "little") + head + words
+    return compress_best(pack_tensors(rest, meta)) + np.concatenate([x & 0xFFFF, x >> 16, *chunks[::-1]]).astype(
+        "<u2").tobytes()
 
 
 def rans_decode(payload: bytes) -> bytes:
     """rans_encode's container, bit-exact; a stream must end exactly at the encoder's initial states."""
-    size, M = int.from_bytes(payload[1:5], "little"), 1 << RANS_BITS
-    if len(payload) < 5 + size or payload[0] >= 3 or (len(payload) - 5 - size) % 2:
-        raise ValueError("rans: truncated stream")
-    rest, meta = unpack_tensors(decompress(payload[5 : 5 + size], COMPRESSORS[payload[0]]))
-    table, freq = rest.pop("rans.table").numpy(), rest.pop("rans.freq").numpy().astype(np.int64)
-    if (freq < 0).any() or (freq.sum(1) != M).any() or not ((0 <= table) & (table < 9 << 8)).all():
+    (data, words), M, k = decompress_best(payload, "rans"), 1 << RANS_BITS, RANS_REFS
+    rest, meta = unpack_tensors(data)
+    table, freq = rest.pop("rans.table").numpy().astype(np.int64), rans_freq(rest.pop("rans.freq").numpy())
+    names, key, ref, size = rans_contexts(rest, meta)
+    if (freq < 0).any() or len(freq) != len(table) or ((table < 0) | (table >= size)).any() or (ref >= len(ref)).any():
         raise ValueError("rans: bad frequency tables")
-    names, _, ctx = rans_contexts(rest, meta, table)
-    if (ctx < 0).any():
-        raise ValueError("rans: a context without a table")
+    row = np.full(size, -1, np.int64)
+    row[table] = np.arange(len(table))
     lut_s = np.concatenate([np.repeat(np.arange(256, dtype=np.uint8), r) for r in freq] + [np.zeros(0, np.uint8)])
-    row, cum = np.arange(len(freq)).repeat(M), np.cumsum(freq, 1) - freq
-    lut_f, lut_b = np.stack([freq[row, lut_s], np.tile(np.arange(M), len(freq)) - cum[row, lut_s]]).astype(np.uint16)
-    words, n = np.frombuffer(payload[5 + size :], "<u2").astype(np.uint32), len(ctx)
-    base, pos = ctx.astype(np.uint32) << RANS_BITS, 2 * min(RANS_LANES, -(-n // 1024))
-    if len(words) < pos:
+    at, cum = np.arange(len(freq)).repeat(M), np.cumsum(freq, 1) - freq
+    lut_f, lut_b = np.stack([freq[at, lut_s], np.tile(np.arange(M), len(freq)) - cum[at, lut_s]]).astype(np.uint16)
+    odd, words, n = len(words) % 2, np.frombuffer(words[: len(words) & ~1], "<u2").astype(np.uint32), len(key)
+    if odd or len(words) < (pos := 2 * min(RANS_LANES, -(-n // 1024))):
         raise ValueError("rans: truncated stream")
-    x, out = words[: pos // 2] | words[pos // 2 : pos] << 16, np.empty(n, np.uint8)
+    x, out = words[: pos // 2] | words[pos // 2 : pos] << 16, np.zeros(n + 1, np.uint8)  # out[n]: the reference of none
     for lo in range(0, n, max(len(x), 1)):
-        xs = x[: n - lo]
-        i = base[lo : lo + len(x)] | xs & (M - 1)
-        out[lo : lo + len(x)] = lut_s[i]
-        xs = lut_f[i] * (xs >> RANS_BITS) + lut_b[i]
+        near = np.clip(out.view(np.int8)[ref[lo : lo + len(x)]].sum(1, dtype=np.int32), -8 * k, 8 * k)
+        xs, ctx = x[: n - lo], row[key[lo : lo + len(x)] + near]
+        if (ctx < 0).any():
+            raise ValueError("rans: a context without a table")
+        i = (ctx.astype(np.uint32) << RANS_BITS) | xs & (M - 1)
+        out[lo : lo + len(xs)], xs = lut_s[i], lut_f[i] * (xs >> RANS_BITS) + lut_b[i]
         small = xs < 1 << 16
-        k = np.count_nonzero(small)
-        if pos + k > len(words):
+        if pos + (m := np.count_nonzero(small)) > len(words):
             raise ValueError("rans: truncated stream")
-        xs[small], pos = xs[small] << 16 | words[pos : pos + k], pos + k
-        x[: len(xs)] = xs
+        xs[small], pos, x[: len(xs)] = xs[small] << 16 | words[pos : pos + m], pos + m, xs
     if pos != len(words) or (x != 1 << 16).any():
         raise ValueError("rans: corrupt stream (the states do not end where encoding began)")
-    tensors, shapes, at = {}, meta.pop("rans_shapes"), 0
-    for name, t in rest.items():
-        if name.endswith(".rans_rows"):
-            shape = shapes[name[:-10]]
-            tensors[name[:-10]] = torch.from_numpy(out[at : at + math.prod(shape)].view(np.int8)).reshape(shape)
-            at += math.prod(shape)
-        elif not name.endswith(".rans_cols"):
-            tensors[name] = t
-    return pack_tensors(tensors, meta)
+    ends, shapes = np.cumsum([0] + [math.prod(meta["rans_shapes"][n]) for n in names]), meta.pop("rans_shapes")
+    coded = {n + ".rans_rows": out[a:b].view(np.int8).reshape(shapes[n]) for n, a, b in zip(names, ends, ends[1:])}
+    return pack_tensors({n.removesuffix(".rans_rows"): torch.from_numpy(coded[n]) if n in coded else t
+                         for n, t in rest.items() if not n.endswith((".rans_cols", ".rans_ref"))}, meta)
 
 
 def compress(data: bytes, method: str) -> bytes:
-    if method == "rans":
-        return rans_encode(data)
-    if method == "lzma":
-        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
-    if method == "zstd":
-        return zstandard.ZstdCompressor(level=22).compress(data)
-    if method == "brotli":
-        return brotli.compress(data, quality=11)
-    return zlib.compress(data, 9)
+    return {"rans": rans_encode, "pergroup": pergroup_encode, "zlib": lambda d: zlib.compress(d, 9),
+            "lzma": lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME), "brotli": lambda d: brotli.compress(
+                d, quality=11), "zstd": zstandard.ZstdCompressor(level=22).compress}[method](data)
 
 
 def decompress(data: bytes, method: str) -> bytes:
-    if method == "rans":
-        return rans_decode(data)
-    if method == "lzma":
-        return lzma.decompress(data)
-    if method == "zstd":
-        return zstandard.ZstdDecompressor().decompress(data)
-    return brotli.decompress(data) if method == "brotli" else zlib.decompress(data)
+    return {"rans": rans_decode, "pergroup": pergroup_decode, "lzma": lzma.decompress, "zlib": zlib.decompress,
+            "zstd": zstandard.ZstdDecompressor().decompress, "brotli": lambda d: brotli.decompress(d)}[method](data)
+
+
+def compress_best(data: bytes) -> bytes:
+    """The smallest of lzma, zstd and brotli: its index, the u32 length of its output, the output."""
+    out = min((bytes([COMPRESSORS.index(m)]) + compress(data, m) for m in ("lzma", "zstd", "brotli")[: 2 + bool(
+        brotli)]), key=len)
+    return out[:1] + (len(out) - 1).to_bytes(4, "little") + out[1:]
+
+
+def decompress_best(payload: bytes, coder: str) -> tuple[bytes, bytes]:
+    """compress_best's data at the start of payload, and the bytes after it."""
+    if len(payload) < 5 + (size := int.from_bytes(payload[1:5], "little")) or payload[0] >= 3:
+        raise ValueError(f"{coder}: truncated stream")
+    return decompress(payload[5 : 5 + size], COMPRESSORS[payload[0]]), payload[5 + size :]
+
+
+def lrzip(data: bytes, *flags: str) -> bytes:
+    """data through the lrzip binary by temporary files, on 2 threads (its output depends on their number)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "in").write_bytes(data)
+        r = subprocess.run(["lrzip", "-Q", "-p", "2", *flags, "-o", f"{tmp}/out", f"{tmp}/in"], capture_output=True)
+        if r.returncode:
+            raise ValueError(f"pergroup: lrzip {' '.join(flags)} failed: {r.stderr.decode(errors='replace')[-300:]}")
+        return Path(tmp, "out").read_bytes()
+
+
+def pergroup_encode(data: bytes) -> bytes:
+    """The records' per-group lrzip (PR #1855): int8 matrices grouped by kind across layers (tok_emb, c_q, ...), the
+    rows of PERGROUP_HOT in a greedy L1 nearest-neighbour chain (from row 0 the nearest unused row, the first of
+    equals), each written transposed, each group one `lrzip -z -L 9` stream (ZPAQ context mixing; -T skips the LZ4
+    test that stores small groups raw), in threads. The other tensors, the row orders (uint16) and the group list
+    go through compress_best; then the groups' streams."""
+    tensors, meta = unpack_tensors(data)
+    rest, groups = {}, {}
+    for n, t in tensors.items():
+        rest[n] = t[:0] if (grouped := t.dtype == torch.int8 and t.dim() == 2) else t  # a placeholder keeps the order
+        if not grouped:
+            continue
+        kind, q = n.split(".", 2)[2] if n.startswith("blocks.") else n, t.numpy()
+        if kind in PERGROUP_HOT and 1 < len(q) <= 1 << 16:  # float32 sums of integers below 2^24 are exact
+            d, order = torch.cdist(*[t.float()] * 2, p=1).index_fill_(1, torch.tensor([0]), math.inf), [0]
+            for _ in range(len(q) - 1):
+                order.append(int(d[order[-1]].argmin()))
+                d[:, order[-1]] = math.inf
+            q, rest[n + ".perm"] = q[order], torch.from_numpy(np.array(order, np.uint16).view(np.int16))
+        groups.setdefault(kind, []).append((n, q))
+    with concurrent.futures.ThreadPoolExecutor() as pool:  # lrzip runs outside the GIL
+        streams = list(pool.map(lambda g: lrzip(b"".join(q.T.tobytes() for _, q in g), "-T", "-z", "-L", "9"),
+                                groups.values()))
+    meta["pergroup"] = [[len(s), [[n, *q.shape] for n, q in g]] for s, g in zip(streams, groups.values())]
+    return compress_best(pack_tensors(rest, meta)) + b"".join(streams)
+
+
+def pergroup_decode(payload: bytes) -> bytes:
+    """pergroup_encode's container, bit-exact; the groups decode in parallel threads."""
+    data, streams = decompress_best(payload, "pergroup")
+    rest, meta = unpack_tensors(data)
+    groups = meta.pop("pergroup")
+    ends = np.cumsum([0] + [size for size, _ in groups])
+    if ends[-1] != len(streams):
+        raise ValueError("pergroup: truncated stream")
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        blobs = list(pool.map(lambda i: lrzip(streams[ends[i] : ends[i + 1]], "-d"), range(len(groups))))
+    for (_, members), blob in zip(groups, blobs):
+        if len(blob) != sum(r * c for _, r, c in members):
+            raise ValueError("pergroup: a group of the wrong size")
+        for n, r, c in members:
+            q, blob = np.frombuffer(blob[: r * c], np.int8).reshape(c, r).T, blob[r * c :]
+            order = rest.pop(n + ".perm").numpy().view(np.uint16) if n + ".perm" in rest else np.arange(r)
+            if not np.array_equal(np.sort(order), np.arange(r)):
+                raise ValueError("pergroup: a row order that is not a permutation")
+            rest[n] = torch.from_numpy(q[np.argsort(order)].copy())
+    return pack_tensors(rest, meta)
 
 
 def encode_artifact(tensors: dict[str, Tensor], meta: dict, compressor: str) -> bytes:

@@ -3,6 +3,7 @@ cap, compression and the checksummed artifact, weight averaging and late QAT."""
 
 import math
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -206,7 +207,8 @@ def test_magnitude_pruning_zeroes_the_smallest_weights():
 # ---- artifact: round trip, determinism, damage ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("compressor", train_gpt.COMPRESSORS)
+@pytest.mark.parametrize("compressor", [pytest.param(c, marks=[pytest.mark.slow, pytest.mark.skipif(
+    not shutil.which("lrzip"), reason="needs the lrzip binary")] if c == "pergroup" else []) for c in train_gpt.COMPRESSORS])
 def test_round_trip_is_bit_exact_and_deterministic(compressor, tmp_path):
     h = _h(compressor=compressor)
     _, sd, kinds = _state(h)
