@@ -1,4 +1,5 @@
-"""COMPRESSOR=rans against the general-purpose compressors, on the quantized symbols of trained models.
+"""COMPRESSOR=rans against the general-purpose compressors and the records' per-group lrzip (COMPRESSOR=pergroup,
+where the lrzip binary is installed; this script installs nothing), on the quantized symbols of trained models.
 
     python3 benchmarks/entropy_coder.py [--steps 300] [--artifact PATH ...] [--skip-full-size]
 
@@ -8,12 +9,13 @@
    (GPTQ int6 matrices, int8 embeddings, every matrix quantized); the full-size default (the frontier preset,
    35.9M parameters) trained 2 steps on CPU as benchmarks/quant_proxy.py step 4 does (near its initialization,
    so not representative of trained weight statistics); and any --artifact (e.g. final_model.ptz of a GPU run).
-2. For each: the whole artifact payload (the packed container) compressed by lzma-9e, zstd-22, brotli-11 and
-   rans, with rans relative to the best of the others; the int8 symbols' order-0 entropy (one table per
-   tensor) and what rans spends on them; what a context model could spend at best (its tables free: the
-   conditional entropy) given the rANS context, given the previous symbol's magnitude, and given both;
-   seconds to encode and decode.
-3. Variants: the rANS model's RANS_GRID (spread codes per octave; 1 = coarse, few tables), and for the
+2. For each: the whole artifact payload (the packed container) compressed by lzma-9e, zstd-22, brotli-11,
+   lrzip-pergroup and rans, each relative to the best of the others, with seconds to encode and decode; the
+   int8 symbols' order-0 entropy (one table per tensor) and what rans spends on them; what a context model
+   could spend at best (its tables free: the conditional entropy) given the rANS spread context, given the
+   previous symbol's magnitude, and given both.
+3. Variants: the rANS model's RANS_GRID (spread codes per octave; 1 = coarse, few tables), RANS_REFS (reference
+   rows a row; 0 = none), RANS_BITS (table precision) and RANS_LANES (interleaved states), and for the
    general-purpose compressors on the symbols alone: as stored, each tensor's rows sorted by their rms (a
    similarity sort), and the symbols split into a high-nibble and a low-nibble stream.
 """
@@ -21,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ from proxy import ensure_sample, full_size_run, proxy_h, trained
 import train_gpt as tg
 
 GENERAL = ("lzma", "zstd", "brotli") if tg.brotli else ("lzma", "zstd")
+CODERS = (*GENERAL, *(("pergroup",) if shutil.which("lrzip") else ()), "rans")
 
 
 def proxy_container(steps: int) -> bytes:
@@ -87,9 +91,9 @@ def compare(label: str, data: bytes):
           f"{h0:,.0f} bytes ({8 * h0 / max(n, 1):.3f} bits/symbol); a context model at best (tables free): "
           f"{ideal[0]:,.0f} given the rANS context, {ideal[1]:,.0f} given the previous symbol's magnitude, "
           f"{ideal[2]:,.0f} given both ({ideal.min() / max(h0, 1):.4f} x order-0)")
-    print("| compressor | bytes | / best general | encode s | decode s |\n|---|---|---|---|---|")
+    print("| compressor | bytes | / best other | encode s | decode s |\n|---|---|---|---|---|")
     rows = []
-    for m in (*GENERAL, "rans"):
+    for m in CODERS:
         out, enc = timed(tg.compress, data, m)
         back, dec = timed(tg.decompress, out, m)
         assert back == data
@@ -98,11 +102,11 @@ def compare(label: str, data: bytes):
         if m == "rans":
             head = int.from_bytes(out[1:5], "little")
             words = len(out) - 5 - head
-    best = min(sizes[m] for m in GENERAL)
     for m, size, enc, dec in rows:
-        print(f"| {m} | {size:,} | {size / best:.4f} | {enc:.1f} | {dec:.2f} |")
+        best, label = min(v for k, v in sizes.items() if k != m), "lrzip-pergroup" if m == "pergroup" else m
+        print(f"| {label} | {size:,} | {size / best:.4f} | {enc:.1f} | {dec:.2f} |")
     print(f"rans: symbol stream {words:,} bytes ({words / h0:.4f} x order-0 entropy, final states included), "
-          f"the rest (scales, fp16 tensors, metadata, tables, spread codes) {head + 5:,} bytes via "
+          f"the rest (scales, fp16 tensors, metadata, tables, spread codes, references) {head + 5:,} bytes via "
           f"{tg.COMPRESSORS[out[0]]}")
     return tensors, meta, symbols
 
@@ -110,11 +114,13 @@ def compare(label: str, data: bytes):
 def variants(tensors: dict, meta: dict, symbols: dict):
     data = tg.pack_tensors(tensors, meta)
     print("\n| variant | bytes |\n|---|---|")
-    grid = tg.RANS_GRID
-    for g in (1, 2, 4, 8):
-        tg.RANS_GRID = g
-        print(f"| rans RANS_GRID={g}{' (default)' if g == grid else ''} | {len(tg.compress(data, 'rans')):,} |")
-    tg.RANS_GRID = grid
+    for knob, values in (("RANS_GRID", (1, 2, 4, 8)), ("RANS_REFS", (0, 1, 2, 3)), ("RANS_BITS", (12, 14, 15)),
+                         ("RANS_LANES", (1024, 4096))):
+        default = getattr(tg, knob)
+        for v in values:
+            setattr(tg, knob, v)
+            print(f"| rans {knob}={v}{' (default)' if v == default else ''} | {len(tg.compress(data, 'rans')):,} |")
+        setattr(tg, knob, default)
     raw = b"".join(t.numpy().tobytes() for t in symbols.values())
     sort = b"".join(t.view(t.shape[0] if t.dim() else 1, -1)[
         torch.argsort(t.view(t.shape[0] if t.dim() else 1, -1).float().square().mean(1))].numpy().tobytes()
