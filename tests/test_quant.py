@@ -208,7 +208,8 @@ def test_magnitude_pruning_zeroes_the_smallest_weights():
 
 
 @pytest.mark.parametrize("compressor", [pytest.param(c, marks=[pytest.mark.slow, pytest.mark.skipif(
-    not shutil.which("lrzip"), reason="needs the lrzip binary")] if c == "pergroup" else []) for c in train_gpt.COMPRESSORS])
+    not shutil.which("lrzip"), reason="needs the lrzip binary")] if c == "pergroup" else [])
+    for c in train_gpt.COMPRESSORS])
 def test_round_trip_is_bit_exact_and_deterministic(compressor, tmp_path):
     h = _h(compressor=compressor)
     _, sd, kinds = _state(h)

@@ -1,6 +1,6 @@
 """COMPRESSOR=rans, the interleaved rANS coder of the int8 symbol tensors: bit-exact round trips of any container,
-damage rejected, a coded size at the model's own entropy bound, and rows coded given earlier rows that they repeat. (The tiny-model artifact round trip through
-decode_artifact is test_quant's, which runs every compressor.)"""
+damage rejected, a coded size at the model's own entropy bound, and rows coded given the earlier rows they repeat.
+(The tiny-model artifact round trip through decode_artifact is test_quant's, which runs every compressor.)"""
 
 import numpy as np
 import pytest
