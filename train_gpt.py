@@ -3109,16 +3109,17 @@ def eval_costs(h: Hyperparameters, val: ValidationData) -> dict[str, tuple[float
     n, L, plan, out = val.num_targets, h.eval_len, eval_plan(h), {}
     bounds = doc_bounds(val.tokens, val.bos_id)
     mfu = lambda flops, kind: (flops, flops / (8 * H100_BF16_FLOPS * EVAL_MFU[kind]))  # noqa: E731
-    windows = window_cost(h, eval_windows(bounds if h.eval_docs else np.array([0, n]), L, h.eval_stride)[:, 1])
+    windows = lambda: window_cost(h, eval_windows(bounds if h.eval_docs else np.array([0, n]), L,  # noqa: E731
+                                                  h.eval_stride)[:, 1])  # only where windows are scored
     if "roundtrip" in plan:
         out["roundtrip"] = mfu(window_cost(h, eval_windows(np.array([0, n]), h.train_seq_len, h.train_seq_len)[:, 1]),
                                "windows")
     if {"doc_window", "sliding_window"} & set(plan):
-        out["doc_window" if h.eval_docs else "sliding_window"] = mfu(windows, "windows")
+        out["doc_window" if h.eval_docs else "sliding_window"] = mfu(windows(), "windows")
     if h.ngram_tilt_enabled and plan != ["roundtrip"]:
         out["ngram_hints"] = (0.0, ANCHOR_HINTS_S * n / OFFICIAL_TARGETS)
     if "legal_ttt" in plan and h.ttt_mode == "chunks":
-        out["legal_ttt"] = mfu(windows + sgd_flops(h, n), "chunks")
+        out["legal_ttt"] = mfu(windows() + sgd_flops(h, n), "chunks")
     elif "legal_ttt" in plan:
         lengths = np.diff(bounds)
         flops = lora_flops(h, lengths)
