@@ -41,6 +41,7 @@ import lzma
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -51,7 +52,7 @@ import time
 import types
 import uuid
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,14 @@ ARTIFACT_PATH = "final_model.ptz"
 # ---------------------------------------------------------------------------------------------------------
 
 
-def knob(default, within: str = "", choices: tuple = (), model: bool = False):
-    """A Hyperparameters field with its allowed values beside it: `within` an interval such as "[0, 1)" or
-    "[1, inf)", `choices` the accepted values; `model` marks what an artifact must agree on with the run that
-    loads it. Hyperparameters.errors checks every field against this in one loop."""
-    return field(default=default, metadata={"within": within, "choices": choices, "model": model})
+def knob(default, within: str = "", choices: tuple = (), model: bool = False, needs: str = "", check=None,
+         why: str = ""):
+    """A Hyperparameters field and its rules: `within` an interval ("[0, 1)"), `choices` the accepted values,
+    `model` what an artifact must agree on with the run that loads it, `needs` the condition under which it is
+    read ("ATTN_GATE=out|sparse", "LQER_RANK>0", joined by " and "; elsewhere it must keep its own default), and
+    `check(h)`, a rule relating it to other fields, with `why` the expectation ({field} names another's value)."""
+    return field(default=default, metadata=dict(within=within, choices=choices, model=model, needs=needs, check=check,
+                                                why=why))
 
 
 def _within(value, interval: str) -> str | None:
@@ -110,6 +114,20 @@ RENAMED = {"PRUNE_MARGIN_BYTES": "renamed to FIT_MARGIN_BYTES",  # old knob name
            "VE_ENABLED": "removed: value embeddings are on where VE_LAYERS lists layers (VE_LAYERS= turns them off)"}
 
 
+LORA, AWQ = "TTT_MODE=lora", "AWQ_LITE_GROUPS>0 and QUANT_METHOD=gptq"  # conditions several knobs need
+
+
+class _Names(dict):
+    """Field and derived values by name, for the `why` of knob()."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.h = h
+
+    def __missing__(self, key):
+        return getattr(self.h, key)
+
+
 @dataclass
 class Hyperparameters:
     """Every knob of a run. The environment variable is the field name upper-cased; the default's type
@@ -123,34 +141,47 @@ class Hyperparameters:
     run_id: str = ""  # "" = a fresh uuid4; names logs/<run_id>.txt
     seed: int = 1337
     # validation and logging
-    val_batch_size: int = 524_288  # tokens per validation batch, all ranks together
+    val_batch_size: int = knob(524_288, check=lambda h: h.val_batch_size >= MICROBATCHES * h.train_seq_len,
+                               why=f"must be >= {MICROBATCHES} x TRAIN_SEQ_LEN={{train_seq_len}} tokens")  # all ranks
     val_loss_every: int = knob(0, "[0, inf)")  # validate every N steps (and at step 0); 0 = only after training
     train_log_every: int = knob(500, "[0, inf)")  # log train_loss every N steps (and steps 1-10, the last); 0 = never
     # length and batch
     iterations: int = knob(20_000, "[1, inf)")  # at least one step: an untrained model's score means nothing
     warmdown_iters: int = knob(0, "[0, inf)")  # linear LR warmdown over about the last N steps (by wall clock)
-    warmdown_frac: float = knob(0.85, "[0, 1]")  # LR warmdown over the last fraction of training (PR #1394); 0 = off
+    # LR warmdown over the last fraction of training (PR #1394); 0 = off
+    warmdown_frac: float = knob(0.85, "[0, 1]", needs="WARMDOWN_ITERS=0")
     min_lr: float = knob(0.1, "[0, 1]")  # floor on the LR multiplier of either warmdown (PR #1787)
     warmup_steps: int = knob(20, "[0, inf)")  # compile warm-up steps, run and then undone; not counted in train_time
-    train_batch_tokens: int = 786_432  # tokens per optimizer step, all ranks together
+    train_batch_tokens: int = knob(786_432, check=lambda h: h.train_batch_tokens % (MICROBATCHES * h.train_seq_len) == 0
+                                   and h.train_batch_tokens > 0, why=f"must be a positive multiple of {MICROBATCHES} "
+                                   "micro-batches x TRAIN_SEQ_LEN={train_seq_len}")  # tokens per step, all ranks
     max_wallclock_seconds: float = knob(600.0, "[0, inf)")  # training-time cap; 0 = none
     # model shape
     vocab_size: int = knob(8192, "[1, 65536]", model=True)  # shards store uint16 tokens
     num_layers: int = knob(11, "[1, inf)", model=True)
-    model_dim: int = knob(512, model=True)
+    model_dim: int = knob(512, model=True, check=lambda h: h.model_dim % h.num_heads == 0 and h.head_dim % 2 == 0,
+                          why="must be divisible by NUM_HEADS={num_heads} into an even head dimension (RoPE)")
     num_heads: int = knob(8, "[1, inf)", model=True)
-    num_kv_heads: int = knob(4, model=True)
-    mlp_mult: float = knob(4.0, model=True)  # MLP hidden = int(mlp_mult * model_dim)
+    num_kv_heads: int = knob(4, "[1, inf)", model=True, check=lambda h: h.num_heads % h.num_kv_heads == 0,
+                             why="must divide NUM_HEADS={num_heads}")
+    # MLP hidden = int(mlp_mult * model_dim)
+    mlp_mult: float = knob(4.0, model=True, check=lambda h: h.mlp_hidden >= 1, why="must give an MLP hidden size >= 1")
     mlp_act: str = knob("leaky_relu2", choices=("relu2", "leaky_relu2"), model=True)  # relu(x)^2 | leaky_relu(x, s)^2
-    mlp_leaky_slope: float = knob(0.3, "(0, 1)", model=True)  # s of leaky_relu2 (PR #1948: 0.3 beat the records' 0.5)
+    # s of leaky_relu2 (PR #1948: 0.3 beat the records' 0.5)
+    mlp_leaky_slope: float = knob(0.3, "(0, 1)", model=True, needs="MLP_ACT=leaky_relu2")
     tie_embeddings: bool = knob(True, model=True)
     rope_base: float = knob(10000.0, "(0, inf)", model=True)
-    rope_dims: int = knob(16, model=True)  # rotated dims per head (partial RoPE); 0 = all
-    rope_ntk_len: int = knob(0, model=True)  # NTK base scaling for TRAIN_SEQ_LEN above this length; 0 = none
+    # rotated dims per head (partial RoPE); 0 = all
+    rope_dims: int = knob(16, model=True, check=lambda h: h.rope_dims == 0 or h.rope_dims % 2 == 0 and 2 <= h.rope_dims
+                          <= h.head_dim, why="must be 0 (all) or even and in [2, head dimension {head_dim}]")
+    # NTK base scaling for TRAIN_SEQ_LEN above this length; 0 = none
+    rope_ntk_len: int = knob(0, "[0, inf)", model=True, check=lambda h: not h.rope_ntk_len or h.rope[0] > 2,
+                             why="needs more than 2 rotated dims")
     train_seq_len: int = knob(3072, "[1, inf)", model=True)  # training and validation length; fixes the RoPE base
     # progressive training length 'L@f,...' (PR #2014): L while the training fraction is <= f; "" = TRAIN_SEQ_LEN
-    train_seq_schedule: str = knob("1024@0.100,2048@0.700,3072@1.000")
-    seq_change_warmup_steps: int = knob(32, "[0, inf)")  # LR ramp over N steps after each length switch; 0 = none
+    train_seq_schedule: str = knob("0.333@0.100,0.667@0.700,1.0@1.000", check=lambda h: h.seq_stages)
+    # LR ramp over N steps after each length switch; 0 = none
+    seq_change_warmup_steps: int = knob(32, "[0, inf)", needs="TRAIN_SEQ_SCHEDULE!=")
     doc_packing: bool = knob(True)  # one packed row per micro-batch, attention within documents (varlen, PR #1530)
     logit_softcap: float = knob(30.0, "(0, inf)", model=True)
     logit_softcap_asym: bool = knob(True, model=True)  # two trained caps, for z >= 0 and z < 0 (PR #1923)
@@ -158,27 +189,45 @@ class Hyperparameters:
     tied_embed_init_std: float = knob(0.005, "[0, inf)")
     # seed-stack techniques
     unet_skips: bool = knob(True, model=True)  # encoder-half outputs added to the decoder half with learned weights
-    skip_gates: bool = knob(True, model=True)  # sigmoid-gated skips: x <- lerp(w*skip, x, sigmoid(g)) (PR #1218)
+    # sigmoid-gated skips: x <- lerp(w*skip, x, sigmoid(g)) (PR #1218)
+    skip_gates: bool = knob(True, model=True, needs="UNET_SKIPS=1")
     # blend the previous position's embedding in, never across a BOS: off | static (PR #1019's per-channel gate on
     # the normed embedding) | input (PR #1667's token-dependent gate on the raw embedding, BOS-masked per PR #1851)
     smear_gate: str = knob("input", choices=("off", "static", "input"), model=True)
-    smear_gate_window: int = knob(12, "[1, inf)", model=True)  # input: the gate reads the first N channels
-    bigram_vocab_size: int = knob(0, model=True)  # buckets of the hashed (previous, current) token pair; 0 = off
-    bigram_dim: int = knob(112, "[1, inf)", model=True)
-    xsa_last_n: int = knob(-1, model=True)  # exclusive self-attention on the last N layers; -1 = all, 0 = off
+    # input: the gate reads the first N channels
+    smear_gate_window: int = knob(12, "[1, inf)", model=True, needs="SMEAR_GATE=input",
+                            check=lambda h: h.smear_gate_window <= h.model_dim, why="must be <= MODEL_DIM={model_dim}")
+    # buckets of the hashed (previous, current) token pair; 0 = off
+    bigram_vocab_size: int = knob(0, "[0, inf)", model=True, check=lambda h: h.bigram_vocab_size != 1,
+                                  why="must be 0 (off) or >= 2 (one bucket is reserved)")
+    bigram_dim: int = knob(112, "[1, inf)", model=True, needs="BIGRAM_VOCAB_SIZE>0")
+    # exclusive self-attention on the last N layers; -1 = all, 0 = off
+    xsa_last_n: int = knob(-1, "[-1, inf)", model=True, check=lambda h: h.xsa_last_n <= h.num_layers,
+                           why="must be -1 (all), 0 (off) or at most NUM_LAYERS={num_layers}")
     # per-head attention output gates from the attention input (PR #1667 out, #1787 sparse, #1736 dense); none = off
     attn_gate: str = knob("sparse", choices=("none", "out", "sparse", "dense"), model=True)
-    attn_gate_window: int = knob(12, "[1, inf)", model=True)  # out and sparse read the first N channels of x
-    attn_gate_scale: float = knob(0.5, "(0, inf)", model=True)  # sparse: g = sigmoid(scale * W x) (records: 0.5)
+    # out and sparse read the first N channels of x
+    attn_gate_window: int = knob(12, "[1, inf)", model=True, needs="ATTN_GATE=out|sparse",
+                           check=lambda h: h.attn_gate_window <= h.model_dim, why="must be <= MODEL_DIM={model_dim}")
+    # sparse: g = sigmoid(scale * W x) (records: 0.5)
+    attn_gate_scale: float = knob(0.5, "(0, inf)", model=True, needs="ATTN_GATE=sparse")
     ln_scale: bool = knob(True, model=True)  # scale the block's normed inputs by 1/sqrt(layer + 1)
     # depth recurrence (PR #1493): layers LOOP_START..LOOP_END (inclusive) run 1 + NUM_LOOPS times, weights shared
     num_loops: int = knob(2, "[0, inf)", model=True)  # 0 = off
-    loop_start: int = knob(3, "[0, inf)", model=True)
-    loop_end: int = knob(5, "[0, inf)", model=True)
-    enable_looping_at: float = knob(0.35, "[0, 1]")  # training fraction from which the loop runs (eval: always)
-    parallel_start_layer: int = knob(8, "[0, inf)", model=True)  # two-lane residuals on decoder layers >= N (PR #1529)
-    ve_dim: int = knob(128, "[1, inf)", model=True)
-    ve_layers: str = knob("", model=True)  # layers whose c_v gets the shared value embedding; "" = off
+    loop_start: int = knob(-1, "[-1, inf)", model=True, needs="NUM_LOOPS>0", check=lambda h: h.loop[0] < h.num_layers,
+                           why="must be below NUM_LAYERS={num_layers}")  # -1 = 30% of the depth
+    loop_end: int = knob(-1, "[-1, inf)", model=True, needs="NUM_LOOPS>0", check=lambda h: h.loop[0] <= h.loop[1] <
+                         h.num_layers, why="must be in [LOOP_START={loop[0]}, NUM_LAYERS={num_layers})")  # -1 = 50%
+    # training fraction from which the loop runs (eval: always)
+    enable_looping_at: float = knob(0.35, "[0, 1]", needs="NUM_LOOPS>0")
+    # two-lane residuals on the decoder layers from this one (PR #1529); 0 = off, -1 = the last 30% past the loop
+    parallel_start_layer: int = knob(-1, "[-1, inf)", model=True, check=lambda h: h.parallel_from < h.num_layers and (
+        not h.num_loops or not h.parallel_from or h.parallel_from > h.loop[1]), why="must be 0 (off) or below "
+        "NUM_LAYERS={num_layers}, and past the loop's last layer {loop[1]} (once split, the lanes stay split)")
+    ve_dim: int = knob(128, "[1, inf)", model=True, needs="VE_LAYERS!=")
+    # layers whose c_v gets the shared value embedding; "" = off
+    ve_layers: str = knob("", model=True, check=lambda h: h.value_embed_layers is not None, why="must be empty (off) "
+                          "or distinct layer indices below NUM_LAYERS={num_layers} (negative: from the last layer)")
     ortho_init: bool = True  # orthogonal init of the matrices (both dims >= 64) that are not zero-initialised
     # learning rates
     embed_lr: float = knob(0.6, "[0, inf)")  # untied input embedding (and the bigram and value embedding tables)
@@ -193,7 +242,8 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = knob(1500, "[0, inf)")
     muon_wd: float = knob(0.095, "[0, inf)")  # decoupled: p <- p * (1 - lr * wd) before the update
     muon_wd_taper_start: float = knob(0.0, "[0, 1)")  # training fraction where the Muon WD taper starts; 0 = off
-    muon_wd_taper_factor: float = knob(0.5, "[0, inf)")  # Muon WD multiplier reached at the end of training (PR #1729)
+    # Muon WD multiplier reached at the end of training (PR #1729)
+    muon_wd_taper_factor: float = knob(0.5, "[0, inf)", needs="MUON_WD_TAPER_START>0")
     muon_row_norm: bool = knob(True)  # MuonEq-R: unit-norm rows of the momentum update before Newton-Schulz (PR #1285)
     muon_ns_coeffs: str = knob("polar_express", choices=("quintic", "polar_express"))  # Newton-Schulz (a, b, c) table
     # AdamW and clipping
@@ -215,32 +265,47 @@ class Hyperparameters:
     quant_mlp_bits: int = knob(6, choices=BITS)  # per-row int-N of the MLP matrices, 4-8, or 16 = fp16
     quant_attn_bits: int = knob(6, choices=BITS)  # attention matrices
     quant_embed_bits: int = knob(7, choices=BITS)  # embedding tables and an untied head
-    quant_clip: str = knob("sdclip", choices=("search", "sdclip"))  # row clip: candidates searched | k * row std
-    quant_sigmas_mlp: float = knob(11.5, "(0, inf)")  # SDClip's k for the MLP matrices (PR #1855) ...
-    quant_sigmas_attn: float = knob(13.0, "(0, inf)")  # ... the attention matrices ...
-    quant_sigmas_embed: float = knob(14.0, "(0, inf)")  # ... and the embedding tables and an untied head
-    quant_sdclip_lambda: float = knob(0.0, "[0, inf)")  # Hessian-aware SDClip (PR #1412: 0.175); 0 = plain
-    gptq_embed: bool = knob(True)  # GPTQ the tied embedding or untied head with its input's Hessian (PR #1855)
-    quant_gate_bits: int = knob(8, choices=(8, 16))  # attention gate weights: 8 = per-row int8 at the row max (#1736)
+    # row clip: candidates searched | k * row std
+    quant_clip: str = knob("sdclip", choices=("search", "sdclip"), needs="QUANT_METHOD!=gptq_lite")
+    # SDClip's k for the MLP matrices (PR #1855) ...
+    quant_sigmas_mlp: float = knob(11.5, "(0, inf)", needs="QUANT_CLIP=sdclip and QUANT_METHOD!=gptq_lite")
+    # ... the attention matrices ...
+    quant_sigmas_attn: float = knob(13.0, "(0, inf)", needs="QUANT_CLIP=sdclip and QUANT_METHOD!=gptq_lite")
+    # ... and the embedding tables and an untied head
+    quant_sigmas_embed: float = knob(14.0, "(0, inf)", needs="QUANT_CLIP=sdclip and QUANT_METHOD!=gptq_lite")
+    # Hessian-aware SDClip (PR #1412: 0.175); 0 = plain
+    quant_sdclip_lambda: float = knob(0.0, "[0, inf)", needs="QUANT_CLIP=sdclip and QUANT_METHOD=gptq")
+    # GPTQ the tied embedding or untied head with its input's Hessian (PR #1855)
+    gptq_embed: bool = knob(True, needs="QUANT_METHOD=gptq")
+    # attention gate weights: 8 = per-row int8 at the row max (#1736)
+    quant_gate_bits: int = knob(8, choices=(8, 16), needs="ATTN_GATE!=none")
     lqer_rank: int = knob(2, "[0, inf)")  # LQER-asym (PR #1797): rank of the quantization error's correction; 0 = off
-    lqer_top_k: int = knob(4, "[1, inf)")  # ... for the K int-N tensors of largest error
-    lqer_group: int = knob(32, "[1, inf)")  # ... INT4 group of the B factor (PR #2060: 32)
-    awq_lite_groups: int = knob(1, "[0, inf)")  # AWQ-lite (PR #1908): input-column groups kept wider; 0 = off
-    awq_lite_group_size: int = knob(64, "[1, inf)")  # ... of this many aligned columns ...
-    awq_lite_bits: int = knob(8, choices=(5, 6, 7, 8))  # ... at this width, in the same GPTQ solve
+    lqer_top_k: int = knob(4, "[1, inf)", needs="LQER_RANK>0")  # ... for the K int-N tensors of largest error
+    lqer_group: int = knob(32, "[1, inf)", needs="LQER_RANK>0")  # ... INT4 group of the B factor (PR #2060: 32)
+    # AWQ-lite (PR #1908): input-column groups kept wider; 0 = off
+    awq_lite_groups: int = knob(1, "[0, inf)", needs="QUANT_METHOD=gptq")
+    awq_lite_group_size: int = knob(64, "[1, inf)", needs=AWQ)  # ... of this many aligned columns ...
+    awq_lite_bits: int = knob(8, choices=(5, 6, 7, 8), needs=AWQ)  # ... at this width, in the same GPTQ solve
     fp16_max_numel: int = knob(65_536, "[0, inf)")  # tensors up to this many elements are stored in fp16
     gptq_calibration: str = knob("train", choices=("train", "selfgen"))  # training tokens in the budget | model samples
     gptq_calib_tokens: int = knob(12_582_912, "[1, inf)")  # calibration tokens, all ranks together
-    gptq_reserve_seconds: float = knob(8.0, "[0, inf)")  # with train calibration: taken off MAX_WALLCLOCK_SECONDS
+    # with train calibration: taken off MAX_WALLCLOCK_SECONDS
+    gptq_reserve_seconds: float = knob(8.0, "[0, inf)", check=lambda h: h.max_wallclock_seconds == 0 or not
+                                       h.uses_train_calibration or h.gptq_reserve_seconds < h.max_wallclock_seconds,
+                                       why="must be below MAX_WALLCLOCK_SECONDS={max_wallclock_seconds}")
     gptq_block_size: int = knob(128, "[1, inf)")
     gptq_damp: float = knob(0.01, "(0, inf)")  # Hessian damping, a fraction of its mean diagonal
     prune_frac: float = knob(0.0, "[0, 1)")  # magnitude pruning of each int-N tensor before quantization
     fit_strategy: str = knob("bits", choices=("bits", "prune", "none"))  # over the byte target: narrow, then prune
     fit_margin_bytes: int = knob(1000, "[0, inf)")  # byte target = 16,000,000 - code bytes - this
-    compressor: str = knob("rans", choices=("lzma", "zstd", "brotli", "zlib", "rans", "pergroup"))  # rans: our coder
+    # rans: our coder
+    compressor: str = knob("rans", choices=("lzma", "zstd", "brotli", "zlib", "rans", "pergroup"), check=lambda h:
+                           {"brotli": brotli, "pergroup": shutil.which("lrzip")}.get(h.compressor, True),
+                           why="needs the brotli package, or for pergroup the lrzip binary (apt-get install lrzip)")
     # final evaluation of the artifact
-    eval_seq_len: int = knob(3072, "[0, inf)")  # sliding-window length; 0 = TRAIN_SEQ_LEN
-    eval_stride: int = 3072  # window advance; = the window length is the plain evaluator
+    eval_seq_len: int = knob(0, "[0, inf)")  # evaluation window length; 0 = TRAIN_SEQ_LEN
+    eval_stride: int = knob(0, "[0, inf)", check=lambda h: h.stride <= h.eval_len, why="must be at most EVAL_SEQ_LEN="
+                            "{eval_len}")  # window advance; 0 = the window length (the plain evaluator)
     eval_batch_seqs: int = knob(32, "[1, inf)")  # windows per forward pass on each rank (of EVAL_SEQ_LEN tokens)
     eval_include_tail: bool = True  # score the whole stream (PR #2014), not whole TRAIN_SEQ_LEN sequences
     eval_docs: bool = True  # document-aware windows: context only from the target's own document (PR #1530)
@@ -253,33 +318,40 @@ class Hyperparameters:
     ttt_lr: float = knob(0.001, "(0, inf)")  # cosine-decayed over the chunks
     ttt_momentum: float = knob(0.9, "[0, 1)")  # SGD momentum, or AdamW beta1
     ttt_epochs: int = knob(1, "[1, inf)")
-    ttt_chunk_tokens: int = 32_768
-    ttt_freeze_blocks: int = 0  # the first N blocks keep their weights
+    ttt_chunk_tokens: int = knob(32_768, check=lambda h: h.ttt_chunk_tokens >= h.eval_len,
+                                 why="must be >= EVAL_SEQ_LEN={eval_len} (one TTT sequence)")
+    # the first N blocks keep their weights
+    ttt_freeze_blocks: int = knob(0, "[0, inf)", check=lambda h: h.ttt_freeze_blocks <= h.num_layers,
+                                  why="must be at most NUM_LAYERS={num_layers}")
     ttt_batch_seqs: int = knob(32, "[1, inf)")  # EVAL_SEQ_LEN sequences per TTT step, all ranks together
     ttt_grad_clip: float = knob(1.0, "[0, inf)")  # global L2 norm; 0 = off
     # chunks: the stream in TTT_CHUNK_TOKENS chunks, all weights (the knobs above); lora: per-document adapters
     # (PR #1530, #1767, #2014), with PHASED_TTT_NUM_PHASES pauses of the chunks' SGD on scored documents (#1610)
     ttt_mode: str = knob("lora", choices=("chunks", "lora"))
-    ttt_lora_rank: int = knob(80, "[1, inf)")
-    ttt_lora_alpha: float = knob(144.0, "(0, inf)")  # adapter output scale alpha / rank
-    ttt_lora_lr: float = knob(1e-4, "(0, inf)")
-    ttt_local_lr_mult: float = knob(0.75, "(0, inf)")  # adapters' AdamW lr = TTT_LORA_LR x this
-    ttt_beta1: float = knob(0.0, "[0, 1)")
-    ttt_beta2: float = knob(0.99, "[0, 1)")
-    ttt_weight_decay: float = knob(0.5, "[0, inf)")
-    ttt_mask: str = knob("no_qv", choices=("all", "no_q", "no_v", "no_qv", "no_k"))  # adapters left out
-    ttt_warm_start_a: bool = True  # a batch keeps its lane's A (PR #1767); only B restarts at zero
-    ttt_batch_size: int = knob(24, "[1, inf)")  # documents adapted together
-    ttt_chunk_size: int = knob(64, "[1, inf)")  # targets scored, then trained on, per adapter step
-    ttt_short_score_first_steps: str = "256:16,2000:32"  # shorter chunks for batches of short documents
-    ttt_lanes: int = knob(8, "[1, inf)")  # fixed queues of batches, split over the ranks (ranks past it idle)
-    phased_ttt_num_phases: int = knob(1, "[0, inf)")
-    phased_ttt_prefix_docs: int = knob(2500, "[1, inf)")
+    ttt_lora_rank: int = knob(80, "[1, inf)", needs=LORA)
+    ttt_lora_alpha: float = knob(144.0, "(0, inf)", needs=LORA)  # adapter output scale alpha / rank
+    ttt_lora_lr: float = knob(1e-4, "(0, inf)", needs=LORA)
+    ttt_local_lr_mult: float = knob(0.75, "(0, inf)", needs=LORA)  # adapters' AdamW lr = TTT_LORA_LR x this
+    ttt_beta1: float = knob(0.0, "[0, 1)", needs=LORA)
+    ttt_beta2: float = knob(0.99, "[0, 1)", needs=LORA)
+    ttt_weight_decay: float = knob(0.5, "[0, inf)", needs=LORA)
+    ttt_mask: str = knob("no_qv", choices=("all", "no_q", "no_v", "no_qv", "no_k"), needs=LORA)  # adapters left out
+    ttt_warm_start_a: bool = knob(True, needs=LORA)  # a batch keeps its lane's A (PR #1767); only B restarts at zero
+    ttt_batch_size: int = knob(24, "[1, inf)", needs=LORA)  # documents adapted together
+    # targets scored, then trained on, per adapter step
+    ttt_chunk_size: int = knob(64, "[1, inf)", needs=LORA, check=lambda h: h.ttt_chunk_size <= h.eval_len,
+                               why="must be at most EVAL_SEQ_LEN={eval_len} (a chunk is scored from one window)")
+    # shorter chunks for batches of short documents
+    ttt_short_score_first_steps: str = knob("256:16,2000:32", needs=LORA, check=lambda h: h.short_chunks or 1)
+    # fixed queues of batches, split over the ranks (ranks past it idle)
+    ttt_lanes: int = knob(8, "[1, inf)", needs=LORA)
+    phased_ttt_num_phases: int = knob(1, "[0, inf)", needs=LORA)
+    phased_ttt_prefix_docs: int = knob(2500, "[1, inf)", needs=LORA)
     # the token-only causal n-gram tilt of the final evaluators (PR #2130/#2135)
     ngram_tilt_enabled: bool = True
-    token_order: int = knob(16, "[2, 16]")
-    token_threshold: float = knob(0.8, "(0, 1]")
-    token_boost: float = knob(2.625, "(0, inf)")
+    token_order: int = knob(16, "[2, 16]", needs="NGRAM_TILT_ENABLED=1")
+    token_threshold: float = knob(0.8, "(0, 1]", needs="NGRAM_TILT_ENABLED=1")
+    token_boost: float = knob(2.625, "(0, inf)", needs="NGRAM_TILT_ENABLED=1")
     # system
     device: str = knob("auto", choices=("auto", "cpu", "cuda"))
     compile: str = knob("auto", choices=("auto", "0", "1"))  # auto = on for CUDA
@@ -312,115 +384,50 @@ class Hyperparameters:
             raise ConfigError("\n".join(errors))
 
     def errors(self) -> list[str]:
-        """Every violated rule as 'VAR=value: what was expected': the per-field ones declared with knob(),
-        then the rules between fields."""
-        found = []
+        """Every violated rule as 'VAR=value: what was expected', each field's rules from its knob() declaration.
+        A dormant field (its `needs` fail) must keep its own default or be 0 (off); its other rules are not checked."""
+        found, names = [], _Names(self)
         for f in fields(self):
-            v, spec = getattr(self, f.name), f.metadata
-            what = spec.get("within") and _within(v, spec["within"])
-            if spec.get("choices") and v not in spec["choices"]:
-                what = f"must be one of {', '.join(map(str, spec['choices']))}"
+            v, m, what = getattr(self, f.name), f.metadata, None
+            if m.get("choices") and v not in m["choices"]:
+                what = f"must be one of {', '.join(map(str, m['choices']))}"
+            elif m.get("within") and _within(v, m["within"]):
+                what = _within(v, m["within"])
+            elif m.get("needs") and not self.holds(m["needs"]):
+                what = v not in (f.default, 0) and f"has no effect unless {m['needs']}; leave it unset or 0"
+            elif m.get("check"):
+                try:
+                    what = not m["check"](self) and m["why"].format_map(names)
+                except (ValueError, ArithmeticError) as e:
+                    what = str(e) or m["why"].format_map(names)
             if what:
                 found.append(f"{f.name.upper()}={v!r}: {what}")
-        return found + [f"{name}={getattr(self, name.lower())!r}: {what}" for name, ok, what in self._rules() if not ok]
+        return found
 
-    def _rules(self) -> list[tuple[str, bool, str]]:
-        """The rules that relate fields to each other: (variable, holds, what was expected)."""
-        hd, nh, eval_len, local = self.head_dim, self.num_heads, self.eval_len, self.train_batch_tokens // MICROBATCHES
-        try:
-            stages, bad_schedule = seq_schedule(self.train_seq_schedule), ""
-        except ValueError as e:
-            stages, bad_schedule = [], str(e)
-        return [
-            ("NUM_KV_HEADS", self.num_kv_heads >= 1 and nh % self.num_kv_heads == 0,
-             f"must be >= 1 and divide NUM_HEADS={nh}"),
-            ("MODEL_DIM", nh >= 1 and self.model_dim % nh == 0 and hd % 2 == 0,
-             f"must be divisible by NUM_HEADS={nh} into an even head dimension (RoPE rotates pairs)"),
-            ("MLP_MULT", self.mlp_hidden >= 1, "must give an MLP hidden size >= 1"),
-            ("MLP_LEAKY_SLOPE", self.mlp_act == "leaky_relu2" or self.mlp_leaky_slope == 0.5,
-             "must stay 0.5 unless MLP_ACT=leaky_relu2 (the only activation that reads it)"),
-            ("TRAIN_BATCH_TOKENS", self.train_batch_tokens > 0 and self.train_seq_len >= 1
-             and self.train_batch_tokens % (MICROBATCHES * self.train_seq_len) == 0,
-             f"must be a positive multiple of {MICROBATCHES} micro-batches x TRAIN_SEQ_LEN={self.train_seq_len}"),
-            ("VAL_BATCH_SIZE", self.val_batch_size >= MICROBATCHES * self.train_seq_len,
-             f"must be >= {MICROBATCHES} x TRAIN_SEQ_LEN={self.train_seq_len} tokens"),
-            ("ROPE_DIMS", self.rope_dims == 0 or (self.rope_dims % 2 == 0 and 2 <= self.rope_dims <= hd),
-             f"must be 0 (all) or even and in [2, head dimension {hd}]"),
-            ("ROPE_NTK_LEN", self.rope_ntk_len >= 0 and (self.rope_ntk_len == 0 or (self.rope_dims or hd) > 2),
-             "must be >= 0, and needs more than 2 rotated dims"),
-            ("SKIP_GATES", self.unet_skips or not self.skip_gates, "needs UNET_SKIPS=1 (it gates those skips)"),
-            ("LOOP_END", self.loop_start <= self.loop_end < self.num_layers if self.num_loops else
-             (self.loop_start, self.loop_end) == (3, 5), f"must be in [LOOP_START={self.loop_start}, NUM_LAYERS="
-             f"{self.num_layers}) (LOOP_START..LOOP_END, both stay 3..5 unless NUM_LOOPS > 0, which reads them)"),
-            ("ENABLE_LOOPING_AT", self.num_loops > 0 or self.enable_looping_at == 0.35,
-             "must stay 0.35 unless NUM_LOOPS > 0 (which reads it)"),
-            ("PARALLEL_START_LAYER", self.parallel_start_layer < self.num_layers and (
-                not self.num_loops or not self.parallel_start_layer or self.parallel_start_layer > self.loop_end),
-             f"must be 0 (off) or below NUM_LAYERS={self.num_layers}, and above LOOP_END={self.loop_end} when "
-             "NUM_LOOPS > 0 (once split, the lanes stay split)"),
-            ("ATTN_GATE_WINDOW", self.attn_gate_window <= self.model_dim
-             and (self.attn_gate in ("out", "sparse") or self.attn_gate_window == 12),
-             f"must be <= MODEL_DIM={self.model_dim}, and stay 12 unless ATTN_GATE is out or sparse (which read it)"),
-            ("ATTN_GATE_SCALE", self.attn_gate == "sparse" or self.attn_gate_scale == 1.0,
-             "must stay 1.0 unless ATTN_GATE=sparse (which reads it)"),
-            ("SMEAR_GATE_WINDOW", self.smear_gate_window <= self.model_dim
-             and (self.smear_gate == "input" or self.smear_gate_window == 12),
-             f"must be <= MODEL_DIM={self.model_dim}, and stay 12 unless SMEAR_GATE=input (which reads it)"),
-            ("BIGRAM_VOCAB_SIZE", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2,
-             "must be 0 (off) or >= 2 (one bucket is reserved)"),
-            ("XSA_LAST_N", -1 <= self.xsa_last_n <= self.num_layers,
-             f"must be -1 (all), 0 (off) or at most NUM_LAYERS={self.num_layers}"),
-            ("VE_LAYERS", layer_list(self.ve_layers, self.num_layers) is not None, f"must be empty (off) or distinct "
-             f"comma-separated layer indices below NUM_LAYERS={self.num_layers} (negative: from the last layer)"),
-            ("GPTQ_RESERVE_SECONDS", self.max_wallclock_seconds == 0 or not self.uses_train_calibration
-             or self.gptq_reserve_seconds < self.max_wallclock_seconds,
-             f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} (GPTQ calibrates on training tokens)"),
-            ("COMPRESSOR", self.compressor != "brotli" or brotli is not None, "brotli needs the brotli package"),
-            ("COMPRESSOR", self.compressor != "pergroup" or shutil.which("lrzip") is not None,
-             "pergroup needs the lrzip binary on PATH (apt-get install lrzip)"),
-            ("EVAL_STRIDE", 1 <= self.eval_stride <= eval_len, f"must be in [1, EVAL_SEQ_LEN={eval_len}]"),
-            ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens >= eval_len,
-             f"must be >= EVAL_SEQ_LEN={eval_len} (one TTT sequence)"),
-            ("TTT_FREEZE_BLOCKS", 0 <= self.ttt_freeze_blocks <= self.num_layers,
-             f"must be in [0, NUM_LAYERS={self.num_layers}]"),
-            ("TTT_SHORT_SCORE_FIRST_STEPS", chunk_steps(self.ttt_short_score_first_steps) is not None,
-             "must be empty or comma-separated DOC_LEN:CHUNK pairs of positive integers, e.g. 256:16,2000:32"),
-            ("TTT_CHUNK_SIZE", self.ttt_mode != "lora" or max(
-                [self.ttt_chunk_size] + [c for _, c in chunk_steps(self.ttt_short_score_first_steps) or []]) <= eval_len,
-             f"and every TTT_SHORT_SCORE_FIRST_STEPS chunk must be <= EVAL_SEQ_LEN={eval_len} (a chunk is scored "
-             "from one window)"),
-            *[(k, self.ttt_mode == "lora" or getattr(self, k.lower()) == Hyperparameters.__dataclass_fields__[
-                k.lower()].default, "must stay at its default unless TTT_MODE=lora (which reads it)")
-              for k in ("TTT_LORA_RANK", "TTT_LORA_ALPHA", "TTT_LORA_LR", "TTT_LOCAL_LR_MULT", "TTT_BETA1", "TTT_BETA2",
-                        "TTT_WEIGHT_DECAY", "TTT_MASK", "TTT_WARM_START_A", "TTT_BATCH_SIZE", "TTT_CHUNK_SIZE",
-                        "TTT_SHORT_SCORE_FIRST_STEPS", "TTT_LANES", "PHASED_TTT_NUM_PHASES", "PHASED_TTT_PREFIX_DOCS")],
-            *[(k, self.ngram_tilt_enabled or getattr(self, k.lower()) == v, "must stay at its default unless "
-               "NGRAM_TILT_ENABLED=1 (which reads it)") for k, v in (("TOKEN_ORDER", 16), ("TOKEN_THRESHOLD", 0.8),
-                                                                     ("TOKEN_BOOST", 2.625))],
-            ("QUANT_CLIP", self.quant_clip == "search" or self.quant_method != "gptq_lite",
-             "must be search with QUANT_METHOD=gptq_lite (that method is the clip search SDClip replaces)"),
-            *[(k, self.quant_clip == "sdclip" or getattr(self, k.lower()) == v, f"must stay {v} unless QUANT_CLIP="
-               "sdclip (which reads it)") for k, v in (("QUANT_SIGMAS_MLP", 11.5), ("QUANT_SIGMAS_ATTN", 13.0),
-                                                       ("QUANT_SIGMAS_EMBED", 14.0), ("QUANT_SDCLIP_LAMBDA", 0.0))],
-            *[(k, v == 0 or self.quant_method == "gptq", "needs QUANT_METHOD=gptq (the Hessians it reads)")
-              for k, v in (("QUANT_SDCLIP_LAMBDA", self.quant_sdclip_lambda), ("GPTQ_EMBED", self.gptq_embed),
-                           ("AWQ_LITE_GROUPS", self.awq_lite_groups))],
-            *[(k, on or getattr(self, k.lower()) == v, f"must stay {v} unless {why} (which reads it)")
-              for k, v, on, why in (("QUANT_GATE_BITS", 16, self.attn_gate != "none", "ATTN_GATE is set"),
-                                    ("LQER_TOP_K", 3, self.lqer_rank, "LQER_RANK > 0"),
-                                    ("LQER_GROUP", 64, self.lqer_rank, "LQER_RANK > 0"),
-                                    ("AWQ_LITE_GROUP_SIZE", 64, self.awq_lite_groups, "AWQ_LITE_GROUPS > 0"),
-                                    ("AWQ_LITE_BITS", 8, self.awq_lite_groups, "AWQ_LITE_GROUPS > 0"))],
-            ("WARMDOWN_FRAC", self.warmdown_frac == 0 or self.warmdown_iters == 0,
-             f"must be 0 while WARMDOWN_ITERS={self.warmdown_iters} > 0 (one LR schedule at a time)"),
-            ("TRAIN_SEQ_SCHEDULE", not bad_schedule, bad_schedule),
-            ("TRAIN_SEQ_SCHEDULE", all(local % n == 0 for n, _ in stages),
-             f"every L must divide the micro-batch TRAIN_BATCH_TOKENS/{MICROBATCHES}={local} tokens"),
-            ("TRAIN_SEQ_LEN", not stages or self.train_seq_len == max(n for n, _ in stages),
-             "must equal the largest L of TRAIN_SEQ_SCHEDULE (it fixes the RoPE base and the validation length)"),
-            ("SEQ_CHANGE_WARMUP_STEPS", not self.seq_change_warmup_steps or bad_schedule or len(dict(stages)) > 1,
-             "must stay 0 unless TRAIN_SEQ_SCHEDULE switches length (the ramp follows each switch)"),
-        ]
+    def holds(self, needs: str) -> bool:
+        """Whether a knob's `needs` condition holds: NAME=a|b, NAME!=a|b or NAME>x, joined by ' and '."""
+        for cond in needs.split(" and "):
+            name, op, want = re.fullmatch(r"(\w+?)(!=|=|>)(.*)", cond).groups()
+            v = getattr(self, name.lower())
+            if not (v > float(want) if op == ">" else (str(int(v) if isinstance(v, bool) else v) in want.split("|"))
+                    == (op == "=")):
+                return False
+        return True
+
+    def used(self, name: str):
+        """The value of knob `name` where its `needs` hold, else None (a dormant knob does nothing)."""
+        needs = self.__dataclass_fields__[name].metadata.get("needs")
+        return getattr(self, name) if not needs or self.holds(needs) else None
+
+    def knob_values(self) -> dict:
+        """Every knob's value as this run uses it: the defaults that follow the size resolved (the run header,
+        the summary and the artifact record these)."""
+        v = {f.name: getattr(self, f.name) for f in fields(self)}
+        v.update(loop_start=self.loop[0], loop_end=self.loop[1], parallel_start_layer=self.parallel_from,
+                 eval_seq_len=self.eval_len, eval_stride=self.stride)
+        if self.train_seq_schedule.strip():
+            v["train_seq_schedule"] = ",".join(f"{n}@{f:.3f}" for n, f in self.seq_stages)
+        return v
 
     # Derived values: computed here once, read everywhere as h.<name>.
     @property
@@ -450,28 +457,52 @@ class Hyperparameters:
         n = self.num_layers if self.xsa_last_n == -1 else self.xsa_last_n
         return list(range(self.num_layers - n, self.num_layers))
 
-    @property
+    @functools.cached_property
     def value_embed_layers(self) -> list[int]:
         return layer_list(self.ve_layers, self.num_layers)
 
-    def layer_order(self, looped: bool = True) -> list[int]:
-        """The physical layer of each virtual layer: with NUM_LOOPS (and looped), LOOP_START..LOOP_END run 1 +
-        NUM_LOOPS times (11 layers, 3..5 twice more: 0 1 2 3 4 5 3 4 5 3 4 5 6 7 8 9 10, PR #1493)."""
-        order = list(range(self.num_layers))
-        if not (looped and self.num_loops):
-            return order
-        loop = order[self.loop_start : self.loop_end + 1]
-        return order[: self.loop_start] + loop * (self.num_loops + 1) + order[self.loop_end + 1 :]
+    @functools.cached_property
+    def loop(self) -> tuple[int, int]:
+        """(first, last) looped layer: LOOP_START and LOOP_END, where -1 at 30% and 50% of the depth (3..5 of 11)."""
+        first = self.loop_start if self.loop_start >= 0 else 3 * self.num_layers // 10
+        return first, self.loop_end if self.loop_end >= 0 else max(first, self.num_layers // 2)
 
-    @property
+    @functools.cached_property
+    def parallel_from(self) -> int:
+        """The first two-lane layer, 0 = none: PARALLEL_START_LAYER, where -1 the last 30% of the depth past the
+        loop (8 of 11), none if that leaves no layer."""
+        if self.parallel_start_layer >= 0:
+            return self.parallel_start_layer
+        first = max(-(-7 * self.num_layers // 10), self.loop[1] + 1 if self.num_loops else 0)
+        return first if first < self.num_layers else 0
+
+    def layer_order(self, looped: bool = True) -> list[int]:
+        """The physical layer of each virtual layer: with NUM_LOOPS (and looped), the loop's layers run 1 +
+        NUM_LOOPS times (11 layers, 3..5 twice more: 0 1 2 3 4 5 3 4 5 3 4 5 6 7 8 9 10, PR #1493)."""
+        order, (a, b) = list(range(self.num_layers)), self.loop
+        return order[:a] + order[a : b + 1] * (self.num_loops + 1) + order[b + 1 :] if looped and self.num_loops \
+            else order
+
+    @functools.cached_property
     def seq_stages(self) -> list[tuple[int, float]]:
         """(L, f) of each training-length stage: TRAIN_SEQ_SCHEDULE, or one stage of TRAIN_SEQ_LEN."""
-        return seq_schedule(self.train_seq_schedule) or [(self.train_seq_len, 1.0)]
+        return seq_schedule(self.train_seq_schedule, self.train_seq_len, self.train_batch_tokens // MICROBATCHES) \
+            or [(self.train_seq_len, 1.0)]
 
     @property
     def eval_len(self) -> int:
         """The final evaluation's window length: EVAL_SEQ_LEN, or TRAIN_SEQ_LEN when that is 0."""
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def stride(self) -> int:
+        """The evaluation windows' advance: EVAL_STRIDE, or the window length (no overlap) when that is 0."""
+        return self.eval_stride or self.eval_len
+
+    @functools.cached_property
+    def short_chunks(self) -> list[tuple[int, int]]:
+        """TTT_SHORT_SCORE_FIRST_STEPS as (document length limit, chunk) pairs, by limit."""
+        return chunk_steps(self.ttt_short_score_first_steps, self.eval_len)
 
     @property
     def log_path(self) -> str:
@@ -518,32 +549,39 @@ def layer_list(text: str, num_layers: int) -> list[int] | None:
     return layers if ok else None
 
 
-def seq_schedule(text: str) -> list[tuple[int, float]]:
-    """'1024@0.1,2048@0.7' -> [(1024, 0.1), (2048, 0.7), (2048, 1.0)]; '' -> []. Stages 'L@f' with L > 0 and f in
-    (0, 1], f increasing; a last f below 1 gets the stage (last L, 1.0) appended (PR #2014). ValueError: what was
-    expected."""
+def seq_schedule(text: str, seq_len: int, micro: int) -> list[tuple[int, float]]:
+    """'1024@0.1,2048@0.7' -> [(1024, 0.1), (2048, 0.7), (2048, 1.0)]; '' -> []. Stages 'L@f' with f in (0, 1]
+    increasing; a last f below 1 gets the stage (last L, 1.0) appended (PR #2014). An L with a decimal point is a
+    fraction of seq_len, taken to the nearest length up to seq_len that divides the micro-batch of `micro` tokens
+    (so '0.333@0.1,0.667@0.7,1.0@1' is 1024, 2048, 3072 at 3072). ValueError: what was expected."""
     if not text.strip():
         return []
+    fits = [n for n in range(1, seq_len + 1) if micro % n == 0] or [seq_len]
     try:
-        stages = [(int(n), float(f)) for n, f in (part.split("@") for part in text.split(","))]
+        stages = [(min(fits, key=lambda n: (abs(n - float(L) * seq_len), n)) if "." in L else int(L), float(f))
+                  for L, f in (part.split("@") for part in text.split(","))]
     except ValueError:
-        raise ValueError("must be comma-separated stages L@f (a length and a training fraction), e.g. "
-                         "1024@0.1,2048@0.7,3072@1.0") from None
-    if not all(n > 0 and 0 < f <= 1 for n, f in stages):
-        raise ValueError("every stage L@f needs L > 0 and f in (0, 1]")
-    if any(a[1] >= b[1] for a, b in zip(stages, stages[1:])):
-        raise ValueError("the fractions f must increase from stage to stage")
+        raise ValueError("must be comma-separated stages L@f (a length, or a fraction of TRAIN_SEQ_LEN such as "
+                         "0.5, and a training fraction), e.g. 1024@0.1,2048@0.7,3072@1.0") from None
+    if not all(n > 0 and 0 < f <= 1 for n, f in stages) or any(a[1] >= b[1] for a, b in zip(stages, stages[1:])):
+        raise ValueError("every stage L@f needs L > 0 and f in (0, 1], the fractions f increasing")
+    if any(micro % n for n, _ in stages) or max(n for n, _ in stages) != seq_len:
+        raise ValueError(f"every L must divide the micro-batch TRAIN_BATCH_TOKENS/{MICROBATCHES}={micro} tokens, "
+                         f"the largest equal TRAIN_SEQ_LEN={seq_len} (it fixes the RoPE base and validation length)")
     return stages + [(stages[-1][0], 1.0)] * (stages[-1][1] < 1)
 
 
-def chunk_steps(text: str) -> list[tuple[int, int]] | None:
-    """'2000:32,256:16' -> [(256, 16), (2000, 32)]: (document length limit, TTT chunk) pairs sorted by limit;
-    '' -> []; None if malformed (PR #2014's TTT_SHORT_SCORE_FIRST_STEPS)."""
+def chunk_steps(text: str, eval_len: int) -> list[tuple[int, int]]:
+    """'2000:32,256:16' -> [(256, 16), (2000, 32)]: (document length limit, TTT chunk) pairs sorted by limit
+    (PR #2014's TTT_SHORT_SCORE_FIRST_STEPS); '' -> []. ValueError: what was expected."""
     try:
         steps = sorted((int(a), int(b)) for a, b in (p.split(":") for p in text.split(",") if p.strip()))
     except ValueError:
-        return None
-    return steps if all(a > 0 and b > 0 for a, b in steps) else None
+        steps = [(0, 0)]
+    if not all(a > 0 and 0 < b <= eval_len for a, b in steps):
+        raise ValueError(f"must be empty or comma-separated DOC_LEN:CHUNK pairs of positive integers, every CHUNK "
+                         f"<= EVAL_SEQ_LEN={eval_len} (a chunk is scored from one window), e.g. 256:16,2000:32")
+    return steps
 
 
 OUR_PREFIXES = ("TTT_", "PHASED_TTT", "NGRAM_", "TOKEN_", "GPTQ_", "QUANT_", "MUON_", "EMA_", "SWA_", "BIGRAM_", "ROPE_", "XSA_", "VE_", "EVAL_",
@@ -1416,13 +1454,13 @@ class GPT(nn.Module):
         # switches it on at ENABLE_LOOPING_AT (a second compiled graph)
         self.orders, self.looping = {False: h.layer_order(False), True: h.layer_order(True)}, h.num_loops > 0
         self.skip_weights = nn.Parameter(torch.ones(len(self.orders[True]) // 2, h.model_dim)) if h.unet_skips else None
-        self.parallel_start = h.parallel_start_layer
+        self.parallel_start = h.parallel_from
         if self.parallel_start:  # (L, 2, 2) lane weights, (L, 2) residual gains; layers below the start never
             # read theirs, kept so the parameter count is the records' (PR #1855: 35,945,671)
             self.parallel_post_lambdas = nn.Parameter(torch.ones(h.num_layers, 2, 2))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((h.num_layers, 2), 1.1))
         # per-channel skip gates, sigmoid(0) = 0.5 at init (PR #1218)
-        self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if h.skip_gates else None
+        self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if h.used("skip_gates") else None
         ve_layers = h.value_embed_layers
         self.ve_shared = ValueEmbedding(h) if ve_layers else None
         self.ve_layer_scales = nn.Parameter(torch.ones(len(ve_layers))) if ve_layers else None
@@ -1558,7 +1596,8 @@ def forward_flops_per_token(h: Hyperparameters, seq_len: int, looped: bool = Tru
 def describe_features(h: Hyperparameters) -> str:
     rd, base = h.rope
     xsa, ve = h.xsa_layers, h.value_embed_layers
-    return (f"features unet_skips:{int(h.unet_skips)} skip_gates:{int(h.skip_gates)} smear_gate:{h.smear_gate}"
+    return (f"features unet_skips:{int(h.unet_skips)} skip_gates:{int(bool(h.used('skip_gates')))} "
+            f"smear_gate:{h.smear_gate}"
             f"{f'@{h.smear_gate_window}' if h.smear_gate == 'input' else ''} "
             f"bigram:{f'{h.bigram_vocab_size}x{h.bigram_dim}' if h.bigram_vocab_size else 'off'} "
             f"xsa_layers:{','.join(map(str, xsa)) or 'none'} rope_dims:{rd}/{h.head_dim} "
@@ -1568,8 +1607,8 @@ def describe_features(h: Hyperparameters) -> str:
             f"value_embed:{f'{h.ve_dim}@' + ','.join(map(str, ve)) if ve else 'off'} "
             f"mlp:{h.mlp_act}x{h.mlp_mult}{f' leaky_slope:{h.mlp_leaky_slope}' if h.mlp_act == 'leaky_relu2' else ''} "
             f"ortho_init:{int(h.ortho_init)} logit_softcap:{h.logit_softcap}{'/asym' if h.logit_softcap_asym else ''} "
-            f"loops:{f'{h.loop_start}-{h.loop_end}x{h.num_loops}@{h.enable_looping_at}' if h.num_loops else 'off'} "
-            f"parallel_from:{h.parallel_start_layer or 'off'} "
+            f"loops:{f'{h.loop[0]}-{h.loop[1]}x{h.num_loops}@{h.enable_looping_at}' if h.num_loops else 'off'} "
+            f"parallel_from:{h.parallel_from or 'off'} "
             f"doc_packing:{int(h.doc_packing)} train_seq:{','.join(f'{n}@{f}' for n, f in h.seq_stages)}"
             f"{f' seq_change_warmup:{h.seq_change_warmup_steps}' if h.seq_change_warmup_steps else ''}")
 
@@ -1770,7 +1809,7 @@ def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     last W of the training fraction f. WARMDOWN_ITERS: 1, then a linear warmdown to 0; with a wall-clock cap
     it starts when the remaining time is WARMDOWN_ITERS steps at the average step time so far (the baseline
     rule); the step-count warmdown to ITERATIONS also applies, so whichever limit comes first ends at LR 0."""
-    if h.warmdown_frac > 0:
+    if h.used("warmdown_frac"):
         frac = training_frac(h, step, elapsed_ms)
         return 1.0 if frac < 1 - h.warmdown_frac else max((1 - frac) / h.warmdown_frac, h.min_lr)
     if h.warmdown_iters == 0:
@@ -2116,9 +2155,9 @@ def quantize_state(h: Hyperparameters, sd: dict[str, Tensor], kinds: dict[str, s
     candidates and whether block matrices use their Hessians; PRUNE_FRAC zeroes the smallest weights of every
     int-N tensor first (GPTQ then compensates for them in the other weights); AWQ-lite's groups are chosen
     over the whole model first, LQER's corrections are fitted last."""
-    out, meta = {}, {"config": {k: getattr(h, k) for k in h.model_knobs()}, "tensors": {}}
+    out, meta = {}, {"config": {k: h.knob_values()[k] for k in h.model_knobs()}, "tensors": {}}
     bits = {n: quant_bits(h, n, kinds[n], t.shape) if t.is_floating_point() else 0 for n, t in sd.items()}
-    awq = awq_groups(h, sd, bits, hessians) if h.awq_lite_groups else {}
+    awq = awq_groups(h, sd, bits, hessians) if h.used("awq_lite_groups") else {}
     for name, t in sd.items():
         info = {"dtype": str(t.dtype).removeprefix("torch."), "bits": bits[name]}
         if info["bits"] == 0:
@@ -2228,7 +2267,7 @@ def quantize_tensor(h: Hyperparameters, name: str, t: Tensor, bits: int, hessian
     gate = name.endswith(".gate_w")
     clips, clip = (1.0,) if h.quant_method == "rtn" or gate else CLIP_QUANTILES, None
     hi = awq_mask(t.size(1), awq, h.awq_lite_group_size, t.device) if awq else None
-    if h.quant_clip == "sdclip" and not gate:
+    if h.used("quant_clip") == "sdclip" and not gate:
         k = h.quant_sigmas_mlp if ".mlp." in name else h.quant_sigmas_attn if name.startswith("blocks.") \
             else h.quant_sigmas_embed
         clip = sdclip(t.float(), k, hessian, h.quant_sdclip_lambda)
@@ -2522,8 +2561,8 @@ def decode_artifact(blob: bytes, h: Hyperparameters, source: str) -> dict[str, T
     if hashlib.sha256(blob[head:]).digest() != digest:
         raise ValueError(f"{source}: checksum mismatch (the file is truncated or corrupted)")
     tensors, meta = unpack_tensors(decompress(blob[head:], COMPRESSORS[comp]))
-    wrong = [f"{k.upper()}={v!r} (this run: {getattr(h, k)!r})" for k, v in meta["config"].items()
-             if getattr(h, k) != v]
+    ours = h.knob_values()
+    wrong = [f"{k.upper()}={v!r} (this run: {ours[k]!r})" for k, v in meta["config"].items() if ours[k] != v]
     if wrong:
         raise ValueError(f"{source}: made with another model configuration: {', '.join(wrong)}")
     return dequantize_state(tensors, meta)
@@ -2658,11 +2697,12 @@ def export(h: Hyperparameters, model: GPT, hessians: dict[str, Tensor] | None, c
     write_atomic(h.artifact_path, blob)
     write_atomic(ARTIFACT_PATH, blob)  # the latest run's artifact, as the official scripts name it
     clip = f"sdclip@mlp{h.quant_sigmas_mlp}/attn{h.quant_sigmas_attn}/embed{h.quant_sigmas_embed}" + \
-        (f"/lambda{h.quant_sdclip_lambda}" if h.quant_sdclip_lambda else "") if h.quant_clip == "sdclip" else "search"
+        (f"/lambda{h.quant_sdclip_lambda}" if h.quant_sdclip_lambda else "") if h.used("quant_clip") == "sdclip" \
+        else "search"
     awq = f"awq{h.awq_lite_groups}x{h.awq_lite_group_size}_int{h.awq_lite_bits}"
-    extras = [tag for on, tag in ((h.gptq_embed, "gptq_embed"), (h.quant_gate_bits == 8, "gate_int8"),
+    extras = [tag for on, tag in ((h.used("gptq_embed"), "gptq_embed"), (h.used("quant_gate_bits") == 8, "gate_int8"),
                                   (h.lqer_rank, f"lqer_r{h.lqer_rank}_top{h.lqer_top_k}_g{h.lqer_group}"),
-                                  (h.awq_lite_groups, awq)) if on]
+                                  (h.used("awq_lite_groups"), awq)) if on]
     log(f"quantization method:{h.quant_method} bits:mlp{h.quant_mlp_bits}/attn{h.quant_attn_bits}/"
         f"embed{h.quant_embed_bits} clip:{clip} fit:{h.fit_strategy} extras:{'+'.join(extras) or 'none'} "
         f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -2792,14 +2832,41 @@ def window_rows(val: ValidationData, wins: np.ndarray, device: torch.device) -> 
     return rows, (pos >= w - count) & (pos < w), at
 
 
-def score_rows(d: Dist, model: nn.Module, val: ValidationData, wins: np.ndarray, sums: Tensor, trace: Tensor | None,
-               hints: np.ndarray | None, boost: float, lora: BatchedLoRA | None = None) -> tuple[Tensor, Tensor]:
-    """Score windows `wins` in one forward pass: their loss (tilted toward `hints` by `boost` where given),
-    target count and bytes added to sums (float64), each scored target's count and loss to trace if given.
-    Returns the untilted loss and the mask (what TTT trains on)."""
+@dataclass
+class Scorer:
+    """An evaluation's running state: float64 sums of (loss, targets, bytes), each target's (count, loss) in
+    `trace` where given (the tests' exactly-once check), and the n-gram hints that tilt the scored loss by boost."""
+
+    sums: Tensor
+    trace: Tensor | None = None
+    hints: np.ndarray | None = None
+    boost: float = 0.0
+
+    @classmethod
+    def new(cls, d: Dist, trace: Tensor | None = None, hints: np.ndarray | None = None, boost: float = 0.0) -> Scorer:
+        return cls(torch.zeros(3, dtype=torch.float64, device=d.device), trace, hints, boost)
+
+    def result(self, d: Dist, val: ValidationData, what: str, how: str) -> EvalResult:
+        """The all-reduced sums as an EvalResult; raises unless they are val_data's tokens and bytes (every
+        validation target counted exactly once)."""
+        if self.trace is not None:
+            d.all_reduce(self.trace)
+        loss_sum, n_tokens, n_bytes = d.all_reduce(self.sums).tolist()
+        if (n_tokens, n_bytes) != (val.num_targets, val.byte_count):
+            raise RuntimeError(f"{what} evaluation ({how}) scored {n_tokens:.0f} tokens and {n_bytes:.0f} bytes, but "
+                               f"val_data has tokens:{val.num_targets} bytes:{val.byte_count}: it must score every "
+                               "validation target exactly once")
+        return EvalResult(loss_sum / n_tokens, loss_sum / (math.log(2) * n_bytes), int(n_tokens), int(n_bytes))
+
+
+def score_rows(d: Dist, model: nn.Module, val: ValidationData, wins: np.ndarray, sc: Scorer,
+               lora: BatchedLoRA | None = None) -> tuple[Tensor, Tensor]:
+    """Score windows `wins` in one forward pass into `sc`: their loss (tilted toward its hints where given), target
+    count and bytes. Returns the untilted loss and the mask (what TTT trains on)."""
     rows, mask, at = window_rows(val, wins, d.device)
+    sums, trace, hints = sc.sums, sc.trace, sc.hints
     tilt = None if hints is None else \
-        (torch.from_numpy(hints[np.minimum(at[:, :-1], len(hints) - 1)]).to(d.device, torch.int64), boost)
+        (torch.from_numpy(hints[np.minimum(at[:, :-1], len(hints) - 1)]).to(d.device, torch.int64), sc.boost)
     with d.autocast():
         out = model(rows[:, :-1], rows[:, 1:], reduction="none", lora=lora, hints=tilt)
     loss, scored = (out, out) if tilt is None else out
@@ -2812,9 +2879,8 @@ def score_rows(d: Dist, model: nn.Module, val: ValidationData, wins: np.ndarray,
     return loss, mask
 
 
-def score_windows(d: Dist, model: nn.Module, val: ValidationData, wins: np.ndarray, budget: int, sums: Tensor,
-                  trace: Tensor | None, hints: np.ndarray | None = None, boost: float = 0.0):
-    """Score windows `wins`: longest first, in batches of budget // (longest length) windows, batch k on rank
+def score_windows(d: Dist, model: nn.Module, val: ValidationData, wins: np.ndarray, budget: int, sc: Scorer):
+    """Score windows `wins` into `sc`: longest first, in batches of budget // (longest length) windows, batch k on rank
     k % world_size. A short batch is padded with masked copies of its last window, so windows of one length
     run at one shape (no torch.compile recompile)."""
     wins = wins[np.argsort(-wins[:, 1], kind="stable")]
@@ -2824,20 +2890,7 @@ def score_windows(d: Dist, model: nn.Module, val: ValidationData, wins: np.ndarr
         batch, i, k = wins[i : i + rows], i + rows, k + 1
         if (k - 1) % d.world_size == d.rank:
             score_rows(d, model, val, np.concatenate([batch, np.repeat(batch[-1:] * [1, 1, 0], rows - len(batch), 0)]),
-                       sums, trace, hints, boost)
-
-
-def eval_result(d: Dist, val: ValidationData, sums: Tensor, trace: Tensor | None, what: str, how: str) -> EvalResult:
-    """The all-reduced sums as an EvalResult; raises unless they are val_data's tokens and bytes (every validation
-    target counted exactly once)."""
-    if trace is not None:
-        d.all_reduce(trace)
-    loss_sum, n_tokens, n_bytes = d.all_reduce(sums).tolist()
-    if (n_tokens, n_bytes) != (val.num_targets, val.byte_count):
-        raise RuntimeError(f"{what} evaluation ({how}) scored {n_tokens:.0f} tokens and {n_bytes:.0f} bytes, but val_data has "
-                           f"tokens:{val.num_targets} bytes:{val.byte_count}: it must score every validation target "
-                           "exactly once")
-    return EvalResult(loss_sum / n_tokens, loss_sum / (math.log(2) * n_bytes), int(n_tokens), int(n_bytes))
+                       sc)
 
 
 def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData, win: Windows,
@@ -2851,22 +2904,20 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
     chunk = h.ttt_chunk_tokens if ttt else n
     n_chunks = math.ceil(n / chunk)
     bounds = np.searchsorted(first, np.arange(n_chunks + 1) * chunk)
-    sums = torch.zeros(3, dtype=torch.float64, device=d.device)
-    was_training, t0 = model.training, time.perf_counter()
+    sc, (was_training, t0) = Scorer.new(d, trace, hints, h.token_boost), (model.training, time.perf_counter())
     for c in range(n_chunks):
         model.eval()
         with torch.inference_mode():
-            score_windows(d, model, val, wins[bounds[c] : bounds[c + 1]], win.batch * win.seq_len, sums, trace, hints,
-                          h.token_boost)
+            score_windows(d, model, val, wins[bounds[c] : bounds[c + 1]], win.batch * win.seq_len, sc)
         if ttt and c < n_chunks - 1:
             ttt.adapt(val.tokens, c, n_chunks)
         if ttt and log and (c % 10 == 0 or c == n_chunks - 1):
-            loss, _, nbytes = d.all_reduce(sums.clone()).tolist()
+            loss, _, nbytes = d.all_reduce(sc.sums.clone()).tolist()
             log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={loss / (math.log(2) * max(nbytes, 1)):.6f} "
                 f"time={time.perf_counter() - t0:.1f}s")
     model.train(was_training)
     what = "legal_ttt" if ttt else "doc_window" if docs else "sliding_window" if win.stride < win.seq_len else "plain"
-    return eval_result(d, val, sums, trace, what, f"seq_len:{win.seq_len} stride:{win.stride}")
+    return sc.result(d, val, what, f"seq_len:{win.seq_len} stride:{win.stride}")
 
 
 def eval_val(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData) -> EvalResult:
@@ -2964,11 +3015,11 @@ class BatchedLoRA(nn.Module):
 
 
 def ttt_batch(h: Hyperparameters, d: Dist, model: nn.Module, lora: BatchedLoRA, val: ValidationData, docs: np.ndarray,
-              sums: Tensor, trace: Tensor | None, hints: np.ndarray | None):
+              sc: Scorer):
     """Score-first TTT of a batch of documents (start, targets) (PR #1530, #2014): each chunk is scored by the
     current adapters from at most EVAL_SEQ_LEN tokens of its document, then one AdamW step trains on it."""
     start, n = docs[:, 0], docs[:, 1]
-    c = next((c for limit, c in chunk_steps(h.ttt_short_score_first_steps) if n.max() + 1 <= limit), h.ttt_chunk_size)
+    c = next((c for limit, c in h.short_chunks if n.max() + 1 <= limit), h.ttt_chunk_size)
     chunks = -(-n // c)
     opt = lora.optimizer(h)
     for ci in range(int(chunks.max())):
@@ -2976,8 +3027,7 @@ def ttt_batch(h: Hyperparameters, d: Dist, model: nn.Module, lora: BatchedLoRA, 
         count = np.maximum(end - ci * c, 0)
         end = np.where(count > 0, end, 1)  # a finished document: one masked position
         w = np.minimum(end, h.eval_len)
-        loss, mask = score_rows(d, model, val, np.stack([start + end - w, w, count], 1), sums, trace, hints,
-                                h.token_boost, lora)
+        loss, mask = score_rows(d, model, val, np.stack([start + end - w, w, count], 1), sc, lora)
         train = chunks > ci + 1  # on the host: no device sync to decide
         if train.any():
             m = mask.float()
@@ -3004,7 +3054,7 @@ def check_ttt_phases(h: Hyperparameters, val: ValidationData):
     """Before training: each phase's SGD trains on every TTT_CHUNK_TOKENS chunk of its documents but the last, so
     documents of one chunk or less would make the phase a silent no-op (32,768-token chunks over a small
     validation set's few prefix documents)."""
-    if h.ttt_enabled and h.ttt_mode == "lora":
+    if any(e.ttt == "lora" for e in eval_plan(h)):
         lengths = np.diff(doc_bounds(val.tokens, val.bos_id))
         for docs in ttt_plan(h, lengths)[2]:
             if len(docs) and (n := int(lengths[docs].sum())) <= h.ttt_chunk_tokens:
@@ -3022,7 +3072,7 @@ def lora_ttt(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: Vali
     bounds = doc_bounds(val.tokens, val.bos_id)
     docs = np.stack([bounds[:-1], np.diff(bounds)], 1)
     queue, cuts, phase_docs = ttt_plan(h, docs[:, 1])
-    sums = torch.zeros(3, dtype=torch.float64, device=d.device)
+    sc = Scorer.new(d, trace, hints, h.token_boost)
     lora, t0 = BatchedLoRA(h, h.ttt_batch_size, d.device), time.perf_counter()
     model.eval()
     for p in base.parameters():
@@ -3032,7 +3082,7 @@ def lora_ttt(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: Vali
             gen = torch.Generator().manual_seed(h.seed * 7919 + phase * 104729 + lane)
             for i, k in enumerate(range(cuts[phase] + (lane - cuts[phase]) % h.ttt_lanes, cuts[phase + 1], h.ttt_lanes)):
                 lora.reset(gen if i == 0 or not h.ttt_warm_start_a else None)
-                ttt_batch(h, d, model, lora, val, docs[queue[k]], sums, trace, hints)
+                ttt_batch(h, d, model, lora, val, docs[queue[k]], sc)
         sgd = phase < len(phase_docs) and len(phase_docs[phase]) > 0
         if log:
             log(f"  lora_ttt phase [{phase + 1}/{len(cuts) - 1}] batches:{cuts[phase + 1]} docs_scored:"
@@ -3042,7 +3092,7 @@ def lora_ttt(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: Vali
             global_sgd(h, d, model, base, val, docs[phase_docs[phase]])
             for p in base.parameters():
                 p.requires_grad_(False)
-    return eval_result(d, val, sums, trace, "legal_ttt", f"lora seq_len:{h.eval_len}")
+    return sc.result(d, val, "legal_ttt", f"lora seq_len:{h.eval_len}")
 
 
 def global_sgd(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: ValidationData, docs: np.ndarray):
@@ -3065,15 +3115,30 @@ EVAL_MFU = {"windows": 0.225, "chunks": 0.060}
 OFFICIAL_TARGETS, ANCHOR_TTT_S, ANCHOR_HINTS_S = 47_853_343, 553.0 - 16.2, 16.2
 
 
-def eval_plan(h: Hyperparameters) -> list[str]:
-    """The artifact's evaluators in the order they run: the last one is the score, those before it diagnostics
-    that run only with EVAL_DIAGNOSTICS=1. The round trip is windows of TRAIN_SEQ_LEN over the whole stream."""
-    plan = ["roundtrip"]
-    if h.eval_docs or (h.eval_len, h.eval_stride) != (h.train_seq_len, h.train_seq_len):
-        plan.append("doc_window" if h.eval_docs else "sliding_window")
+@dataclass(frozen=True)
+class Evaluator:
+    """One evaluator of the artifact: its name (the log and summary label), windows, whether they stay within
+    documents, its test-time training ("", "lora" or "chunks") and its clock ("eval" for the score, else None)."""
+
+    name: str
+    win: Windows
+    docs: bool = False
+    ttt: str = ""
+    clock: str | None = None
+
+
+def eval_plan(h: Hyperparameters) -> list[Evaluator]:
+    """The artifact's evaluators in the order they run, the one home of that choice: the last is the score, those
+    before it diagnostics that run only with EVAL_DIAGNOSTICS=1. The round trip is windows of TRAIN_SEQ_LEN over
+    the whole stream. The checks before training, the cost projection, the warm-up and the scoring read it."""
+    n, win = h.train_seq_len, Windows(h.eval_len, h.stride, h.eval_batch_seqs)
+    plan = [Evaluator("roundtrip", Windows(n, n, max(1, h.val_batch_size // (MICROBATCHES * n))))]
+    if h.eval_docs or (h.eval_len, h.stride) != (n, n):
+        plan.append(Evaluator("doc_window" if h.eval_docs else "sliding_window", win, h.eval_docs))
     if h.ttt_enabled:
-        plan.append("legal_ttt")
-    return plan if h.eval_diagnostics else plan[-1:]
+        plan.append(Evaluator("legal_ttt", win, h.eval_docs, h.ttt_mode))
+    plan = plan if h.eval_diagnostics else plan[-1:]
+    return plan[:-1] + [replace(plan[-1], clock="eval")]
 
 
 def window_cost(h: Hyperparameters, w, times=1) -> float:
@@ -3087,7 +3152,7 @@ def window_cost(h: Hyperparameters, w, times=1) -> float:
 def lora_flops(h: Hyperparameters, lengths: np.ndarray) -> float:
     """LoRA TTT's model FLOPs over documents of these lengths: each batch at its padded shape, a TTT step 3x
     forward (the frozen weights need no gradients: an overcount the anchor absorbs), and the phase SGD."""
-    total, steps, (queue, _, phase_docs) = 0.0, chunk_steps(h.ttt_short_score_first_steps), ttt_plan(h, lengths)
+    total, steps, (queue, _, phase_docs) = 0.0, h.short_chunks, ttt_plan(h, lengths)
     for m in (lengths[b] for b in queue):
         c = next((c for limit, c in steps if m.max() + 1 <= limit), h.ttt_chunk_size)
         ci = np.arange(-(-m.max() // c))
@@ -3106,24 +3171,18 @@ def eval_costs(h: Hyperparameters, val: ValidationData) -> dict[str, tuple[float
     """(model FLOPs, projected 8xH100 seconds) of each evaluator of eval_plan on val, and of the n-gram hints
     (0 FLOPs). LoRA TTT and the hints at PR #2140's measured time, scaled by FLOPs against the defaults' on the
     same documents and by targets against the official set; windows and chunked TTT at EVAL_MFU."""
-    n, L, plan, out = val.num_targets, h.eval_len, eval_plan(h), {}
-    bounds = doc_bounds(val.tokens, val.bos_id)
-    mfu = lambda flops, kind: (flops, flops / (8 * H100_BF16_FLOPS * EVAL_MFU[kind]))  # noqa: E731
-    windows = lambda: window_cost(h, eval_windows(bounds if h.eval_docs else np.array([0, n]), L,  # noqa: E731
-                                                  h.eval_stride)[:, 1])  # only where windows are scored
-    if "roundtrip" in plan:
-        out["roundtrip"] = mfu(window_cost(h, eval_windows(np.array([0, n]), h.train_seq_len, h.train_seq_len)[:, 1]),
-                               "windows")
-    if {"doc_window", "sliding_window"} & set(plan):
-        out["doc_window" if h.eval_docs else "sliding_window"] = mfu(windows(), "windows")
-    if h.ngram_tilt_enabled and plan != ["roundtrip"]:
-        out["ngram_hints"] = (0.0, ANCHOR_HINTS_S * n / OFFICIAL_TARGETS)
-    if "legal_ttt" in plan and h.ttt_mode == "chunks":
-        out["legal_ttt"] = mfu(windows() + sgd_flops(h, n), "chunks")
-    elif "legal_ttt" in plan:
-        lengths = np.diff(bounds)
-        flops = lora_flops(h, lengths)
-        out["legal_ttt"] = (flops, ANCHOR_TTT_S * flops / lora_flops(Hyperparameters(), lengths) * n / OFFICIAL_TARGETS)
+    n, out, bounds = val.num_targets, {}, doc_bounds(val.tokens, val.bos_id)
+    for e in eval_plan(h):
+        if e.name != "roundtrip" and h.ngram_tilt_enabled:
+            out.setdefault("ngram_hints", (0.0, ANCHOR_HINTS_S * n / OFFICIAL_TARGETS))
+        if e.ttt == "lora":
+            flops = lora_flops(h, np.diff(bounds))
+            out[e.name] = (flops, ANCHOR_TTT_S * flops / lora_flops(Hyperparameters(), np.diff(bounds)) * n /
+                           OFFICIAL_TARGETS)
+            continue
+        wins = eval_windows(bounds if e.docs else np.array([0, n]), e.win.seq_len, e.win.stride)
+        flops = window_cost(h, wins[:, 1]) + (sgd_flops(h, n) if e.ttt else 0.0)  # only where windows are scored
+        out[e.name] = (flops, flops / (8 * H100_BF16_FLOPS * EVAL_MFU["chunks" if e.ttt else "windows"]))
     return out
 
 
@@ -3139,24 +3198,23 @@ def eval_warmup(h: Hyperparameters, d: Dist, model: nn.Module, dyn: nn.Module, b
         with d.autocast():
             return m(r[:, :-1], r[:, 1:], reduction="none", hints=hints, **kw)
 
-    plan, rows = eval_plan(h), h.eval_batch_seqs
-    shapes = [(model, max(1, h.val_batch_size // (MICROBATCHES * h.train_seq_len)), h.train_seq_len, False)] * (
-        "roundtrip" in plan)
-    if {"doc_window", "sliding_window"} & set(plan) or ("legal_ttt" in plan and h.ttt_mode == "chunks"):
-        shapes += [(dyn, rows, h.eval_len, True), (dyn, rows, h.eval_len // 2 + 1, True)] if h.eval_docs else \
-            [(model, rows, h.eval_len, True)]
+    plan, shapes = eval_plan(h), {}
+    for e in plan:  # a document's windows run at any length up to the window: two lengths cover the graph
+        lengths = (e.win.seq_len, e.win.seq_len // 2 + 1) if e.docs else (e.win.seq_len,)
+        shapes.update({(dyn if e.docs else model, e.win.batch, n, e.name != "roundtrip"): 0 for n in lengths}
+                      if e.ttt != "lora" else {})
     base.eval()
     with torch.inference_mode():
         for m, rows, n, tilt in shapes:
             run(m, rows, n, tilt)
-    if plan[-1] != "legal_ttt" or h.ttt_mode != "lora":
+    if plan[-1].ttt != "lora":
         return
     lora = BatchedLoRA(h, h.ttt_batch_size, d.device)
     lora.reset(g)
     opt = lora.optimizer(h)
     for p in base.parameters():
         p.requires_grad_(False)
-    for n in sorted({c for _, c in chunk_steps(h.ttt_short_score_first_steps)} | {h.ttt_chunk_size, h.eval_len}):
+    for n in sorted({c for _, c in h.short_chunks} | {h.ttt_chunk_size, h.eval_len}):
         out = run(dyn, h.ttt_batch_size, n, lora=lora)
         (out if isinstance(out, Tensor) else out[0]).mean().backward()
         opt.step()
@@ -3171,6 +3229,33 @@ def eval_warmup(h: Hyperparameters, d: Dist, model: nn.Module, dyn: nn.Module, b
             dyn(x, y, reduction="none", segments=segments).sum().backward()
         base.zero_grad(set_to_none=True)
         base.eval()
+
+
+def begin_evaluator(h: Hyperparameters, d: Dist, e: Evaluator, models: tuple, val: ValidationData,
+                    hints: np.ndarray | None, log):
+    """Log what evaluator `e` will do and return its pass (run on the clock): models = (static graph, dynamic
+    graph, the module itself)."""
+    model, dyn, base = models
+    if e.name == "roundtrip":
+        return lambda: eval_val(h, d, model, val)
+    if e.ttt == "lora":
+        log(f"ttt_lora:start docs={len(doc_bounds(val.tokens, val.bos_id)) - 1} batch={h.ttt_batch_size} "
+            f"chunk={h.ttt_chunk_size} short={h.ttt_short_score_first_steps or '-'} seq_len={e.win.seq_len} "
+            f"rank={h.ttt_lora_rank} mask={h.ttt_mask} lr={h.ttt_lora_lr * h.ttt_local_lr_mult:g} "
+            f"phases={h.phased_ttt_num_phases} prefix_docs={h.phased_ttt_prefix_docs} lanes={h.ttt_lanes}")
+        return lambda: lora_ttt(h, d, dyn, base, val, log=log, hints=hints)
+    ttt = ScoreFirstTTT(h, d, model, base) if e.ttt else None
+    if ttt:
+        log(f"ttt_sliding:start chunks={math.ceil(val.num_targets / h.ttt_chunk_tokens)} "
+            f"chunk_tokens={h.ttt_chunk_tokens} seq_len={e.win.seq_len} stride={e.win.stride} optimizer="
+            f"{h.ttt_optimizer} ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks}")
+        log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in ttt.params)} frozen={ttt.frozen}")
+    else:
+        bounds = doc_bounds(val.tokens, val.bos_id) if e.docs else np.array([0, val.num_targets])
+        log(f"final_eval_mode:{e.name} seq_len:{e.win.seq_len} stride:{e.win.stride} batch_seqs:{e.win.batch} "
+            f"windows:{len(eval_windows(bounds, e.win.seq_len, e.win.stride))}" +
+            (f" docs:{len(bounds) - 1}" if e.docs else ""))
+    return lambda: evaluate(h, d, dyn if e.docs else model, val, e.win, ttt=ttt, log=log, docs=e.docs, hints=hints)
 
 
 def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int, ledger: TimeLedger, log) -> dict:
@@ -3191,53 +3276,25 @@ def score_artifact(h: Hyperparameters, d: Dist, val: ValidationData, bos_id: int
     if compiled:
         with ledger.phase("eval_warmup", None):
             eval_warmup(h, d, model, dyn, base)
-    plan, label, win = eval_plan(h), quant_label(h), Windows(h.eval_len, h.eval_stride, h.eval_batch_seqs)
-    clock = lambda name: "eval" if name == plan[-1] else None  # noqa: E731
+    plan, label, models = eval_plan(h), quant_label(h), (model, dyn, base)
     hints, tilt = None, f" ngram_tilt:{h.token_boost}" if h.ngram_tilt_enabled else ""
-    if h.ngram_tilt_enabled and plan != ["roundtrip"]:
+    if h.ngram_tilt_enabled and plan[-1].name != "roundtrip":
         with ledger.phase("ngram_hints", "eval") as t:
             hints = ngram_hints(val.tokens, h.token_order, h.token_threshold, (d.rank, d.world_size))  # a share each
             hints = d.all_reduce(torch.from_numpy(hints).to(d.device), dist.ReduceOp.MAX).cpu().numpy()
         log(f"ngram_tilt order:{h.token_order} threshold:{h.token_threshold} boost:{h.token_boost} "
             f"hinted:{int((hints >= 0).sum())}/{len(hints)} time:{t.ms:.0f}ms")
-
-    def report(name: str, r: EvalResult, ms: float, extra: str = ""):
-        log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{ms:.0f}ms "
+    stages = dict.fromkeys(("roundtrip", "sliding_window", "doc_window", "legal_ttt"))  # None: did not run
+    for e in plan:
+        run = begin_evaluator(h, d, e, models, val, hints, log)
+        with ledger.phase("ttt_eval" if e.ttt else f"{e.name}_eval", e.clock) as t:
+            r = stages[e.name] = run()
+        name = e.name if e.ttt else f"final_{label}_{e.name}"
+        extra = tilt if e.ttt else "" if e.name == "roundtrip" else f" stride:{e.win.stride}{tilt}"
+        log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{t.ms:.0f}ms "
             f"tokens:{r.tokens} bytes:{r.bytes}")
         log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
-        return name + "_exact", r
-
-    stages = dict.fromkeys(("roundtrip", "sliding_window", "doc_window", "legal_ttt"))  # None: did not run
-    if "roundtrip" in plan:
-        with ledger.phase("roundtrip_eval", clock("roundtrip")) as t:
-            r = stages["roundtrip"] = eval_val(h, d, model, val)
-        score = report(f"final_{label}_roundtrip", r, t.ms)
-    if (name := "doc_window" if h.eval_docs else "sliding_window") in plan:
-        bounds = doc_bounds(val.tokens, bos_id) if h.eval_docs else np.array([0, val.num_targets])
-        log(f"final_eval_mode:{name} seq_len:{win.seq_len} stride:{win.stride} batch_seqs:{h.eval_batch_seqs} "
-            f"windows:{len(eval_windows(bounds, win.seq_len, win.stride))}" +
-            (f" docs:{len(bounds) - 1}" if h.eval_docs else ""))
-        with ledger.phase(f"{name}_eval", clock(name)) as t:
-            r = stages[name] = evaluate(h, d, dyn if h.eval_docs else model, val, win, docs=h.eval_docs, hints=hints)
-        score = report(f"final_{label}_{name}", r, t.ms, f" stride:{win.stride}{tilt}")
-    if "legal_ttt" in plan and h.ttt_mode == "lora":
-        log(f"ttt_lora:start docs={len(doc_bounds(val.tokens, bos_id)) - 1} batch={h.ttt_batch_size} "
-            f"chunk={h.ttt_chunk_size} short={h.ttt_short_score_first_steps or '-'} seq_len={win.seq_len} "
-            f"rank={h.ttt_lora_rank} mask={h.ttt_mask} lr={h.ttt_lora_lr * h.ttt_local_lr_mult:g} "
-            f"phases={h.phased_ttt_num_phases} prefix_docs={h.phased_ttt_prefix_docs} lanes={h.ttt_lanes}")
-        with ledger.phase("ttt_eval", "eval") as t:
-            r = stages["legal_ttt"] = lora_ttt(h, d, dyn, base, val, log=log, hints=hints)
-        score = report("legal_ttt", r, t.ms, tilt)
-    elif "legal_ttt" in plan:
-        ttt = ScoreFirstTTT(h, d, model, base)
-        log(f"ttt_sliding:start chunks={math.ceil(val.num_targets / h.ttt_chunk_tokens)} "
-            f"chunk_tokens={h.ttt_chunk_tokens} seq_len={win.seq_len} stride={win.stride} optimizer={h.ttt_optimizer} "
-            f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks}")
-        log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in ttt.params)} frozen={ttt.frozen}")
-        with ledger.phase("ttt_eval", "eval") as t:
-            r = stages["legal_ttt"] = evaluate(h, d, dyn if h.eval_docs else model, val, win, ttt=ttt, log=log,
-                                               docs=h.eval_docs, hints=hints)
-        score = report("legal_ttt", r, t.ms, tilt)
+        score = name + "_exact", r
     name, r = score
     log(f"official_score source:{name} (repeated below under the baseline's name)")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
@@ -3429,8 +3486,8 @@ def log_run_header(h: Hyperparameters, d: Dist, log, source: bytes, code: bytes,
     if d.cuda:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
         log(smi.stdout, console=False)
-    for f in fields(h):
-        log(f"hparam {f.name}:{getattr(h, f.name)}")
+    for k, v in h.knob_values().items():
+        log(f"hparam {k}:{v}")
     log(f"code source_bytes:{len(source)} packed_bytes:{len(code) if counted == 'packed' else 'none'} "
         f"counted:{counted} counted_bytes:{len(code)}")
 
@@ -3449,7 +3506,8 @@ def read_code() -> tuple[bytes, bytes, str]:
 
 
 def describe_run(h: Hyperparameters, d: Dist, sp, model: GPT, val: ValidationData, n_train: int, n_val: int, log):
-    """The log lines that say what this run is: tokenizer, data, model size and features, FLOPs, devices."""
+    """The log lines that say what this run is: tokenizer, data, model size and features, FLOPs, devices, and the
+    evaluation's projected 8xH100 time."""
     log(f"tokenizer path:{h.tokenizer_path} pieces:{sp.vocab_size()} "
         f"byte_pieces:{sum(map(sp.is_byte, range(sp.vocab_size())))} unk_id:{sp.unk_id()}")
     log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{n_train}")
@@ -3464,6 +3522,13 @@ def describe_run(h: Hyperparameters, d: Dist, sp, model: GPT, val: ValidationDat
     log(f"device:{d.device} compile:{int(use_compile(h, d))} autocast:{'bf16' if d.cuda else 'off'} "
         f"attention:{'fa3' if model.blocks[0].attn.use_fa3 else 'sdpa'}")
     log(f"seed:{h.seed}")
+    costs = eval_costs(h, val)
+    total = sum(s for _, s in costs.values())
+    log("eval_projection 8xH100 " + " ".join(f"{k}:{s:.0f}s" for k, (_, s) in costs.items()) +
+        f" total:{total:.0f}s budget:{BUDGET_MS // 1000}s (the evaluation clock at the records' measured times)")
+    if total > BUDGET_MS / 1000:
+        log(f"eval_projection OVER_BUDGET: these evaluators are projected at {total:.0f}s on 8xH100, past the "
+            f"{BUDGET_MS // 1000}s the rules allow for evaluation; this configuration would not be a valid record")
 
 
 def log_training(h: Hyperparameters, d: Dist, result: TrainResult, ledger: TimeLedger, log):
@@ -3484,6 +3549,7 @@ def log_training(h: Hyperparameters, d: Dist, result: TrainResult, ledger: TimeL
 
 
 def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list[str], val: ValidationData):
+    """One run: train on the training shards, export the artifact, score it, write the summary."""
     code, source, counted = read_code()
     log = Logger(h.log_path if d.is_main else None)
     if d.is_main:
@@ -3492,13 +3558,6 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     torch.manual_seed(h.seed)
     base_model = build_model(h, d, sp.bos_id())
     describe_run(h, d, sp, base_model, val, len(train_files), len(val_files), log)
-    costs = eval_costs(h, val)
-    total = sum(s for _, s in costs.values())
-    log("eval_projection 8xH100 " + " ".join(f"{k}:{s:.0f}s" for k, (_, s) in costs.items()) +
-        f" total:{total:.0f}s budget:{BUDGET_MS // 1000}s (the evaluation clock at the records' measured times)")
-    if total > BUDGET_MS / 1000:
-        log(f"eval_projection OVER_BUDGET: these evaluators are projected at {total:.0f}s on 8xH100, past the "
-            f"{BUDGET_MS // 1000}s the rules allow for evaluation; this configuration would not be a valid record")
     fingerprint = data_fingerprint(h, sp, val, train_files)
     log("data_fingerprint " + " ".join(f"{k}:{v}" for k, v in fingerprint.items()))
     data = TrainingData(train_files, h.vocab_size)
@@ -3508,12 +3567,7 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     hessians = finish_training(h, d, base_model, result, ledger, sp.bos_id(), log)
     data.close()  # the training clock has stopped: from here on a read of training data raises
     log(f"training_data:closed tokens_read:{data.tokens_read}")
-    r = None
-    if h.eval_diagnostics:
-        with ledger.phase("diagnostic_eval", None) as t:
-            r = eval_val(h, d, result.eval_model, val)
-        log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{t.ms:.0f}ms "
-            f"tokens:{r.tokens} bytes:{r.bytes}")
+    r = diagnose_averaged(h, d, result, val, ledger, log) if h.eval_diagnostics else None
     with ledger.phase("export", None):
         if d.is_main:
             export(h, base_model, hessians, len(code), log)
@@ -3525,14 +3579,23 @@ def run(h: Hyperparameters, d: Dist, sp, train_files: list[str], val_files: list
     d.barrier()  # no rank tears down its gloo/NCCL group while another still talks to it (gloo aborted ~2% of runs)
 
 
+def diagnose_averaged(h: Hyperparameters, d: Dist, result: TrainResult, val: ValidationData, ledger: TimeLedger,
+                      log) -> EvalResult:
+    """The averaged (exported) weights' validation before quantization: a diagnostic, on no clock."""
+    with ledger.phase("diagnostic_eval", None) as t:
+        r = eval_val(h, d, result.eval_model, val)
+    log(f"averaged_weights val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{t.ms:.0f}ms "
+        f"tokens:{r.tokens} bytes:{r.bytes}")
+    return r
+
+
 def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger, steps: int, code: bytes,
                   source: bytes, counted: str, data: dict):
     """logs/<RUN_ID>.json, next to the log, written atomically: what tools/make_record.py reads."""
     def result(r):
         return None if r is None else {"val_loss": r.val_loss, "val_bpb": r.val_bpb}
 
-    config = {f.name: getattr(h, f.name) for f in fields(h)}
-    defaults = Hyperparameters()
+    config, defaults = h.knob_values(), Hyperparameters().knob_values()
     fingerprint = {k: v for k, v in config.items() if k not in ("seed", "run_id")}
     name, score = stages.pop("score")
     model_bytes = os.path.getsize(h.artifact_path)
@@ -3542,7 +3605,7 @@ def write_summary(h: Hyperparameters, d: Dist, stages: dict, ledger: TimeLedger,
         "device": torch.cuda.get_device_name(d.device) if d.cuda else "cpu",
         "devices": {"type": d.device.type, "count": d.world_size},  # one device per rank; a record needs 8 CUDA
         "config": config, "env": {k.upper(): str(int(v) if isinstance(v, bool) else v) for k, v in config.items()
-                                  if v != getattr(defaults, k) and k not in ("run_id", "seed")},  # as they parse
+                                  if v != defaults[k] and k not in ("run_id", "seed")},  # as they parse
         "config_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
         "code": {"sha256": hashlib.sha256(code).hexdigest(), "source_sha256": hashlib.sha256(source).hexdigest(),
                  "source_bytes": len(source), "counted": counted, "counted_bytes": len(code)},
