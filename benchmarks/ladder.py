@@ -16,7 +16,7 @@ the exported (averaged) weights; the round trip through the row's quantizer, pla
 final score through the row's evaluator (the official grep line); ms per step (inflated by anything else
 running, not comparable across rows). The quantizer and evaluator rungs train exactly as the optimizer rung:
 their pre-quantization column repeats it, a check that only the export and the scoring changed (the evaluator
-rung's over one more, partial window: EVAL_INCLUDE_TAIL scores the last targets). The README's table is this at
+rung's over one more, partial window: EVAL_INCLUDE_TAIL scores the last targets). benchmarks/README.md's table is this at
 --steps 150.
 """
 

@@ -44,7 +44,7 @@ def sample_texts() -> list[str]:
     """The 400 bundled FineWeb documents; the first 100 are the sample's validation split."""
     return [json.loads(line)["text"] for line in SAMPLE_JSONL.read_text(encoding="utf-8").splitlines()]
 
-# The grep contract of progress lines (README, "Log lines").
+# The grep contract of progress lines (docs/metric-and-logs.md, "Log lines").
 STEP_LINE = re.compile(r"^step:\d+/\d+ (train_loss:\d+\.\d{4}|val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}) "
                        r"train_time:\d+ms step_avg:\d+\.\d{2}ms$")
 
@@ -64,7 +64,7 @@ SEED_STACK_ENV = read_env(CONFIGS / "seed_stack.env")
 TINY_ENV = {**{k: v for k, v in SEED_STACK_ENV.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")},
             **read_env(CONFIGS / "tiny.env")}
 
-# The official baseline's settings (the README runs them from this file).
+# The official baseline's settings (docs/presets.md runs them from this file).
 BASELINE_ENV = read_env(CONFIGS / "baseline.env")
 
 # The frontier preset: the defaults, written out.

@@ -1,4 +1,4 @@
-"""The budget on paper in README.md ("Record run"): every number of its training table is the arithmetic of
+"""The budget on paper in docs/speed-path.md: every number of its training table is the arithmetic of
 train_gpt's FLOP count for the defaults at the MFU PR #1019 reached, and the defaults are the frontier preset."""
 
 import re
@@ -9,7 +9,7 @@ from conftest import FRONTIER_ENV, ROOT, SEED_STACK_ENV
 
 import train_gpt as tg
 
-README = (ROOT / "README.md").read_text()
+DOC = (ROOT / "docs" / "speed-path.md").read_text()
 ROW = re.compile(r"^\| (\d\.\d\d)–(\d\.\d\d) \| (\d+) \| (plain|looped) \((\d+) layers\) \| (\S+) \+ (\S+) \| "
                  r"(\S+) \| (\S+) \|$", re.M)
 
@@ -22,12 +22,12 @@ def test_the_defaults_are_the_frontier_preset_and_the_presets_keep_their_counts(
         assert sum(p.numel() for p in model.parameters()) == count
 
 
-def test_the_readme_training_budget_is_the_flop_count_at_pr_1019s_mfu():
+def test_the_docs_training_budget_is_the_flop_count_at_pr_1019s_mfu():
     h, seed = tg.Hyperparameters(), tg.Hyperparameters.from_env(SEED_STACK_ENV)
     peak = 8 * tg.H100_BF16_FLOPS
     mfu = 3 * sum(tg.forward_flops_per_token(seed, seed.train_seq_len)) * seed.train_batch_tokens / 0.0867 / peak
-    assert f"(PR #1019: {mfu:.1%})" in README
-    rows = ROW.findall(README)
+    assert f"(PR #1019: {mfu:.1%})" in DOC
+    rows = ROW.findall(DOC)
     cuts = sorted({0.0, h.enable_looping_at, *(f for _, f in h.seq_stages)})
     assert [(float(a), float(b)) for a, b, *_ in rows] == list(zip(cuts, cuts[1:]))
     per_ms = 0.0
@@ -40,9 +40,9 @@ def test_the_readme_training_budget_is_the_flop_count_at_pr_1019s_mfu():
         assert float(pflop) == pytest.approx(step / 1e15, abs=5e-4)
         assert float(ms) == pytest.approx(step / (mfu * peak) * 1000, abs=0.05)
         per_ms += (b - a) / (step / (mfu * peak) * 1000)
-    assert f"A time-weighted {1 / per_ms:.1f} ms/step" in README
+    assert f"A time-weighted {1 / per_ms:.1f} ms/step" in DOC
     steps = h.loop_cap_ms * per_ms
-    assert 4_200 < steps < 4_300 and "about 4,250 steps in the 592 s" in README
+    assert 4_200 < steps < 4_300 and "about 4,250 steps in the 592 s" in DOC
 
 
 def test_the_ladder_climbs_from_the_seed_stack_to_the_default_preset_section_by_section():

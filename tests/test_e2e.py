@@ -90,7 +90,7 @@ def test_time_ledger_and_the_training_data_gate(runs):
     phases = [(m[1], int(m[2]), m[3]) for m in phases if m]
     assert phases[2:5] == [("train_loop", phases[2][1], "train"), ("averaging", phases[3][1], "train"),
                            ("gptq_calibration", phases[4][1], "train")]
-    # the rulings the records followed: export, loading and the diagnostics outside both clocks (README.md)
+    # the rulings the records followed: export, loading and the diagnostics outside both clocks (docs/evaluation.md)
     assert [(p, c) for p, _, c in phases[:2] + phases[5:]] == [
         ("compile_warmup", "none"), ("periodic_validation", "none"), ("diagnostic_eval", "none"), ("export", "none"),
         ("load_artifact", "none"), ("roundtrip_eval", "none"), ("sliding_window_eval", "none"), ("ttt_eval", "eval")]

@@ -22,7 +22,7 @@ def randomized(model: GPT, seed: int = 0) -> GPT:
 
 def test_sizes_match_the_official_counts():
     baseline = GPT(Hyperparameters.from_env(BASELINE_ENV))
-    assert sum(p.numel() for p in baseline.parameters()) == 17_059_912  # the official baseline's (README, "Record run")
+    assert sum(p.numel() for p in baseline.parameters()) == 17_059_912  # the official baseline's (docs/presets.md)
     assert baseline.skip_weights.shape == (4, 512) and baseline.lm_head is None
     record = GPT(Hyperparameters.from_env(SEED_STACK_ENV))
     assert sum(p.numel() for p in record.parameters()) == 27_067_484  # PR #1019's model_params

@@ -1,4 +1,4 @@
-"""The seed-stack techniques, each by the property that defines it (README, "Record run")."""
+"""The seed-stack techniques, each by the property that defines it (docs/presets.md, "The seed stack")."""
 
 import numpy as np
 import pytest
@@ -315,7 +315,7 @@ def test_partial_rope_leaves_the_other_dims_untouched():
 
 def test_rope_base_is_fixed_by_the_configuration_not_the_runtime_length():
     rd, base = Hyperparameters.from_env(SEED_STACK_ENV).rope
-    assert rd == 16 and base == pytest.approx(22_082, abs=1)  # the records' NTK base at T=2048 (README)
+    assert rd == 16 and base == pytest.approx(22_082, abs=1)  # the records' NTK base at T=2048 (docs/differences.md)
     assert tiny_h(rope_ntk_len=0).rope[1] == 10000.0
     # a model trained at T=64 with NTK scaling from 16: a short forward must use the same base (the records
     # switched back to the unscaled base for passes of <= 1024 tokens), so prefixes give identical logits
