@@ -135,17 +135,17 @@ class Hyperparameters:
     (configs/frontier.env writes them out); configs/seed_stack.env and configs/baseline.env are the 2026-03-25
     record's stack and the official baseline."""
 
-    # data and run
+    # -- data and run
     data_path: str = "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
     tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
     run_id: str = ""  # "" = a fresh uuid4; names logs/<run_id>.txt
     seed: int = 1337
-    # validation and logging
+    # -- validation and logging
     val_batch_size: int = knob(524_288, check=lambda h: h.val_batch_size >= MICROBATCHES * h.train_seq_len,
                                why=f"must be >= {MICROBATCHES} x TRAIN_SEQ_LEN={{train_seq_len}} tokens")  # all ranks
     val_loss_every: int = knob(0, "[0, inf)")  # validate every N steps (and at step 0); 0 = only after training
     train_log_every: int = knob(500, "[0, inf)")  # log train_loss every N steps (and steps 1-10, the last); 0 = never
-    # length and batch
+    # -- length and batch
     iterations: int = knob(20_000, "[1, inf)")  # at least one step: an untrained model's score means nothing
     warmdown_iters: int = knob(0, "[0, inf)")  # linear LR warmdown over about the last N steps (by wall clock)
     # LR warmdown over the last fraction of training (PR #1394); 0 = off
@@ -156,7 +156,7 @@ class Hyperparameters:
                                    and h.train_batch_tokens > 0, why=f"must be a positive multiple of {MICROBATCHES} "
                                    "micro-batches x TRAIN_SEQ_LEN={train_seq_len}")  # tokens per step, all ranks
     max_wallclock_seconds: float = knob(600.0, "[0, inf)")  # training-time cap; 0 = none
-    # model shape
+    # -- model shape
     vocab_size: int = knob(8192, "[1, 65536]", model=True)  # shards store uint16 tokens
     num_layers: int = knob(11, "[1, inf)", model=True)
     model_dim: int = knob(512, model=True, check=lambda h: h.model_dim % h.num_heads == 0 and h.head_dim % 2 == 0,
@@ -187,7 +187,7 @@ class Hyperparameters:
     logit_softcap_asym: bool = knob(True, model=True)  # two trained caps, for z >= 0 and z < 0 (PR #1923)
     qk_gain_init: float = 5.25
     tied_embed_init_std: float = knob(0.005, "[0, inf)")
-    # seed-stack techniques
+    # -- seed-stack techniques
     unet_skips: bool = knob(True, model=True)  # encoder-half outputs added to the decoder half with learned weights
     # sigmoid-gated skips: x <- lerp(w*skip, x, sigmoid(g)) (PR #1218)
     skip_gates: bool = knob(True, model=True, needs="UNET_SKIPS=1")
@@ -229,13 +229,13 @@ class Hyperparameters:
     ve_layers: str = knob("", model=True, check=lambda h: h.value_embed_layers is not None, why="must be empty (off) "
                           "or distinct layer indices below NUM_LAYERS={num_layers} (negative: from the last layer)")
     ortho_init: bool = True  # orthogonal init of the matrices (both dims >= 64) that are not zero-initialised
-    # learning rates
+    # -- learning rates
     embed_lr: float = knob(0.6, "[0, inf)")  # untied input embedding (and the bigram and value embedding tables)
     head_lr: float = knob(0.008, "[0, inf)")  # untied output head
     tied_embed_lr: float = knob(0.03, "[0, inf)")  # tied embedding and the bigram and value embedding tables
     matrix_lr: float = knob(0.028, "[0, inf)")  # Muon
     scalar_lr: float = knob(0.02, "[0, inf)")  # control tensors, gates, skip weights, bigram/VE projections
-    # Muon
+    # -- Muon
     muon_momentum: float = knob(0.97, "[0, 1)")
     muon_backend_steps: int = knob(5, "[1, inf)")
     muon_momentum_warmup_start: float = knob(0.92, "[0, 1)")
@@ -246,21 +246,21 @@ class Hyperparameters:
     muon_wd_taper_factor: float = knob(0.5, "[0, inf)", needs="MUON_WD_TAPER_START>0")
     muon_row_norm: bool = knob(True)  # MuonEq-R: unit-norm rows of the momentum update before Newton-Schulz (PR #1285)
     muon_ns_coeffs: str = knob("polar_express", choices=("quintic", "polar_express"))  # Newton-Schulz (a, b, c) table
-    # AdamW and clipping
+    # -- AdamW and clipping
     beta1: float = knob(0.9, "[0, 1)")
     beta2: float = knob(0.99, "[0, 1)")
     adam_eps: float = knob(1e-8, "(0, inf)")
     adam_wd: float = knob(0.02, "[0, inf)")  # the scalar and head groups
     embed_wd: float = knob(0.085, "[0, inf)")  # the embedding tables (token, bigram, value) (records: 0.085)
     grad_clip_norm: float = knob(0.3, "[0, inf)")  # global L2 norm; 0 = off
-    # weight averaging (what gets exported)
+    # -- weight averaging (what gets exported)
     weight_averaging: str = knob("ema", choices=("ema", "swa", "none"))
     ema_decay: float = knob(0.9965, "[0, 1)")
     ema_warmup: bool = True  # decay min(EMA_DECAY, (1+n)/(10+n)) after n updates, so short runs average too
     swa_every: int = knob(50, "[1, inf)")  # SWA snapshot every N steps ...
     swa_start_frac: float = knob(0.2, "(0, 1]")  # ... once the LR scale is below this
     late_qat_threshold: float = knob(0.0, "[0, 1]")  # fake-quantize the block matrices below this LR scale; 0 = off
-    # export: quantization, calibration, pruning, compression
+    # -- export: quantization, calibration, pruning, compression
     quant_method: str = knob("gptq", choices=("gptq", "gptq_lite", "rtn"))  # Hessian | clip search | round to nearest
     quant_mlp_bits: int = knob(6, choices=BITS)  # per-row int-N of the MLP matrices, 4-8, or 16 = fp16
     quant_attn_bits: int = knob(6, choices=BITS)  # attention matrices
@@ -302,7 +302,7 @@ class Hyperparameters:
     compressor: str = knob("rans", choices=("lzma", "zstd", "brotli", "zlib", "rans", "pergroup"), check=lambda h:
                            {"brotli": brotli, "pergroup": shutil.which("lrzip")}.get(h.compressor, True),
                            why="needs the brotli package, or for pergroup the lrzip binary (apt-get install lrzip)")
-    # final evaluation of the artifact
+    # -- final evaluation of the artifact
     eval_seq_len: int = knob(0, "[0, inf)")  # evaluation window length; 0 = TRAIN_SEQ_LEN
     eval_stride: int = knob(0, "[0, inf)", check=lambda h: h.stride <= h.eval_len, why="must be at most EVAL_SEQ_LEN="
                             "{eval_len}")  # window advance; 0 = the window length (the plain evaluator)
@@ -312,7 +312,7 @@ class Hyperparameters:
     # also run what the score does not need, outside both clocks: the last step's and the averaged weights'
     # validation, and the artifact's evaluators before the scored one (eval_plan)
     eval_diagnostics: bool = False
-    # legal score-first test-time training (PR #549's recipe)
+    # -- legal score-first test-time training (PR #549's recipe)
     ttt_enabled: bool = True
     ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"))
     ttt_lr: float = knob(0.001, "(0, inf)")  # cosine-decayed over the chunks
@@ -347,12 +347,12 @@ class Hyperparameters:
     ttt_lanes: int = knob(8, "[1, inf)", needs=LORA)
     phased_ttt_num_phases: int = knob(1, "[0, inf)", needs=LORA)
     phased_ttt_prefix_docs: int = knob(2500, "[1, inf)", needs=LORA)
-    # the token-only causal n-gram tilt of the final evaluators (PR #2130/#2135)
+    # -- the token-only causal n-gram tilt of the final evaluators (PR #2130/#2135)
     ngram_tilt_enabled: bool = True
     token_order: int = knob(16, "[2, 16]", needs="NGRAM_TILT_ENABLED=1")
     token_threshold: float = knob(0.8, "(0, 1]", needs="NGRAM_TILT_ENABLED=1")
     token_boost: float = knob(2.625, "(0, inf)", needs="NGRAM_TILT_ENABLED=1")
-    # system
+    # -- system
     device: str = knob("auto", choices=("auto", "cpu", "cuda"))
     compile: str = knob("auto", choices=("auto", "0", "1"))  # auto = on for CUDA
 

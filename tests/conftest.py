@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "data")]
+sys.path[:0] = [str(ROOT), str(ROOT / "data"), str(ROOT / "tools")]
 
 SAMPLE_JSONL = ROOT / "data" / "sample" / "fineweb_sample.jsonl"
 SP1024 = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"  # no byte fallback: unknown characters -> <unk>

@@ -44,7 +44,7 @@ def test_every_knob_is_used_outside_its_declaration():
     cls = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "Hyperparameters")
     outside = SOURCE.replace(ast.get_source_segment(SOURCE, cls), "")
     used_props = [ast.get_source_segment(SOURCE, n) for n in cls.body if isinstance(n, ast.FunctionDef)
-                  and any(isinstance(d, ast.Name) and d.id == "property" for d in n.decorator_list)
+                  and any(ast.unparse(d) in ("property", "functools.cached_property") for d in n.decorator_list)
                   and re.search(rf"\bh\.{n.name}\b", outside)]
     for f in dataclasses.fields(train_gpt.Hyperparameters):
         used = re.search(rf"\bh\.{f.name}\b", outside) or any(re.search(rf"\bself\.{f.name}\b", p) for p in used_props)
