@@ -4,25 +4,17 @@ train_gpt.py: one-file trainer for the OpenAI Parameter Golf challenge (track_10
     python3 train_gpt.py                                   # one process, on CPU or one GPU
     torchrun --standalone --nproc_per_node=8 train_gpt.py  # the 8xH100 record run
 
-Every knob is an environment variable named after a Hyperparameters field (README.md has the table).
-
-Notable features:
-- exact, tokenizer-agnostic val_bpb: byte lookup tables from the tokenizer, float64 sums across ranks
-- by default the frontier stack of the final records (configs/frontier.env): depth recurrence, parallel residuals,
-  gated skips and attention, the input SmearGate, an asymmetric logit cap; the seed-stack techniques (PR #1019:
-  BigramHash, value embeddings, ...) stay knobs (configs/seed_stack.env), and all off is the official baseline
-- wall-clock schedule: the LR warmdown ends at the cap and every rank stops at the same step; compile
-  warm-up steps are excluded from the clock and undone (weights, optimizer state and data restored)
-- document packing with varlen attention (PR #1530) and a progressive training length (PR #2014)
-- Muon (MuonEq-R, Polar-Express Newton-Schulz) for the block matrices, AdamW for embeddings and control
-  tensors; EMA or SWA weights are exported; late QAT that really acts under torch.compile
-- export: per-row int-N with full-Hessian GPTQ (calibrated inside the training budget, or on self-generated
-  text), SDClip, LQER, AWQ-lite, selective pruning to the decimal byte cap, lzma/zstd/brotli or our rANS
-  coder, a checksummed pickle-free artifact read back from disk into a fresh model and scored again
-- evaluation: sliding or document windows, chunked or per-document LoRA TTT with phases, the token n-gram
-  tilt, each target scored once (C1-C4 of the organisers' ruling, Issue #1017, by test)
-- device-agnostic: CUDA (NCCL, bf16 autocast, torch.compile, FlashAttention 3 when installed) or CPU (gloo,
-  fp32, SDPA), so the whole file is testable without a GPU
+Every knob is an environment variable named after a Hyperparameters field (docs/knobs.md has the table). By
+default it runs the legal frontier stack of the final records (configs/frontier.env; lineage: docs/presets.md):
+- exact, tokenizer-agnostic val_bpb: byte tables from the tokenizer (or CaseOps' sidecar), float64 sums
+- a wall-clock schedule: the warmdown ends at the cap, all ranks stop at the same step, compile warm-up is undone
+- document packing with varlen attention and a progressive length; Muon for the block matrices, AdamW the rest
+- export: per-row int-N GPTQ, SDClip, LQER, AWQ-lite, fitted to the decimal byte cap, lzma/zstd/brotli or rANS,
+  a checksummed pickle-free artifact read back into a fresh model and scored again
+- evaluation: sliding or document windows, LoRA TTT, the token n-gram tilt, each target scored once (C1-C4 of
+  the organisers' ruling, Issue #1017, by test)
+- CUDA (NCCL, bf16, torch.compile, FlashAttention 3) or CPU (gloo, fp32, SDPA): all of it testable without a GPU
+Where this differs from the official scripts, and why: docs/differences.md.
 
 Budget: this file stays under 3600 lines; its bytes count toward the 16,000,000-byte artifact.
 """
@@ -690,8 +682,7 @@ def torchrun_env() -> tuple[bool, int, int, int]:
 
 
 def init_dist(h: Hyperparameters) -> Dist:
-    """One process without torchrun; a process group over NCCL (CUDA) or gloo (CPU) when RANK and WORLD_SIZE
-    are set."""
+    """A process group over NCCL (CUDA) or gloo (CPU) when torchrun set RANK and WORLD_SIZE, else one process."""
     distributed, rank, world, local_rank = torchrun_env()
     if world < 1 or MICROBATCHES % world:
         raise ValueError(f"WORLD_SIZE={world}: must divide {MICROBATCHES} (the micro-batches of one step)")
@@ -734,10 +725,8 @@ BUDGET_MS = 600_000  # each of training and evaluation (the challenge README)
 
 
 class TimeLedger:
-    """Wall time of every phase after setup, charged to the training or the evaluation budget by the rules of
-    README.md, "Evaluation and the time budget" (None: not charged, like compile warm-up and periodic
-    validation). Each phase is logged as it ends, the totals at the end, and a total over 600 s gets one line
-    saying so."""
+    """Wall time of every phase after setup, charged to the training or evaluation budget or to none (None; the
+    rules: docs/evaluation.md); logged per phase and in total, with an OVER_BUDGET line past 600 s."""
 
     def __init__(self, d: Dist, log):
         self.d, self.log, self.total = d, log, {"train": 0.0, "eval": 0.0, None: 0.0}
@@ -766,8 +755,7 @@ class TimeLedger:
 
 
 def write_atomic(path: str, data: bytes):
-    """Write to a temporary file, fsync, then rename: the path holds either the old or the new content, and a
-    failed write leaves no temporary file behind."""
+    """Write via an fsynced temporary file and a rename: path holds the old or the new content, never a mix."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -814,9 +802,8 @@ def load_data_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
 
 
 class TrainingData:
-    """The training shards behind a gate. run() closes it when the training clock stops (after GPTQ calibration
-    on training tokens), and from then on every read raises: evaluation cannot touch training data (the
-    challenge README's rules). tokens_read counts every token handed out, compile warm-up included."""
+    """The training shards behind a gate that run() closes when the training clock stops (after GPTQ calibration),
+    so evaluation cannot read training data. tokens_read counts every token handed out, warm-up included."""
 
     def __init__(self, files: list[str], vocab_size: int):
         self.files, self.vocab_size, self.closed, self.tokens_read = files, vocab_size, False, 0
@@ -863,10 +850,9 @@ CU_SEQLENS_MULTIPLE = 64  # packed rows' boundary lists are padded to a multiple
 
 
 def cu_seqlens(ids: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
-    """Segment boundaries (int32) of one packed row for varlen attention (PR #1530): a segment starts at
-    position 0 (the row usually starts mid-document) and at every BOS; one longer than max_len is cut into
-    max_len-token pieces from its start. The list (starts, then the row length) is padded to a multiple of
-    CU_SEQLENS_MULTIPLE entries by repeating the length (empty trailing segments)."""
+    """Segment boundaries (int32) of one packed row for varlen attention (PR #1530): starts at 0 and at every BOS,
+    segments over max_len cut into max_len pieces, then the row length, repeated (empty segments) up to a multiple
+    of CU_SEQLENS_MULTIPLE entries."""
     starts = np.flatnonzero(np.arange(len(ids)) * (ids != bos_id) == 0)  # 0 and the BOS positions
     pieces = -(-np.diff(starts, append=len(ids)) // max_len)
     offsets = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
@@ -875,14 +861,11 @@ def cu_seqlens(ids: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
 
 
 class DistributedTokenLoader:
-    """Each call consumes world_size * (local_tokens + 1) consecutive stream tokens and hands rank r the r-th
-    span, so ranks never share data, and over the MICROBATCHES micro-batches of a step the ranks together
-    cover the same stretch of the stream whatever the world size. The +1 token is the last target. While the
-    caller computes, a background thread already reads the next batch of the same size (into pinned memory and
-    a non-blocking copy on CUDA); a read-ahead that is not used is given back, so the batches are exactly
-    those of reading on demand and the stream position is the end of the last batch handed out. With a bos_id
-    (DOC_PACKING) a batch is one packed row (1, local_tokens) of the same tokens and its segments (cu_seqlens,
-    seq_len), computed in the thread, seq_len capping the segments instead of shaping rows."""
+    """Each call consumes world_size * (local_tokens + 1) consecutive stream tokens (+1: the last target) and
+    hands rank r the r-th span: ranks never share data, and a step covers the same stream at any world size. A
+    background thread reads the next batch ahead (pinned memory on CUDA); an unused read-ahead is given back, so
+    the batches are those of reading on demand. With bos_id (DOC_PACKING) a batch is one packed (1, local_tokens)
+    row and its segments (cu_seqlens, seq_len), seq_len capping the segments instead of shaping rows."""
 
     def __init__(self, data: TrainingData, rank: int, world_size: int, bos_id: int | None = None):
         self.stream, self.rank, self.world_size, self.bos_id = TokenStream(data), rank, world_size, bos_id
@@ -902,8 +885,7 @@ class DistributedTokenLoader:
         return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
     def _read_ahead(self, args: tuple | None) -> tuple | None:
-        """The batch read ahead if it was read for args; otherwise None, and the stream goes back to where it
-        was before that read."""
+        """The batch read ahead if it was read for args; else None, the stream set back to before that read."""
         if self.pending is None:
             return None
         (ahead, future), self.pending = self.pending, None
@@ -923,9 +905,8 @@ class DistributedTokenLoader:
         return batch
 
     def take(self, n: int) -> np.ndarray:
-        """The next n stream tokens, all of them on every rank: the first call starts where the last batch
-        handed out ended, whatever the world size (a read-ahead, world_size * (local_tokens + 1) tokens, is
-        given back)."""
+        """The next n stream tokens, the same on every rank, from where the last batch handed out ended (a
+        read-ahead is given back)."""
         self._read_ahead(None)
         return self.stream.take(n)
 
@@ -944,10 +925,8 @@ class ByteLUTs:
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
-    """Byte-fallback pieces count 1 byte each; every other piece counts the UTF-8 bytes of its text after
-    the leading '\u2581' (which becomes a separate, context-dependent space byte, see token_bytes). A '\u2581'
-    inside a piece (tokenizers trained across whitespace) prints as one space and counts 1 byte; the official
-    tables count it as 3, the only place where these tables differ from them (no published tokenizer has one)."""
+    """Byte-fallback pieces count 1 byte; any other piece the UTF-8 bytes of its text after the leading '\u2581'
+    (a separate, context-dependent space byte: token_bytes); a '\u2581' inside a piece is a 1-byte space."""
     n = max(sp.vocab_size(), vocab_size)
     base, space, boundary = np.zeros(n, np.int16), np.zeros(n, bool), np.ones(n, bool)
     for i in range(sp.vocab_size()):
@@ -972,9 +951,8 @@ def token_bytes(luts: ByteLUTs, prev: Tensor, target: Tensor) -> Tensor:
 
 @dataclass
 class ValidationData:
-    """The validation stream, trimmed to whole TRAIN_SEQ_LEN sequences plus one (whole: EVAL_INCLUDE_TAIL), with its
-    byte tables.
-    Every token after the first is a scored target exactly once; byte_count is the bytes of all of them."""
+    """The validation stream, trimmed to whole TRAIN_SEQ_LEN sequences plus one (whole: EVAL_INCLUDE_TAIL), and
+    its byte tables; every token after the first is scored exactly once, and byte_count counts all of them."""
 
     tokens: np.ndarray  # uint16
     luts: ByteLUTs  # on the compute device
@@ -1023,14 +1001,13 @@ def data_variant(sp) -> str:  # caseops (operators TITLE ALLCAPS CAPNEXT ESC at 
     return "caseops" if ops == ["\ue001", "\ue002", "\ue003", "\ue004"] else f"sp{sp.vocab_size()}"
 
 
-DATA_HINT = ("get the data with `python3 data/cached_challenge_fineweb.py --variant sp1024` (README.md, \"Data\"), "
+DATA_HINT = ("get the data with `python3 data/cached_challenge_fineweb.py --variant sp1024` (docs/data.md), "
              "or run ./quickstart.sh to build and train on the bundled sample")
 PAIRING_DOCS = 64  # validation documents decoded and re-encoded to prove that tokenizer and shards belong together
 
 
 def check_inputs(h: Hyperparameters) -> tuple[spm.SentencePieceProcessor, list[str], list[str]]:
-    """Check tokenizer, shards and their pairing before any heavy work; every problem names the variable or
-    the file."""
+    """Check tokenizer, shards and their pairing before any heavy work; each error names the variable or file."""
     sp = check_tokenizer(h)
     if not os.path.isdir(h.data_path):
         raise ValueError(f"DATA_PATH={h.data_path!r}: not a directory; {DATA_HINT}")
@@ -1072,9 +1049,8 @@ def check_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
 
 
 def check_pairing(h: Hyperparameters, sp: spm.SentencePieceProcessor, val_file: str):
-    """Prove that the tokenizer made the shards, since val_bpb counts bytes with it: every validation id must
-    be one of its pieces, and the first validation documents must come back token for token when decoded and
-    re-encoded. Documents holding <unk> are skipped (it stands for text the tokenizer cannot spell); another
+    """Prove that the tokenizer made the shards (val_bpb counts bytes with it): every validation id is one of its
+    pieces, and the first documents without <unk> come back token for token when decoded and re-encoded; another
     tokenizer garbles nearly every document, so more than half failing is a mismatch."""
     tokens = load_data_shard(val_file)
     where = f"TOKENIZER_PATH={h.tokenizer_path!r} does not match the shards in DATA_PATH={h.data_path!r}"
@@ -1135,8 +1111,7 @@ def check_outputs(h: Hyperparameters):
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    """Output in x's dtype, statistics in fp32 (CUDA autocast runs rms_norm in fp32 and returns fp32; without
-    it torch upcasts a bf16 input inside)."""
+    """RMSNorm with fp32 statistics and the output in x's dtype (under CUDA autocast rms_norm returns fp32)."""
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
@@ -1149,10 +1124,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, use_fa3: bool, segments: tuple[Tensor, int] | None = None) -> Tensor:
-    """Causal attention on (B, T, H, D) tensors with grouped KV heads: query head h reads KV head
-    h // (H / Hkv). FlashAttention 3 and SDPA compute the same function; FA3 needs bf16 inputs. With segments
-    (cu_seqlens, max_seqlen) of a packed (1, T) row, a position attends only within its segment: FA3's varlen
-    kernel, or SDPA with the block-diagonal causal mask (T x T booleans: for CPU and tests, not 98k-token rows)."""
+    """Causal attention on (B, T, H, D), query head h reading KV head h // (H / Hkv): FA3 (bf16) or SDPA, the
+    same function. With segments (cu_seqlens, max_seqlen) of a packed (1, T) row a position attends only within
+    its segment: FA3's varlen kernel, or SDPA with a dense T x T mask (for CPU and tests, not 98k-token rows)."""
     if use_fa3:
         qkv = [t.bfloat16() for t in (q, k, v)]
         if segments is None:
@@ -1197,10 +1171,9 @@ FP16 = 16  # the policy's "bit width" of tensors stored in fp16
 
 
 def quant_bits(h: Hyperparameters, name: str, kind: str, shape: torch.Size) -> int:
-    """The export treatment of a float tensor (kind from param_groups): 4-8 = per-row int-N, 16 = fp16.
-    Small tensors and the scalar group (control tensors, gates, the bigram and value-embedding projections)
-    stay fp16 (attention gates int8 with QUANT_GATE_BITS=8); block matrices take the MLP or attention width;
-    embedding tables and an untied head the embedding width."""
+    """Export width of a float tensor (kind from param_groups): 4-8 = per-row int-N, 16 = fp16. Small tensors and
+    the scalar group stay fp16 (attention gates int8 with QUANT_GATE_BITS=8); block matrices take the MLP or
+    attention width, embedding tables and an untied head the embedding width."""
     if name.endswith(".gate_w") and h.quant_gate_bits == 8:  # the records' quant-gate (PR #1736, #1787)
         return 8
     if math.prod(shape) <= h.fp16_max_numel or kind == "scalar" or len(shape) != 2:
@@ -1211,14 +1184,12 @@ def quant_bits(h: Hyperparameters, name: str, kind: str, shape: torch.Size) -> i
 
 
 def row_scale(clip: Tensor, qmax: int) -> Tensor:
-    """fp16 per-row scale mapping |w| = clip to at most qmax: rounded up to the next fp16, so no value within
-    the clip is clamped, and floored only at the smallest fp16 subnormal (an all-zero row); the records' floor
-    of 1/qmax coarsened every row whose largest weight was below 1."""
+    """fp16 per-row scale mapping |w| = clip to at most qmax, rounded up to the next fp16 (nothing within the
+    clip is clamped) and floored only at the smallest fp16 subnormal (an all-zero row)."""
     s = (clip.float() / qmax).clamp_min(2.0**-24)
-    # the smallest fp16 >= s: a multiple of the fp16 spacing 2^(e - 10) at s (e: the fp32 exponent of s, floored
-    # at -14), in exact fp32 steps, so eager, inductor and every torch agree. Rounding to fp16 and stepping up
-    # where s16 < s does not: CUDA float16 nextafter needs torch 2.6, and inductor drops the fp16 rounding from
-    # that compare (its emulate_precision_casts is off by default)
+    # the smallest fp16 >= s as a multiple of the fp16 spacing 2^(e - 10) (e: s's exponent, floored at -14) in exact
+    # fp32, so eager, inductor and every torch agree (CUDA float16 nextafter needs torch 2.6, and inductor drops
+    # the fp16 rounding of an s16 < s compare)
     ulp = (((s.view(torch.int32) >> 23).clamp_min(127 - 14) - 10) << 23).view(torch.float32)
     return (torch.ceil(s / ulp) * ulp).half()
 
@@ -1236,9 +1207,8 @@ def fake_quantize(w: Tensor, bits: int) -> Tensor:
 
 
 class QATLinear(nn.Linear):
-    """Bias-free Linear that can fake-quantize its weight to its export width (straight-through estimator) in
-    training mode. The switch is a tensor the compiled graph reads, not a Python flag: the records' class flag
-    was constant-folded by torch.compile, so their late QAT never ran (README.md, "Where this differs")."""
+    """Bias-free Linear that fake-quantizes its weight to its export width (straight-through) in training mode,
+    switched by a buffer the compiled graph reads: torch.compile constant-folds a Python flag."""
 
     def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
         super().__init__(fan_in, fan_out, bias=False)
@@ -1360,10 +1330,8 @@ class Block(nn.Module):
 
 
 def bigram_hash(ids: Tensor, buckets: int) -> Tensor:
-    """Bucket of each (previous, current) token pair, per sequence row (PR #1019's BigramHash): position 0 has no
-    previous token and gets the reserved bucket buckets-1; position i >= 1 gets
-    ((36313 * t_i) XOR (27191 * t_{i-1})) mod (buckets - 1). Computed in int64, which equals the records' int32
-    arithmetic wherever that does not overflow (every vocabulary up to 59,139 ids)."""
+    """Bucket of each (previous, current) token pair per row (PR #1019's BigramHash): the reserved buckets-1 at
+    position 0, else ((36313 * t_i) XOR (27191 * t_{i-1})) mod (buckets - 1), in int64 (no int32 overflow)."""
     t = ids.long()
     pairs = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (buckets - 1)
     return torch.cat((torch.full_like(t[:, :1], buckets - 1), pairs), dim=1)
@@ -1437,8 +1405,7 @@ class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, bos_id: int = 1, use_fa3: bool = False, qat: bool = True):
         super().__init__()
         self.logit_softcap, self.bos_id = h.logit_softcap, bos_id  # the BOS of SmearGate and of DOC_PACKING
-        # PR #1923's asymmetric cap, both 0-dim and trained by AdamW (param_groups' 'softcap' group; the records' pair
-        # was in no optimizer and stayed at LOGIT_SOFTCAP, so it was the symmetric cap, PR #1945/#2014)
+        # PR #1923's asymmetric cap: two 0-dim caps that AdamW trains (param_groups' 'softcap'; docs/differences.md)
         self.softcap_pos, self.softcap_neg = (nn.Parameter(torch.tensor(h.logit_softcap)) for _ in range(2)) \
             if h.logit_softcap_asym else (None, None)
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
@@ -1449,14 +1416,12 @@ class GPT(nn.Module):
         self.smear = None if h.smear_gate == "off" else SmearGate(h.model_dim, bos_id) if h.smear_gate == "static" \
             else InputSmearGate(h.smear_gate_window, bos_id)
         self.blocks = nn.ModuleList(Block(h, i, use_fa3) for i in range(h.num_layers))
-        # the virtual layers of a plain and of a looped pass; each splits into an encoder half (its first
-        # len // 2 entries) and a decoder half for the U-Net skips. looping: eval and TTT always loop, train()
-        # switches it on at ENABLE_LOOPING_AT (a second compiled graph)
+        # virtual layers of a plain and a looped pass, each an encoder half (first len // 2) and a decoder half for
+        # the U-Net skips; eval and TTT always loop, train() loops from ENABLE_LOOPING_AT (a second compiled graph)
         self.orders, self.looping = {False: h.layer_order(False), True: h.layer_order(True)}, h.num_loops > 0
         self.skip_weights = nn.Parameter(torch.ones(len(self.orders[True]) // 2, h.model_dim)) if h.unet_skips else None
         self.parallel_start = h.parallel_from
-        if self.parallel_start:  # (L, 2, 2) lane weights, (L, 2) residual gains; layers below the start never
-            # read theirs, kept so the parameter count is the records' (PR #1855: 35,945,671)
+        if self.parallel_start:  # (L, 2, 2) lane weights, (L, 2) gains: unread below the start, kept as PR #1855
             self.parallel_post_lambdas = nn.Parameter(torch.ones(h.num_layers, 2, 2))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((h.num_layers, 2), 1.1))
         # per-channel skip gates, sigmoid(0) = 0.5 at init (PR #1218)
@@ -1537,22 +1502,18 @@ class GPT(nn.Module):
 
 
 def init_orthogonal(model: GPT):
-    """Orthogonal init (gain 1) of every Linear whose both dims are >= 64, except the zero-initialised ones
-    (the blocks' output projections, an untied head). The bigram and value-embedding projections keep gain 1, as
-    in PR #1019: AdamW trains them, so the non-banked records' 1/sqrt(2L) (where Muon did, and its update size
-    ignores the init scale) only slowed them (0.0054 val_bpb at the CPU proxy, README "Where this differs")."""
+    """Orthogonal init (gain 1) of every Linear with both dims >= 64 but the zero-initialised ones; the bigram and
+    value-embedding projections keep gain 1, as in PR #1019 (docs/differences.md)."""
     for m in model.modules():
         if isinstance(m, nn.Linear) and not getattr(m, "zero_init", False) and min(m.weight.shape) >= 64:
             nn.init.orthogonal_(m.weight)
 
 
 def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Route parameters by structure rather than by name, so a new parameter cannot be missed: 'matrix' =
-    weights of the Linear layers inside blocks (Muon); 'embed' = embedding tables (token, bigram, value);
-    'head' = an untied output head; 'softcap' = the trained logit caps (LOGIT_SOFTCAP_ASYM), which AdamW moves at
-    the scalar LR without weight decay (decay would pull a cap towards 0); 'scalar' = everything else (control
-    tensors, gains, gates, skip weights, the bigram and value-embedding projections), as in the records' scalar
-    AdamW group."""
+    """Route parameters by structure, not name, so none is missed: 'matrix' = Linear weights inside blocks (Muon);
+    'embed' = embedding tables; 'head' = an untied head; 'softcap' = the trained logit caps (scalar LR, no weight
+    decay, which would pull a cap towards 0); 'scalar' = the rest (control tensors, gains, gates, skip weights,
+    the bigram and value-embedding projections)."""
     groups = {"matrix": [], "embed": [], "head": [], "softcap": [], "scalar": []}
     for name, p in model.named_parameters():
         owner = model.get_submodule(name.rpartition(".")[0])
@@ -1579,11 +1540,10 @@ def build_model(h: Hyperparameters, d: Dist, bos_id: int, qat: bool = True) -> G
 
 
 def forward_flops_per_token(h: Hyperparameters, seq_len: int, looped: bool = True) -> tuple[float, float]:
-    """Forward FLOPs per token of a causal pass over seq_len tokens, as (matmuls, attention): 2 per weight of
-    every projection (blocks, attention gates, bigram and value-embedding projections, the head; an input
-    SmearGate's N-wide gate is negligible and left out), and 4 x heads x head_dim per
-    attended position (scores and mixing), (seq_len + 1) / 2 positions on average; blocks counted once per
-    virtual layer (looped: with the recurrence's repeats). Backward costs twice this."""
+    """Forward FLOPs per token of a causal pass over seq_len tokens, as (matmuls, attention): 2 per weight of every
+    projection (blocks, attention gates, bigram and value-embedding projections, the head; not the input SmearGate's
+    tiny gate), and 4 x heads x head_dim per attended position, (seq_len + 1) / 2 on average; blocks once per
+    virtual layer (looped: with the repeats). Backward costs twice this."""
     hd, kv, hidden = h.head_dim, h.kv_dim, h.mlp_hidden
     gate = {"none": 0, "dense": h.model_dim}.get(h.attn_gate, h.attn_gate_window) * h.num_heads
     block = 2 * h.model_dim * h.model_dim + 2 * h.model_dim * kv + 2 * h.model_dim * hidden + gate
@@ -1634,10 +1594,9 @@ NS_COEFFICIENTS = {
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7,
                                 coeffs: tuple = NS_COEFFICIENTS["quintic"]) -> Tensor:
-    """Push the singular values of each matrix in G (a matrix, or a batch of them in the last two dims) towards
-    1 (approximately U V^T for G = U S V^T) with a quintic Newton-Schulz iteration, in G's dtype: `steps` steps
-    of a one-triple table, or its first min(steps, len) triples (NS_COEFFICIENTS). The result is U S' V^T with
-    S' in a band around 1, which trains as well as U V^T."""
+    """U S' V^T for each G = U S V^T in the last two dims, S' in a band around 1 (trains as well as U V^T), by a
+    quintic Newton-Schulz iteration in G's dtype: `steps` steps of a one-triple table, or its first min(steps,
+    len) triples (NS_COEFFICIENTS)."""
     X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
@@ -1655,9 +1614,8 @@ all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_te
 
 def bank_block_matrices(model: nn.Module, d: Dist) -> list[types.SimpleNamespace]:
     """Parameter banking (PR #399): the block matrices of one shape move into one (n padded to a multiple of the
-    world size, rows, cols) tensor, biggest bank first. Each Linear's weight becomes a view of its slice and its
-    .grad a view of the bank's gradient, so backward accumulates straight into the bank while names, hooks, QAT
-    and export see ordinary Linear layers. Done once, before the optimizer is built and the model compiled."""
+    world size, rows, cols) tensor, biggest first, each weight and .grad a view of its slice, so names, hooks, QAT
+    and export still see Linear layers. Done once, before the optimizer is built and the model compiled."""
     shapes: dict[tuple[int, int], list[nn.Linear]] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and name.startswith("blocks."):
@@ -1676,15 +1634,11 @@ def bank_block_matrices(model: nn.Module, d: Dist) -> list[types.SimpleNamespace
 
 
 class ParallelMuon:
-    """Muon (Nesterov momentum buf <- m*buf + g, u = g + m*buf; with MUON_ROW_NORM each row of u divided by its
-    L2 norm (MuonEq-R, PR #1285); Newton-Schulz; update scaled by sqrt(max(1, rows/cols)); decoupled weight
-    decay p <- p*(1 - lr*wd)) over parameter banks, sharded across ranks (PR #399), over the banks of
-    bank_block_matrices. A step reduce-scatters each bank's gradient (the average; each rank gets n/W whole
-    matrices), runs momentum and a batched Newton-Schulz on that shard only, and all-gathers the updates;
-    collectives are asynchronous, so one bank's communication overlaps the next bank's computation. Row
-    normalisation is per matrix, so the split changes nothing. Written by hand: torch.optim.Muon keeps an
-    EMA-form buffer (different under momentum warm-up), runs Newton-Schulz in bf16 only and repeats every
-    matrix on every rank."""
+    """Muon over the banks of bank_block_matrices, sharded across ranks (PR #399): Nesterov momentum (buf <- m*buf
+    + g, u = g + m*buf), with MUON_ROW_NORM each row of u normalised (MuonEq-R, PR #1285), Newton-Schulz, update
+    scaled by sqrt(max(1, rows/cols)), decoupled weight decay. A step reduce-scatters each bank's mean gradient
+    (n/W whole matrices per rank), updates that shard and all-gathers the updates, asynchronously, so one bank's
+    communication overlaps the next one's computation. Why not torch.optim.Muon: docs/speed-path.md."""
 
     def __init__(self, h: Hyperparameters, banks: list[types.SimpleNamespace], d: Dist,
                  ns_fn=zeropower_via_newtonschulz5):
@@ -1750,13 +1704,10 @@ class ParallelMuon:
 
 
 class Optimizers:
-    """The optimizer step of all ranks, replacing DDP: Parallel Muon for the banked block matrices, AdamW for
-    the replicated rest (embeddings, head, control tensors), whose gradients are all-reduced as one flat
-    buffer while the banks' reduce-scatters run. Gradient clipping uses the global norm of the averaged
-    gradients (shards plus replicated), so every world size clips identically. step() sets each group's
-    lr = base_lr * lr_scale, the Muon momentum of the warm-up and the Muon WD of the taper. Decoupled weight
-    decay per group: EMBED_WD for the embedding tables, ADAM_WD for the head and scalars, MUON_WD for the
-    matrices, each p <- p*(1 - lr*wd) at the scheduled lr. Nothing here waits on the host."""
+    """The optimizer step of all ranks, replacing DDP: Parallel Muon for the banks, AdamW for the replicated rest,
+    whose gradients are all-reduced as one flat buffer during the banks' reduce-scatters. Clipping uses the global
+    norm of the averaged gradients, so every world size clips alike. step() sets lr = base_lr * lr_scale, the Muon
+    momentum and WD taper; decoupled WD per group (EMBED_WD, ADAM_WD, MUON_WD). Nothing here waits on the host."""
 
     def __init__(self, h: Hyperparameters, model: GPT, banks: list[types.SimpleNamespace], d: Dist,
                  ns_fn=zeropower_via_newtonschulz5):
@@ -1862,10 +1813,8 @@ def muon_momentum(h: Hyperparameters, step: int) -> float:
 
 
 class EMA:
-    """fp32 exponential moving average of the parameters, updated after every optimizer step. With warm-up the
-    decay is min(EMA_DECAY, (1 + n) / (10 + n)) after n updates: the average spans about the last tenth of a
-    short run instead of staying dominated by its first steps, and equals the records' fixed 0.997 from
-    update 2,990 on, so a full-length run ends with the same weights to within 0.997^4000."""
+    """fp32 exponential moving average of the parameters after every optimizer step; the warm-up decay
+    min(EMA_DECAY, (1 + n) / (10 + n)) after n updates keeps a short run's average off its first steps."""
 
     def __init__(self, params: list[nn.Parameter], decay: float, warmup: bool):
         self.shadow = [p.detach().float().clone() for p in params]
@@ -2004,13 +1953,11 @@ def sdclip(w: Tensor, sigmas: float, H: Tensor | None = None, lam: float = 0.0) 
 def quantize_rows(w: Tensor, bits: int, H: Tensor | None = None, clips: tuple[float, ...] = CLIP_QUANTILES,
                   keep: Tensor | None = None, block: int = 128, damp: float = 0.01,
                   clip: Tensor | None = None, hi: Tensor | None = None, hi_bits: int = 8) -> tuple[Tensor, ...]:
-    """Per-row symmetric int-N: w ~ q * scale[:, None], q in [-(2^(N-1) - 1), 2^(N-1) - 1] (int8 container),
-    fp16 scales. Every clip candidate (a row quantile of |w|) is tried on every row and each row keeps the one
-    with the least error: with the layer input's Hessian H = E[x x^T], GPTQ and the output error
-    dW H dW^T (rows are independent in GPTQ, so the choice can be per row); without, round to nearest and
-    the squared error. One clip at 1.0 and no H is plain round-to-nearest; clips and no H is GPTQ-lite. A
-    given per-row `clip` (SDClip) is the one candidate instead. With H, `hi` (a column mask) puts AWQ-lite's
-    columns on int-`hi_bits` grids of the same clip, and their per-row scales come back third."""
+    """Per-row symmetric int-N: w ~ q * scale[:, None], q in [-(2^(N-1) - 1), 2^(N-1) - 1] (int8), fp16 scales.
+    Each row keeps the clip candidate (a row quantile of |w|) of least error: given the input Hessian H = E[x x^T],
+    GPTQ and the output error dW H dW^T (GPTQ's rows are independent); else round to nearest and the squared
+    error. A per-row `clip` (SDClip) is the one candidate instead. With H, `hi` (a column mask) puts AWQ-lite's
+    columns on int-`hi_bits` grids of the same clip, their per-row scales returned third."""
     qmax, w = 2 ** (bits - 1) - 1, w.float()
     cands = [abs_quantile(w, c) for c in clips] if clip is None else [clip.float()]
     scales = torch.stack([row_scale(c, qmax) for c in cands]).float()  # (K, rows)
@@ -2050,10 +1997,9 @@ def entropy_bytes(q: Tensor) -> float:
 
 @torch.no_grad()
 def collect_hessians(model: GPT, batches, d: Dist, head: bool = False) -> tuple[dict[str, Tensor], int]:
-    """H = mean of x x^T over calibration tokens, for the input x of every Linear inside the blocks (a looped
-    layer's once per pass) and with `head` of the output head (the final-norm output, under the tied embedding's
-    or the untied head's name), from forward hooks on the real model; summed over ranks, so the same at any world
-    size. Returns ({weight name: H}, tokens)."""
+    """H = mean of x x^T over the calibration tokens for the input of every Linear in the blocks (a looped layer's
+    once per pass) and with `head` of the output head (under the tied embedding's or the untied head's name), by
+    forward hooks, summed over ranks. Returns ({weight name: H}, tokens)."""
     sums, hooks = {}, []
     targets = [(n + ".weight", m) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and n.startswith("blocks.")]
@@ -2087,10 +2033,9 @@ SELFGEN_TEMPERATURE = 0.8  # PR #1019's sampling temperature for self-generated 
 
 
 def training_batches(h: Hyperparameters, d: Dist, loader: DistributedTokenLoader, budget_ms: float | None):
-    """Calibration inputs from the training stream: the GPTQ_CALIB_TOKENS (rounded up to whole sequences) that
-    follow the last training batch, so the same tokens for any world size. Each rank takes its contiguous
-    share of the sequences, in micro-batches of at most the training size, read as they are needed, until the
-    next would overrun budget_ms (None = no limit)."""
+    """Calibration inputs: the GPTQ_CALIB_TOKENS (whole sequences) after the last training batch, the same for any
+    world size, each rank its contiguous share in micro-batches of at most the training size, read as needed
+    until the next would overrun budget_ms (None = no limit)."""
     seq_len, seqs = h.train_seq_len, max(1, h.train_batch_tokens // MICROBATCHES // h.train_seq_len)
     lo, hi = rank_share(0, math.ceil(h.gptq_calib_tokens / seq_len), d)
     t0, read, batch_ms = time.perf_counter(), 0, 0.0  # read: calibration tokens taken from the stream
@@ -2124,10 +2069,9 @@ def generated_batches(h: Hyperparameters, d: Dist, model: GPT, bos_id: int, batc
 
 def calibrate(h: Hyperparameters, d: Dist, model: GPT, loader: DistributedTokenLoader, ledger: TimeLedger, bos_id: int,
               log) -> dict[str, Tensor] | None:
-    """GPTQ's Hessians from the one configured source: training tokens, continuing where training stopped and
-    charged to the training budget, read only until MAX_WALLCLOCK_SECONDS (ruling on PR #609); or text the model
-    samples itself, which reads no data and is charged to evaluation. None when the quantizer needs no Hessians,
-    or when the training budget left no time for a single batch."""
+    """GPTQ's Hessians from training tokens after where training stopped, charged to training and read only until
+    MAX_WALLCLOCK_SECONDS (ruling on PR #609), or from text the model samples (no data; charged to evaluation).
+    None when the quantizer needs no Hessians or the training budget left no time for a batch."""
     if not h.uses_hessians:
         return None
     if h.uses_train_calibration:
@@ -2177,12 +2121,10 @@ def quantize_state(h: Hyperparameters, sd: dict[str, Tensor], kinds: dict[str, s
 
 def awq_groups(h: Hyperparameters, sd: dict[str, Tensor], bits: dict[str, int],
                hessians: dict[str, Tensor] | None) -> dict[str, list[int]]:
-    """AWQ-lite (PR #1908): the AWQ_LITE_GROUPS (tensor, column group) pairs of the whole model with the largest
-    saliency sum_j a_j mean_i |W_ij| over AWQ_LITE_GROUP_SIZE aligned input columns in their original order (a
-    leftover partial group never competes), one list, raw scores. a_j, the RMS of input j, is sqrt(diag H):
-    H = E[x x^T] already holds that second moment, so no second statistic is gathered; a looped layer's H sums
-    its passes, so it is divided by them. Candidates: the int-N tensors (above FP16_MAX_NUMEL, the records'
-    65,536) narrower than AWQ_LITE_BITS with a Hessian. Returns {name: group starts}."""
+    """AWQ-lite (PR #1908): the AWQ_LITE_GROUPS (tensor, group of AWQ_LITE_GROUP_SIZE aligned input columns) pairs
+    of the model with the largest saliency sum_j a_j mean_i |W_ij|, a_j = sqrt(H_jj / passes) the RMS of input j
+    (a partial last group never competes). Candidates: the int-N tensors narrower than AWQ_LITE_BITS with a
+    Hessian. Returns {name: group starts}."""
     g, order, scored = h.awq_lite_group_size, h.layer_order(), []
     for name, b in bits.items():
         H = hessian_of(h, hessians, name)
@@ -2207,11 +2149,9 @@ def awq_mask(cols: int, starts, size: int, device=None) -> Tensor:
 
 def add_lqer(h: Hyperparameters, sd: dict[str, Tensor], tensors: dict[str, Tensor], meta: dict,
              hessians: dict[str, Tensor] | None):
-    """LQER (PR #1797): the LQER_TOP_K int-N tensors of largest ||W - W_hat||_F (W_hat with AWQ-lite's columns)
-    get a rank-LQER_RANK correction of that error. Candidates: those GPTQ'd with a Hessian, as the records; all
-    int-N tensors when none is (LQER needs no Hessian). The fit runs on this output, so its byte accounting
-    includes the factors: narrow_to_fit refits a narrowed tensor's, and the few +-1 codes prune_to_fit zeroes
-    stay uncorrected."""
+    """LQER (PR #1797): the LQER_TOP_K int-N tensors of largest ||W - W_hat||_F get a rank-LQER_RANK correction of
+    that error; candidates are those with a Hessian, else all int-N tensors. Added before fitting, so the byte
+    count includes the factors (narrow_to_fit refits a narrowed tensor's; pruned +-1 codes stay uncorrected)."""
     names = [n for n, i in meta["tensors"].items() if 0 < i["bits"] < FP16]
     names = [n for n in names if hessian_of(h, hessians, n) is not None] or names
     err = {n: float((sd[n].float().cpu() - dequantize_tensor(tensors, n, meta["tensors"][n])).norm()) for n in names}
@@ -2260,9 +2200,8 @@ def hessian_of(h: Hyperparameters, hessians: dict[str, Tensor] | None, name: str
 
 def quantize_tensor(h: Hyperparameters, name: str, t: Tensor, bits: int, hessian: Tensor | None,
                     awq: list[int] | None = None) -> tuple[Tensor, ...]:
-    """One int-N tensor by QUANT_METHOD and QUANT_CLIP; SDClip's k by group as quant_bits groups (MLP and
-    attention matrices of the blocks, embedding tables); attention gates round to nearest at the row max, as
-    the records. (q, scale), and AWQ-lite's row scales when `awq` lists its groups here."""
+    """One int-N tensor by QUANT_METHOD and QUANT_CLIP (SDClip's k per MLP, attention or embedding; attention gates
+    round to nearest at the row max): (q, scale), and AWQ-lite's row scales when `awq` lists groups here."""
     keep = t.abs() > abs_quantile(t.flatten(), h.prune_frac) if h.prune_frac > 0 else None
     gate = name.endswith(".gate_w")
     clips, clip = (1.0,) if h.quant_method == "rtn" or gate else CLIP_QUANTILES, None
@@ -2646,12 +2585,10 @@ def prune_candidates(tensors: dict[str, Tensor], meta: dict, hessians: dict[str,
 
 def prune_to_fit(h: Hyperparameters, tensors: dict[str, Tensor], meta: dict, hessians: dict[str, Tensor] | None,
                  target: int, log, blob: bytes | None = None) -> bytes:
-    """Selective +-1 pruning (PR #609/#1019, with a decimal-byte target): zero the cheapest int-N values of
-    magnitude 1 (prune_candidates) until the artifact is at most `target` bytes. The search brackets the count;
-    each round compresses several counts at once in threads (the compressors release the GIL; a full-size lzma
-    encode takes seconds), one where the sizes seen so far interpolate the target and the others spread over
-    the bracket, and it ends only on a size that fits. `blob` is the unpruned artifact if already encoded.
-    Returns the artifact."""
+    """Selective +-1 pruning (PR #609/#1019) to `target` decimal bytes: zero the cheapest int-N values of magnitude 1
+    (prune_candidates) until the artifact fits. Each round of the bracketing search encodes several counts in
+    threads (compressors release the GIL), one where the sizes seen interpolate the target, the others spread over
+    the bracket; it ends on a size that fits. `blob`: the unpruned artifact if already encoded."""
     blob = blob or encode_artifact(tensors, meta, h.compressor)
     if len(blob) <= target:
         return blob
@@ -2725,12 +2662,11 @@ NGRAM_PRIMES = (36313, 27191, 51647, 81929, 131071, 196613, 262147, 393241, 5243
 
 
 def ngram_hints(tokens: np.ndarray, order: int, threshold: float, part: tuple[int, int] = (0, 1)) -> np.ndarray:
-    """The online prefix-only token expert of the final records (PR #2130/#2135): hints[i], for target
-    tokens[i+1], is the token seen most often after the uint64 hash of the order-1 tokens before it (contexts
-    run across documents; equal hashes share counts), read before target i is counted, when its share of the
-    hash's earlier occurrences is >= threshold in float32; else -1, as for targets with no full context. A tie
-    keeps the token that reached the count first. Vectorised: two stable sorts, no loop over tokens. part=(r, w):
-    only the targets whose hash is r mod w (-1 elsewhere), so w ranks share the work and a max merges theirs."""
+    """The online prefix-only token expert (PR #2130/#2135): hints[i], for target tokens[i+1], is the token seen
+    most often after the uint64 hash of the order-1 tokens before it (across documents; equal hashes share counts),
+    counted before target i, if its share of the hash's earlier occurrences is >= threshold (float32), else -1;
+    ties keep the first to reach the count. Two stable sorts, no loop over tokens. part=(r, w): only targets whose
+    hash is r mod w (-1 elsewhere), so w ranks share the work and a max merges theirs."""
     if not 2 <= order <= len(NGRAM_PRIMES):
         raise ValueError(f"TOKEN_ORDER must be in [2, {len(NGRAM_PRIMES)}], got {order}")
     k, n = order - 1, len(tokens) - 1
