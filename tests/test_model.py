@@ -4,21 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BASELINE_ENV, SEED_STACK_ENV, tiny_h
+from helpers import CPU, randomized
 
 import train_gpt
-from train_gpt import GPT, Dist, Hyperparameters, Optimizers
-
-CPU = Dist(0, 1, 0, torch.device("cpu"))
-
-
-def randomized(model: GPT, seed: int = 0) -> GPT:
-    """Replace every parameter with noise: the zero-initialised projections would hide attention leaks."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
+from train_gpt import GPT, Hyperparameters, Optimizers
 
 def test_sizes_match_the_official_counts():
     baseline = GPT(Hyperparameters.from_env(BASELINE_ENV))

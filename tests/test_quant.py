@@ -10,20 +10,12 @@ import pytest
 import torch
 from conftest import SEED_STACK_ENV, run_distributed, tiny_h
 from torch._dynamo.utils import counters
-from test_model import CPU, randomized
+from helpers import CPU, randomized
+from helpers import quant_h as _h
+from helpers import quant_state as _state
 
 import train_gpt
 from train_gpt import GPT
-
-
-def _h(**kw):
-    return tiny_h(model_dim=128, num_heads=4, num_kv_heads=2, **kw)
-
-
-def _state(h, seed=0):
-    model = randomized(GPT(h), seed)
-    kinds = {n: k for k, members in train_gpt.param_groups(model).items() for n, _ in members}
-    return model, model.state_dict(), kinds
 
 
 # ---- the quantization path -------------------------------------------------------------------------------

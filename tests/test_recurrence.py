@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import FRONTIER_ENV, SEED_STACK_ENV, SP1024, run_distributed, tiny_h
-from test_model import randomized
+from helpers import randomized
 from torch._dynamo.testing import CompileCounter
 
 import train_gpt

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import BASELINE_ENV, SEED_STACK_ENV, tiny_h
 from reference_baseline import GPT as BaselineGPT
-from test_model import CPU, randomized
+from helpers import CPU, randomized
 
 import train_gpt
 from train_gpt import GPT, Hyperparameters
