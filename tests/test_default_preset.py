@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from conftest import SP1024
-from helpers import BOS, CPU, randomized, reference_logits, tiny_default_h
+from helpers import BOS, CPU, assert_matches_reference, default_ids, randomized, tiny_default_h
 
 import train_gpt
 from train_gpt import GPT
@@ -29,10 +29,7 @@ VARIANTS = {
 }
 
 
-def _ids(batch=2, length=48, seed=0):
-    ids = torch.randint(2, 1024, (batch, length), generator=torch.Generator().manual_seed(seed))
-    ids[:, [0, length // 3]] = BOS  # two documents a row: the BOS masks matter
-    return ids
+_ids = default_ids
 
 
 def _model(h, seed=0):
@@ -44,9 +41,7 @@ def _model(h, seed=0):
     return model
 
 
-def _matches_reference(model, h, ids):
-    with torch.no_grad():
-        torch.testing.assert_close(model.forward_logits(ids), reference_logits(model, h, ids), rtol=1e-5, atol=1e-4)
+_matches_reference = assert_matches_reference
 
 
 def _leave_on(model, technique, monkeypatch):
