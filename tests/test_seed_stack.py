@@ -107,9 +107,9 @@ def _input_smear(window=8, seed=0):
 
 def test_input_smear_gate_is_the_identity_at_init_and_reads_the_current_token():
     """e_t <- e_t + lam * sigmoid(w . e_t[:N]) * e_{t-1} (PR #1667): w and lam zero-init, so exactly e at init."""
+    smear = _input_smear()  # seeds the generator before any input is drawn
     e, ids = torch.randn(2, 6, 16), torch.tensor([[5, 6, 7, 8, 9, 4]] * 2)
     assert torch.equal(train_gpt.InputSmearGate(8, BOS)(e, ids), e)
-    smear = _input_smear()
     out = smear(e, ids)
     g = 0.7 * torch.sigmoid(e[..., :8] @ smear.w.detach())
     torch.testing.assert_close(out[:, 1:], e[:, 1:] + g[:, 1:, None] * e[:, :-1])
