@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import SEED_STACK_ENV, run_distributed, tiny_h
+from helpers import randomized, tiny_default_h
 
 import train_gpt
 from train_gpt import NS_COEFFICIENTS, Dist, Hyperparameters, lr_scale, zeropower_via_newtonschulz5
@@ -291,10 +292,114 @@ def _optimizer_steps(h, steps=3, wd_scale=1.0):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
 
 
-def test_new_knobs_explicitly_off_train_exactly_as_the_defaults():
-    base, _ = _optimizer_steps(tiny_h())
-    off, _ = _optimizer_steps(tiny_h(**NEW_KNOBS_OFF, embed_wd=tiny_h().adam_wd, muon_wd_taper_factor=0.3))
-    assert all(torch.equal(base[n], off[n]) for n in base)
+def _hand_newton_schulz(G, steps, a=3.4445, b=-4.7750, c=2.0315):
+    """Keller Jordan's quintic iteration written out: X = G / |G|_F (the wide way round), `steps` times
+    X <- a X + (b A + c A^2) X with A = X X^T."""
+    X = G / (G.norm() + 1e-7)
+    wide = X.size(0) <= X.size(1)
+    X = X if wide else X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X if wide else X.T
+
+
+def _hand_two_steps(h, p0, g, kind, lrs, wds, momentum):
+    """Two optimizer steps of one parameter by the update rules: Muon (Nesterov, no row norm, quintic
+    Newton-Schulz of MUON_BACKEND_STEPS steps, decoupled WD) for the block matrices, AdamW with bias correction
+    (BETA1, BETA2, ADAM_EPS, decoupled WD) for the rest."""
+    p = p0.clone()
+    if kind == "matrix":
+        buf, scale = torch.zeros_like(p), max(1.0, p.size(0) / p.size(1)) ** 0.5
+        for gt in g:
+            buf = momentum * buf + gt
+            p = p * (1 - h.matrix_lr * h.muon_wd) - h.matrix_lr * scale * _hand_newton_schulz(gt + momentum * buf,
+                                                                                           h.muon_backend_steps)
+        return p
+    m, v, lr, wd = torch.zeros_like(p), torch.zeros_like(p), lrs[kind], wds[kind]
+    for t, gt in enumerate(g, 1):
+        m, v = h.beta1 * m + (1 - h.beta1) * gt, h.beta2 * v + (1 - h.beta2) * gt * gt
+        p = p * (1 - lr * wd) - lr * (m / (1 - h.beta1**t)) / ((v / (1 - h.beta2**t)).sqrt() + h.adam_eps)
+    return p
+
+
+OPTIMIZER_CASES = {  # on the default preset with the frontier optimizer knobs off (and clipping off)
+    "frontier_knobs_off": {},
+    "untied_embed_and_head_lr": dict(tie_embeddings=False, embed_lr=0.3, head_lr=0.05),
+    "beta1_and_adam_eps": dict(beta1=0.5, adam_eps=1e-2),
+    "muon_backend_steps": dict(muon_backend_steps=2),
+}
+
+
+def _break(opt, case):
+    """The control of each case: the knob's value lost on the way into the optimizer."""
+    if case == "frontier_knobs_off":
+        opt.muon.row_norm = True
+    elif case == "untied_embed_and_head_lr":
+        opt.adam.param_groups[0]["base_lr"] = 0.03  # TIED_EMBED_LR's default for the untied embedding
+    elif case == "beta1_and_adam_eps":
+        for g in opt.adam.param_groups:
+            g["betas"], g["eps"] = (0.9, g["betas"][1]), 1e-8
+    else:
+        opt.muon.steps = 5
+
+
+@pytest.mark.parametrize("case", OPTIMIZER_CASES)
+def test_two_optimizer_steps_of_the_default_preset_follow_the_update_rules(case):
+    """Every parameter of the tiny default model after two Optimizers steps on fixed gradients equals the update
+    rules written out (_hand_two_steps), with EMBED_LR / HEAD_LR the untied groups' LRs, BETA1 and ADAM_EPS in
+    AdamW's moments and denominator, MUON_BACKEND_STEPS the Newton-Schulz iterations, and the frontier optimizer
+    knobs (MuonEq-R, Polar Express, the WD taper, WARMDOWN_FRAC, MIN_LR) off by their own switches. Control:
+    each case's knob lost on the way in (_break) fails the same comparison."""
+    h = tiny_default_h(**NEW_KNOBS_OFF, grad_clip_norm=0.0, **OPTIMIZER_CASES[case])
+    kinds = {"embed": h.tied_embed_lr if h.tie_embeddings else h.embed_lr, "head": h.head_lr,
+             "softcap": h.scalar_lr, "scalar": h.scalar_lr}
+    wds = {"embed": h.embed_wd, "head": h.adam_wd, "softcap": 0.0, "scalar": h.adam_wd}
+
+    def run(broken):
+        model = randomized(train_gpt.GPT(h))
+        p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = train_gpt.Optimizers(h, model, train_gpt.bank_block_matrices(model, CPU), CPU)
+        assert {g["lr"] for g in opt.adam.param_groups} >= {kinds["embed"]} | ({h.head_lr} if not h.tie_embeddings else set())
+        assert all(g["betas"] == (h.beta1, h.beta2) and g["eps"] == h.adam_eps for g in opt.adam.param_groups)
+        if broken:
+            _break(opt, case)
+        gen, grads = torch.Generator().manual_seed(5), {n: [] for n in p0}
+        for _ in range(2):
+            for n, p in model.named_parameters():
+                grads[n].append(torch.randn(p.shape, generator=gen) * 0.1)
+                if p.grad is None:
+                    p.grad = grads[n][-1].clone()
+                else:
+                    p.grad.copy_(grads[n][-1])  # a bank's view: write into it
+            opt.step(1.0, 0.9)
+        return model, p0, grads
+
+    model, p0, grads = run(False)
+    kind = {n: k for k, members in train_gpt.param_groups(model).items() for n, _ in members}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), _hand_two_steps(h, p0[n], grads[n], kind[n], kinds, wds, 0.9),
+                                   rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    model, p0, grads = run(True)
+    with pytest.raises(AssertionError):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), _hand_two_steps(h, p0[n], grads[n], kind[n], kinds, wds, 0.9),
+                                       rtol=1e-4, atol=1e-6)
+
+
+def test_muon_backend_steps_is_the_newton_schulz_iteration_count():
+    """MUON_BACKEND_STEPS reaches ParallelMuon as the steps of every Newton-Schulz call; the function runs that many
+    iterations of the quintic (the hand loop), and the Polar Express table its first min(steps, 5) triples."""
+    G = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 3, 5):
+        torch.testing.assert_close(zeropower_via_newtonschulz5(G, steps), _hand_newton_schulz(G, steps))
+    assert not torch.allclose(zeropower_via_newtonschulz5(G, 2), zeropower_via_newtonschulz5(G, 3))
+    polar = NS_COEFFICIENTS["polar_express"]
+    torch.testing.assert_close(zeropower_via_newtonschulz5(G, 7, coeffs=polar), zeropower_via_newtonschulz5(G, 5, coeffs=polar))
+    seen = []
+    _run_muon(CPU, ns_fn=lambda x, steps, **kw: seen.append(steps) or zeropower_via_newtonschulz5(x, steps, **kw),
+              muon_backend_steps=3)
+    assert seen == [3] * 9  # 3 banks x 3 steps
 
 
 def test_embed_wd_decays_the_embedding_tables_only():

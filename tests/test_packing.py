@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SEED_STACK_ENV, SP1024, TINY_ENV, run_distributed, tiny_h
+from helpers import tiny_default_h
 from torch._dynamo.testing import CompileCounter
 
 import train_gpt
@@ -229,15 +230,47 @@ def _train(shards, d=CPU, **overrides):
 PACKED = dict(doc_packing=True, train_seq_schedule="32@0.4,64@1", seq_change_warmup_steps=2, iterations=5)
 
 
-@pytest.mark.slow  # over 5 s on 2 CPU cores (four training runs)
-def test_knobs_off_train_bit_identically_and_on_differently(short_val_shards):
-    base, _, w_base = _train(short_val_shards, warmup_steps=0, iterations=3)
-    off, _, w_off = _train(short_val_shards, warmup_steps=0, iterations=3, doc_packing=False, train_seq_schedule="",
-                           seq_change_warmup_steps=0)
-    one, _, w_one = _train(short_val_shards, warmup_steps=0, iterations=3, train_seq_schedule="64@1.0")  # one stage
-    packed, _, w_packed = _train(short_val_shards, warmup_steps=0, iterations=3, doc_packing=True)
-    assert torch.equal(w_base, w_off) and torch.equal(w_base, w_one) and not torch.equal(w_base, w_packed)
-    assert base.final.val_loss == off.final.val_loss == one.final.val_loss != packed.final.val_loss
+def _batches_seen(shards, monkeypatch, **knobs):
+    """(input ids, segments) of every training forward of a 4-step run of the tiny default preset, and the stream."""
+    h = tiny_default_h(data_path=str(shards), tokenizer_path=str(SP1024), iterations=4, warmup_steps=0,
+                       val_loss_every=0, **knobs)
+    sp, train_files, val_files = train_gpt.check_inputs(h)
+    torch.manual_seed(h.seed)
+    model, seen = train_gpt.GPT(h, sp.bos_id()), []
+    forward = train_gpt.GPT.forward
+    monkeypatch.setattr(train_gpt.GPT, "forward", lambda self, x, y, reduction="mean", segments=None, **kw: seen.append(
+        (x.clone(), segments)) or forward(self, x, y, reduction, segments, **kw))
+    train_gpt.train(h, CPU, model, train_gpt.TrainingData(train_files, h.vocab_size),
+                    train_gpt.load_validation(h, sp, val_files, CPU.device), lambda line: None)
+    stream = train_gpt.TokenStream(train_gpt.TrainingData(train_files, h.vocab_size)).take(32 * 257).astype(np.int64)
+    return seen, stream
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_model_trains_on_the_stream_in_rows_or_packed_documents(packed, short_val_shards, monkeypatch):
+    """Each micro-batch is the next 256 stream tokens (+1 target). DOC_PACKING=0 with no schedule, on the default
+    preset: 4 rows of TRAIN_SEQ_LEN=64, no segments. The defaults: one row whose segments start at 0 and at every
+    BOS, none longer than the stage's length (32 up to half of training, then 64), the cap being that length.
+    Control: a packed row whose segments ignore the BOS positions is caught."""
+    knobs = {} if packed else dict(doc_packing=False, train_seq_schedule="", seq_change_warmup_steps=0)
+    seen, stream = _batches_seen(short_val_shards, monkeypatch, **knobs)
+    assert len(seen) == 4 * 8
+    caps = [32] * 24 + [64] * 8  # steps 0-2 at fractions <= 0.5, step 3 at 0.75
+    for k, (x, segments) in enumerate(seen):
+        chunk = torch.from_numpy(stream[257 * k : 257 * k + 256])
+        if not packed:
+            assert segments is None and torch.equal(x, chunk.view(4, 64)), k
+            continue
+        cu, cap = segments
+        bounds = sorted(set(cu.tolist()))
+        assert torch.equal(x, chunk[None]) and cap == caps[k] and bounds[0] == 0 and bounds[-1] == 256, k
+        assert set(np.flatnonzero(chunk.numpy() == BOS).tolist()) <= set(bounds), k
+        assert max(np.diff(bounds)) <= cap, k
+    if packed:
+        monkeypatch.setattr(train_gpt, "cu_seqlens", lambda ids, bos, n: np.array([0, *range(n, len(ids), n), len(ids)],
+                                                                               dtype=np.int32))
+        seen, _ = _batches_seen(short_val_shards, monkeypatch)
+        assert not all(set(np.flatnonzero(x[0].numpy() == BOS).tolist()) <= set(s[0].tolist()) for x, s in seen)
 
 
 @pytest.mark.slow  # over 5 s on 2 CPU cores (two training runs)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_h
-from test_quant import _state
+from helpers import quant_state as _state
 
 import train_gpt
 

@@ -10,20 +10,12 @@ import pytest
 import torch
 from conftest import SEED_STACK_ENV, run_distributed, tiny_h
 from torch._dynamo.utils import counters
-from test_model import CPU, randomized
+from helpers import CPU, randomized
+from helpers import quant_h as _h
+from helpers import quant_state as _state
 
 import train_gpt
 from train_gpt import GPT
-
-
-def _h(**kw):
-    return tiny_h(model_dim=128, num_heads=4, num_kv_heads=2, **kw)
-
-
-def _state(h, seed=0):
-    model = randomized(GPT(h), seed)
-    kinds = {n: k for k, members in train_gpt.param_groups(model).items() for n, _ in members}
-    return model, model.state_dict(), kinds
 
 
 # ---- the quantization path -------------------------------------------------------------------------------
@@ -317,9 +309,19 @@ def test_selective_pruning_prunes_the_cheapest_values_first(quantized):
 
 
 def test_unreachable_target_prunes_everything_and_says_so(quantized):
+    """Every +-1 value of every int-N tensor becomes 0 and nothing else changes: the artifact is the tensors with
+    exactly that many zeros more (decoded back), still over the target, and the log says so."""
     h, tensors, meta = quantized
     lines = []
     blob = train_gpt.prune_to_fit(h, tensors, meta, None, 100, lines.append)
+    pruned = train_gpt.unpack_tensors(train_gpt.decompress(blob[39:], "zstd"))[0]
+    ones = 0
+    for name, info in meta["tensors"].items():
+        if 0 < info["bits"] < 16:
+            q = tensors[name + ".q"]
+            assert torch.equal(pruned[name + ".q"], torch.where(q.abs() == 1, torch.zeros_like(q), q)), name
+            ones += int((q.abs() == 1).sum())
+    assert ones > 1000 and f"{ones} +-1 candidates" in lines[0]
     assert len(blob) > 100 and "does not reach the target" in lines[-1]
 
 
@@ -373,6 +375,124 @@ def test_swa_averages_the_snapshots_of_the_warmdown_tail():
     assert what.startswith("swa checkpoints:4") and lines == ["swa:start step:25"]
     model = torch.nn.Linear(2, 1)
     assert train_gpt.apply_average(model, None).startswith("none")
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_warmup_knob_sets_the_decay_schedule(warmup):
+    """EMA_WARMUP reaches the averager: decay min(EMA_DECAY, (1 + n) / (10 + n)) after n updates, or EMA_DECAY
+    from the first update."""
+    model = GPT(tiny_h(num_layers=1, ve_layers=""))
+    ema = train_gpt.make_averager(tiny_h(ema_warmup=warmup, ema_decay=0.95), model, print)
+    for n in range(300):
+        assert ema.current_decay() == pytest.approx(min(0.95, (1 + n) / (10 + n)) if warmup else 0.95), n
+        ema.updates += 1
+
+
+def test_swa_every_and_start_frac_pick_the_snapshot_steps():
+    """A snapshot after step s exactly when s % SWA_EVERY == 0 and the LR scale that step trained at is below
+    SWA_START_FRAC (strictly)."""
+    h = tiny_h(weight_averaging="swa", swa_every=3, swa_start_frac=0.5)
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    swa = train_gpt.make_averager(h, torch.nn.Linear(1, 1), lambda m: None)
+    assert (swa.every, swa.start_frac) == (3, 0.5)
+    swa = train_gpt.SWA(3, 0.5, lambda m: None)
+    taken = []
+    for step in range(1, 31):
+        with torch.no_grad():
+            p[0].fill_(float(step))
+        scale = 1 - step / 30 if step != 21 else 0.5  # exactly the threshold at step 21: not below it
+        before = swa.count
+        swa.step(p, step, scale)
+        taken += [step] if swa.count > before else []
+    assert taken == [18, 24, 27, 30]
+    assert swa.averaged()[0][0].item() == pytest.approx(sum(taken) / 4)
+
+
+def test_swa_through_train_exports_the_mean_of_its_snapshots(short_val_shards, monkeypatch):
+    """WEIGHT_AVERAGING=swa in train(): the weights loaded for export (finish_training's apply_average) are the
+    mean of the weights after the steps whose index is a multiple of SWA_EVERY and whose LR scale is below
+    SWA_START_FRAC, both recorded from the run. Control: an SWA that snapshots every step fails the same check."""
+    from conftest import SP1024
+
+    def run():
+        h = tiny_h(data_path=str(short_val_shards), tokenizer_path=str(SP1024), weight_averaging="swa", swa_every=2,
+                   swa_start_frac=0.9, iterations=8, warmdown_iters=4, warmup_steps=0, val_loss_every=0,
+                   eval_diagnostics=False)
+        sp, train_files, val_files = train_gpt.check_inputs(h)
+        torch.manual_seed(h.seed)
+        model, lines, after = GPT(h), [], []
+        step_fn = train_gpt.Optimizers.step
+        monkeypatch.setattr(train_gpt.Optimizers, "step", lambda self, scale, *a: step_fn(self, scale, *a) or after.append(
+            (scale, [p.detach().clone() for p in model.parameters()])))
+        result = train_gpt.train(h, CPU, model, train_gpt.TrainingData(train_files, h.vocab_size),
+                                 train_gpt.load_validation(h, sp, val_files, CPU.device), lines.append)
+        train_gpt.apply_average(model, result.averager)
+        picked = [w for s, (scale, w) in enumerate(after, 1) if s % 2 == 0 and scale < 0.9]
+        return model, picked, lines
+
+    model, picked, lines = run()
+    assert len(picked) == 2 and "swa:start step:6" in lines  # scales 1, 1, 1, 1, 1, .75, .5, .25: steps 6 and 8
+    for p, *snapshots in zip(model.parameters(), *picked):
+        torch.testing.assert_close(p.detach(), sum(snapshots) / len(snapshots), rtol=1e-6, atol=1e-7)
+    monkeypatch.setattr(train_gpt.SWA, "step", lambda self, params, step, scale, f=train_gpt.SWA.step:
+                        f(self, params, self.every * step, 0.0))
+    model, picked, _ = run()
+    with pytest.raises(AssertionError):
+        for p, *snapshots in zip(model.parameters(), *picked):
+            torch.testing.assert_close(p.detach(), sum(snapshots) / len(snapshots), rtol=1e-6, atol=1e-7)
+
+
+# ---- GPTQ's block size and damping --------------------------------------------------------------------------
+
+
+def _gptq_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(512, 96, generator=g) * torch.logspace(-1, 0.5, 96)  # inputs of different scales
+    H = X.T @ X / 512
+    w = torch.randn(32, 96, generator=g)
+    return w, H
+
+
+def test_gptq_block_size_changes_only_the_order_of_the_arithmetic(monkeypatch):
+    """Lazy batch updates (GPTQ's blocks) are an exact rewrite: every GPTQ_BLOCK_SIZE gives the same integers up to
+    rounding ties flipped by fp32 order (observed: none here), and the knob reaches _gptq from quantize_tensor.
+    Control: a block update that drops the trailing columns' correction changes the result."""
+    w, H = _gptq_problem()
+    q128, s = train_gpt.quantize_rows(w, 4, H, clips=(1.0,), block=128)
+    for block in (1, 7, 32):
+        q, s2 = train_gpt.quantize_rows(w, 4, H, clips=(1.0,), block=block)
+        assert torch.equal(s2, s) and (q != q128).float().mean() <= 0.002, block
+    seen = []
+    gptq = train_gpt._gptq
+    monkeypatch.setattr(train_gpt, "_gptq", lambda *a, **k: seen.append(a[4:6]) or gptq(*a, **k))
+    train_gpt.quantize_tensor(tiny_h(gptq_block_size=7, gptq_damp=0.05), "blocks.0.mlp.fc.weight", w, 4, H)
+    assert seen == [(7, 0.05)]
+    matmul = torch.Tensor.__matmul__  # the control: W[:, i2:] -= Eb @ U[i1:i2, i2:] dropped
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: matmul(a, b) * (0 if a.dim() == 2 and b.dim() == 2
+                                                                                 and a.size(1) == 32 else 1))
+    q, _ = train_gpt.quantize_rows(w, 4, H, clips=(1.0,), block=32)
+    assert (q != q128).float().mean() > 0.01
+
+
+def test_gptq_damp_adds_that_fraction_of_the_mean_diagonal(monkeypatch):
+    """GPTQ_DAMP: the Hessian GPTQ factors is H + damp * mean(diag H) * I (in act-order), and another damping gives
+    other integers. Control: the diagonal of a run at 0.1 is not that of 0.01."""
+    w, H = _gptq_problem(1)
+    seen, cholesky = [], torch.linalg.cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda A, **k: seen.append(A.clone()) or cholesky(A, **k))
+    results = {}
+    for damp in (0.01, 0.1):
+        seen.clear()
+        results[damp] = train_gpt.quantize_rows(w, 4, H, clips=(1.0,), damp=damp)[0]
+        expected = (H.diagonal() + damp * H.diagonal().mean()).sort(descending=True).values
+        torch.testing.assert_close(seen[0].diagonal(), expected)
+        off = seen[0] - torch.diag(seen[0].diagonal())
+        perm = H.diagonal().argsort(descending=True)
+        torch.testing.assert_close(off, (H - torch.diag(H.diagonal()))[perm][:, perm])
+    assert not torch.equal(results[0.01], results[0.1])
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(seen[0].diagonal(), (H.diagonal() + 0.01 * H.diagonal().mean()).sort(
+            descending=True).values)
 
 
 # ---- late QAT --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import train_gpt
-from test_quant import _h, _state
+from helpers import quant_h as _h
+from helpers import quant_state as _state
 
 
 def _laplace(rows, cols, bits, scale, seed):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import FRONTIER_ENV, SEED_STACK_ENV, SP1024, run_distributed, tiny_h
-from test_model import randomized
+from helpers import assert_matches_reference, default_ids, randomized, tiny_default_h
 from torch._dynamo.testing import CompileCounter
 
 import train_gpt
@@ -58,19 +58,27 @@ def test_recurrence_gradient_is_the_sum_over_the_visits():
             assert torch.allclose(p.grad, sum(visits), rtol=1e-4, atol=1e-6), (i, name, len(visits))
 
 
-def test_loops_off_is_todays_model_and_on_changes_it():
-    torch.manual_seed(0)
-    x = torch.randint(0, 1024, (2, 32))
-    model = randomized(GPT(tiny_h(num_layers=4)))
-    off = GPT(tiny_h(num_layers=4, num_loops=0, parallel_start_layer=0))
-    off.load_state_dict(model.state_dict())
-    assert torch.equal(off.forward_logits(x), model.forward_logits(x))
-    looped = GPT(tiny_h(num_layers=4, num_loops=1, loop_start=1, loop_end=2))  # 6 virtual: 3 skip weights
-    state = model.state_dict()
-    looped.load_state_dict({**state, "skip_weights": torch.cat((state["skip_weights"], torch.ones(1, 64)))})
-    assert not torch.allclose(looped.forward_logits(x), model.forward_logits(x))
-    looped.looping = False  # the plain pass of a looped model is the unlooped model, with the first 2 skips
-    assert torch.equal(looped.forward_logits(x), model.forward_logits(x))
+def test_loops_off_is_the_plain_layer_order_and_on_changes_it():
+    """On the default preset (layers 1..2 run three times), NUM_LOOPS=0 alone runs each layer once: the reference
+    forward of the plain order, with two skip weights instead of four; the loop changes the logits, and the plain
+    pass of a looped model (training before ENABLE_LOOPING_AT) is the unlooped model with the first two skips.
+    Control: a layer run twice with the loop off is caught."""
+    x = default_ids()
+    h = tiny_default_h(num_loops=0, loop_start=3, loop_end=5)
+    off = randomized(GPT(h))
+    assert off.orders[off.looping] == [0, 1, 2, 3] and off.skip_weights.shape[0] == 2
+    assert_matches_reference(off, h, x)
+    looped = GPT(tiny_default_h())
+    state = off.state_dict()
+    looped.load_state_dict({**state, "skip_weights": torch.cat((state["skip_weights"], torch.ones(2, 64))),
+                            "skip_gates": torch.cat((state["skip_gates"], torch.zeros(2, 64)))})
+    assert looped.orders[True] == [0, 1, 2, 1, 2, 1, 2, 3]
+    assert not torch.allclose(looped.forward_logits(x), off.forward_logits(x), atol=1e-2)
+    looped.looping = False
+    torch.testing.assert_close(looped.forward_logits(x), off.forward_logits(x), rtol=0, atol=0)
+    off.orders = {False: [0, 1, 1, 2, 3], True: [0, 1, 1, 2, 3]}  # the control
+    with pytest.raises(AssertionError):
+        assert_matches_reference(off, h, x)
 
 
 @pytest.mark.parametrize("env, message", [
@@ -139,13 +147,23 @@ def test_parallel_lanes_split_at_the_start_layer_take_the_skip_in_lane_zero_and_
     assert torch.allclose(logits, 30 * torch.tanh(hidden @ model.tok_emb.weight.T / 30))
 
 
-def test_parallel_off_is_todays_model_and_on_changes_it():
-    torch.manual_seed(0)
-    x = torch.randint(0, 1024, (2, 32))
-    model = randomized(GPT(tiny_h(num_layers=4)))
-    par = GPT(tiny_h(num_layers=4, parallel_start_layer=2))
-    par.load_state_dict(model.state_dict(), strict=False)
-    assert not torch.allclose(par.forward_logits(x), model.forward_logits(x))
+def test_parallel_off_is_one_lane_and_on_changes_it():
+    """On the default preset (lanes from layer 3), PARALLEL_START_LAYER=0 alone gives one residual stream and no lane
+    parameters: the reference forward without lanes; the lanes change the logits. Control: lanes left on with the
+    switch off are caught."""
+    x = default_ids()
+    h = tiny_default_h(parallel_start_layer=0)
+    off = randomized(GPT(h))
+    assert not hasattr(off, "parallel_post_lambdas") and off.parallel_start == 0
+    assert_matches_reference(off, h, x)
+    par = GPT(tiny_default_h())
+    par.load_state_dict(off.state_dict(), strict=False)
+    assert not torch.allclose(par.forward_logits(x), off.forward_logits(x), atol=1e-2)
+    off.parallel_start = 3  # the control
+    off.parallel_post_lambdas = torch.nn.Parameter(torch.ones(4, 2, 2))
+    off.parallel_resid_lambdas = torch.nn.Parameter(torch.full((4, 2), 1.1))
+    with pytest.raises(AssertionError):
+        assert_matches_reference(off, h, x)
 
 
 @pytest.mark.slow  # over 5 s on 2 CPU cores (torch.compile)

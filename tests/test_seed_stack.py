@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import BASELINE_ENV, SEED_STACK_ENV, tiny_h
 from reference_baseline import GPT as BaselineGPT
-from test_model import CPU, randomized
+from helpers import CPU, assert_matches_reference, default_ids, randomized, tiny_default_h
 
 import train_gpt
 from train_gpt import GPT, Hyperparameters
@@ -32,21 +32,25 @@ def test_unet_skips_off_removes_them():
     assert model.skip_weights is None
 
 
-def test_skip_gates_off_is_todays_model_and_on_changes_it():
-    torch.manual_seed(0)
-    x = torch.randint(0, 1024, (2, 32))
-    model = randomized(GPT(tiny_h(num_layers=4)))
-    off = GPT(tiny_h(num_layers=4, skip_gates=False))
-    off.load_state_dict(model.state_dict())
-    assert torch.equal(off.forward_logits(x), model.forward_logits(x))
-    gated = GPT(tiny_h(num_layers=4, skip_gates=True))
-    gated.load_state_dict(model.state_dict(), strict=False)
+def test_skip_gates_off_is_the_plain_skip_and_on_changes_it(monkeypatch):
+    """On the default preset (gates on), SKIP_GATES=0 alone gives decoder entries x + w_j * skip: the reference
+    forward without the gates and their parameters. Control: gates applied with the switch off are caught."""
+    x = default_ids()
+    h = tiny_default_h(skip_gates=False)
+    off = randomized(GPT(h))
+    assert off.skip_gates is None
+    assert_matches_reference(off, h, x)
+    gated = GPT(tiny_default_h())
+    gated.load_state_dict(off.state_dict(), strict=False)
     assert not gated.skip_gates.any()  # zero-init (gate 0.5)
-    assert not torch.allclose(gated.forward_logits(x), model.forward_logits(x))
+    assert not torch.allclose(gated.forward_logits(x), off.forward_logits(x), atol=1e-2)
     names = {n for n, _ in train_gpt.param_groups(gated)["scalar"]}
     assert "skip_gates" in names
     with pytest.raises(ValueError, match="^SKIP_GATES=True: needs UNET_SKIPS=1"):
         tiny_h(unet_skips=False, skip_gates=True)
+    monkeypatch.setattr(GPT, "add_skip", lambda self, x, s, j: torch.lerp(self.skip_weights[j] * s, x, 0.5))
+    with pytest.raises(AssertionError):
+        assert_matches_reference(off, h, x)
 
 
 def test_skip_gates_at_init_mix_half_the_stream_and_half_the_weighted_skip():
@@ -103,9 +107,9 @@ def _input_smear(window=8, seed=0):
 
 def test_input_smear_gate_is_the_identity_at_init_and_reads_the_current_token():
     """e_t <- e_t + lam * sigmoid(w . e_t[:N]) * e_{t-1} (PR #1667): w and lam zero-init, so exactly e at init."""
+    smear = _input_smear()  # seeds the generator before any input is drawn
     e, ids = torch.randn(2, 6, 16), torch.tensor([[5, 6, 7, 8, 9, 4]] * 2)
     assert torch.equal(train_gpt.InputSmearGate(8, BOS)(e, ids), e)
-    smear = _input_smear()
     out = smear(e, ids)
     g = 0.7 * torch.sigmoid(e[..., :8] @ smear.w.detach())
     torch.testing.assert_close(out[:, 1:], e[:, 1:] + g[:, 1:, None] * e[:, :-1])
@@ -143,24 +147,27 @@ def test_input_smear_gate_never_crosses_a_bos():
     assert not torch.equal(smear(e2, ids)[0, 10], smear(e, ids)[0, 10])
 
 
-def test_smear_gate_static_is_the_default_and_every_value_changes_the_model():
-    torch.manual_seed(0)
-    x = torch.randint(0, 1024, (2, 32))
-    x[:, 9] = BOS
-    model = randomized(GPT(tiny_h()))
-    assert tiny_h().smear_gate == "static" and isinstance(model.smear, train_gpt.SmearGate)
-    static = GPT(tiny_h(smear_gate="static"))
-    static.load_state_dict(model.state_dict())
-    assert torch.equal(static.forward_logits(x), model.forward_logits(x))
+@pytest.mark.parametrize("smear", ["off", "static", "input"])
+def test_smear_gate_each_value_is_its_formula_on_the_default_preset(smear, monkeypatch):
+    """On the default preset (input), each SMEAR_GATE value alone gives the reference forward of that gate (off: no
+    gate and no parameters); the values differ from each other. Control: the gate without its BOS mask is caught."""
+    x = default_ids()
+    h = tiny_default_h(smear_gate=smear)
+    model = randomized(GPT(h, BOS))
+    assert {"off": type(None), "static": train_gpt.SmearGate, "input": train_gpt.InputSmearGate}[smear] is type(model.smear)
+    assert_matches_reference(model, h, x)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("smear.")}
-    off, smeared = GPT(tiny_h(smear_gate="off")), GPT(tiny_h(smear_gate="input"))
-    off.load_state_dict(state)
-    smeared.load_state_dict(state, strict=False)
-    assert torch.equal(smeared.forward_logits(x), off.forward_logits(x))  # the identity at init
-    assert not torch.allclose(off.forward_logits(x), model.forward_logits(x))
-    smeared.smear.load_state_dict(_input_smear(window=12).state_dict())
-    assert not torch.allclose(smeared.forward_logits(x), off.forward_logits(x))
-    assert {"smear.w", "smear.lam"} <= {n for n, _ in train_gpt.param_groups(smeared)["scalar"]}
+    for other in {"off", "static", "input"} - {smear}:
+        changed = randomized(GPT(tiny_default_h(smear_gate=other), BOS), seed=1)
+        changed.load_state_dict(state, strict=False)
+        assert not torch.allclose(changed.forward_logits(x), model.forward_logits(x), atol=1e-2), other
+    if smear == "off":  # the control: a gate left on
+        model.smear, model.smear_kind = randomized(train_gpt.InputSmearGate(12, BOS)), "input"
+    else:
+        model.smear.bos_id = -1
+    with pytest.raises(AssertionError):
+        assert_matches_reference(model, h, x)
+    assert {"smear.w", "smear.lam"} <= {n for n, _ in train_gpt.param_groups(GPT(tiny_default_h()))["scalar"]}
     with pytest.raises(ValueError, match="^SMEAR_GATE_WINDOW=8: must be <= MODEL_DIM=64, and stay 12 unless"):
         tiny_h(smear_gate_window=8)
     with pytest.raises(ValueError, match="^SMEAR_GATE='1': must be one of off, static, input"):
@@ -271,21 +278,33 @@ def test_attention_gate_is_per_head_and_per_token(gate):
 
 
 @pytest.mark.parametrize("gate", ["out", "sparse", "dense"])
-def test_attention_gates_none_is_todays_model_and_each_gate_changes_it(gate):
-    torch.manual_seed(0)
-    x = torch.randint(0, 1024, (2, 32))
-    model = randomized(GPT(tiny_h()))
-    off = GPT(tiny_h(attn_gate="none"))
-    off.load_state_dict(model.state_dict())
-    assert torch.equal(off.forward_logits(x), model.forward_logits(x))
-    gated = GPT(tiny_h(attn_gate=gate))
-    gated.load_state_dict(model.state_dict(), strict=False)
+def test_attention_gates_none_is_the_ungated_model_and_each_gate_changes_it(gate, monkeypatch):
+    """On the default preset, ATTN_GATE=none gives the model whose gated form has W = 0 (gate 2 sigmoid(0) = 1 for
+    out, sigmoid(0) = 1/2 for sparse and dense, made up by doubling the output projection): an independent
+    expectation, since the gate is then a known constant. Random W changes it. Control: a gate of 0.6 for every
+    head (a wrong constant) is caught."""
+    x = default_ids()
+    off = randomized(GPT(tiny_default_h(attn_gate="none", attn_gate_scale=1.0, quant_gate_bits=16)))
+    gated = GPT(tiny_default_h(attn_gate=gate, attn_gate_scale=0.5 if gate == "sparse" else 1.0))
+    gated.load_state_dict(off.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in gated.blocks:
+            block.attn.gate_w.zero_()
+            block.attn.proj.weight.mul_(1.0 if gate == "out" else 2.0)
+    expected = off.forward_logits(x)
+    torch.testing.assert_close(gated.forward_logits(x), expected, rtol=1e-5, atol=1e-5)
+    groups = {k: {n for n, _ in v} for k, v in train_gpt.param_groups(gated).items()}
+    assert {"blocks.0.attn.gate_w", "blocks.1.attn.gate_w"} <= groups["scalar"]
+    assert not any("gate_w" in n for n, _ in off.named_parameters())
+    monkeypatch.setattr(train_gpt.CausalSelfAttention, "head_gate",
+                        lambda self, x: torch.full((*x.shape[:2], self.num_heads), 0.6))
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(gated.forward_logits(x), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
     with torch.no_grad():
         for block in gated.blocks:
             block.attn.gate_w.normal_()
-    assert not torch.allclose(gated.forward_logits(x), model.forward_logits(x))
-    groups = {k: {n for n, _ in v} for k, v in train_gpt.param_groups(gated).items()}
-    assert {"blocks.0.attn.gate_w", "blocks.1.attn.gate_w"} <= groups["scalar"]
+    assert not torch.allclose(gated.forward_logits(x), expected, atol=1e-2)
 
 
 def test_attention_gate_knobs_are_never_silently_ignored():
@@ -339,16 +358,26 @@ def test_mlp_activation(act, slope):
     torch.testing.assert_close(mlp(x), torch.where(x > 0, x**2, (slope * x) ** 2))
 
 
-def test_mlp_leaky_slope_default_is_the_records_model_and_other_slopes_change_it():
+def test_mlp_leaky_slope_of_the_default_preset_is_its_formula_and_other_slopes_change_it():
+    """Every MLP of the default preset computes proj(phi(fc x)) with phi(u) = u^2 (u > 0), (0.3 u)^2 (u <= 0), and
+    MLP_ACT=relu2 with slope 0 there, by hand; the slope changes the logits. Control: a model that kept the
+    records' 0.5 fails the hand computation."""
     torch.manual_seed(0)
-    x = torch.randint(0, 1024, (2, 32))
-    model = randomized(GPT(tiny_h()))
-    explicit = GPT(tiny_h(mlp_leaky_slope=0.5))
-    explicit.load_state_dict(model.state_dict())
-    assert torch.equal(explicit.forward_logits(x), model.forward_logits(x))
-    other = GPT(tiny_h(mlp_leaky_slope=0.3))
-    other.load_state_dict(model.state_dict())
-    assert not torch.allclose(other.forward_logits(x), model.forward_logits(x))
+    ids, u = default_ids(), torch.randn(2, 9, 64)
+    for h, slope in ((tiny_default_h(), 0.3), (tiny_default_h(mlp_act="relu2", mlp_leaky_slope=0.5), 0.0)):
+        model = randomized(GPT(h))
+        for block in model.blocks:
+            a = u @ block.mlp.fc.weight.T
+            expected = torch.where(a > 0, a, slope * a).square() @ block.mlp.proj.weight.T
+            torch.testing.assert_close(block.mlp(u), expected, rtol=1e-5, atol=1e-5)
+    model = randomized(GPT(tiny_default_h()))
+    records = randomized(GPT(tiny_default_h(mlp_leaky_slope=0.5)))
+    assert not torch.allclose(records.forward_logits(ids), model.forward_logits(ids), atol=1e-2)
+    mlp = model.blocks[0].mlp
+    mlp.negative_slope = 0.5  # the control
+    a = u @ mlp.fc.weight.T
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(mlp(u), torch.where(a > 0, a, 0.3 * a).square() @ mlp.proj.weight.T)
     with pytest.raises(ValueError, match="^MLP_LEAKY_SLOPE=0.3: must stay 0.5 unless MLP_ACT=leaky_relu2"):
         tiny_h(mlp_act="relu2", mlp_leaky_slope=0.3)  # a knob nothing would read
     for bad in (0.0, 1.0):
@@ -397,23 +426,31 @@ def test_orthogonal_init():
 
 
 def test_asymmetric_softcap_starts_as_the_symmetric_cap_and_trains_both_scalars():
+    """On the default preset (two trained caps): the logits are cap+ tanh(z / cap+) for z >= 0 and cap- tanh(z /
+    cap-) below, with z the head's output computed by hand; LOGIT_SOFTCAP_ASYM=0 alone is 30 tanh(z / 30) with two
+    parameters fewer. Control: the caps swapped are caught."""
     torch.manual_seed(0)
-    h = tiny_h(logit_softcap_asym=True)
-    x = torch.randint(0, 1024, (4, 64))
-    model = randomized(GPT(tiny_h()))
-    off = GPT(tiny_h(logit_softcap_asym=False))
-    off.load_state_dict(model.state_dict())
-    assert torch.equal(off.forward_logits(x), model.forward_logits(x))
-    asym = GPT(h)
-    asym.load_state_dict(model.state_dict(), strict=False)
-    assert sum(p.numel() for p in asym.parameters()) == sum(p.numel() for p in model.parameters()) + 2
-    assert asym.softcap_pos.dim() == 0 and asym.softcap_pos.item() == asym.softcap_neg.item() == 30.0
-    assert torch.equal(asym.forward_logits(x), model.forward_logits(x))  # at init: exactly the symmetric cap
+    h = tiny_default_h()
+    x = default_ids(4, 64)
+    asym = randomized(GPT(h))
+    off = GPT(tiny_default_h(logit_softcap_asym=False))
+    off.load_state_dict({k: v for k, v in asym.state_dict().items() if not k.startswith("softcap_")})
+    assert sum(p.numel() for p in asym.parameters()) == sum(p.numel() for p in off.parameters()) + 2
+    assert GPT(h).softcap_pos.dim() == 0 and GPT(h).softcap_pos.item() == GPT(h).softcap_neg.item() == 30.0
+    seen = []
+    asym.head_in.register_forward_hook(lambda m, args, out: seen.append(out))
     with torch.no_grad():
         asym.softcap_pos.fill_(4.0), asym.softcap_neg.fill_(8.0)
-    logits, raw = asym.forward_logits(x), (model.forward_logits(x) / 30).atanh() * 30  # |z| ~ 2, far below 30
-    torch.testing.assert_close(logits, torch.where(raw >= 0, 4 * torch.tanh(raw / 4), 8 * torch.tanh(raw / 8)),
-                               rtol=1e-4, atol=1e-4)
+        logits = asym.forward_logits(x)
+    z = seen[0] @ asym.tok_emb.weight.T
+    assert (z > 0).any() and (z < 0).any() and z.abs().max() > 4
+    expected = torch.where(z >= 0, 4 * torch.tanh(z / 4), 8 * torch.tanh(z / 8))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(off.forward_logits(x), 30 * torch.tanh(z / 30), rtol=1e-5, atol=1e-5)
+    asym.softcap_pos, asym.softcap_neg = asym.softcap_neg, asym.softcap_pos  # the control
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(asym.forward_logits(x), expected, rtol=1e-5, atol=1e-5)
+    asym.softcap_pos, asym.softcap_neg = asym.softcap_neg, asym.softcap_pos
     with torch.no_grad():
         asym.softcap_pos.fill_(30.0), asym.softcap_neg.fill_(30.0)
     groups = {k: {n for n, _ in v} for k, v in train_gpt.param_groups(asym).items()}

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from conftest import SP1024, STEP_LINE, run_distributed, tiny_h
+from helpers import tiny_default_h
 
 import train_gpt
 from train_gpt import Dist
@@ -40,7 +41,10 @@ def test_same_seed_same_run_and_warmup_is_undone(short_val_shards):
     assert c.final.val_loss == a.final.val_loss
     d, _, _ = _train(short_val_shards, warmup_steps=0, seed=99)
     assert d.final.val_loss != a.final.val_loss
-    assert a.steps == 6 and a.final.val_loss < math.log(1024)  # it learned something
+    # it learned something: 0.3 nats below its own untrained validation loss (step 0; measured 6.93 -> 6.32). The
+    # unigram baseline of the training shards (6.10 nats on this validation data) is out of reach in 6 steps.
+    untrained = float(next(l for l in lines if l.startswith("step:0/6 val_loss:")).split("val_loss:")[1].split()[0])
+    assert a.steps == 6 and untrained > math.log(1024) - 0.05 and a.final.val_loss < untrained - 0.3
 
 
 def test_log_lines(sample_shards):
@@ -83,17 +87,41 @@ FRONTIER_OFF = dict(muon_row_norm=False, muon_ns_coeffs="quintic", muon_wd_taper
                     warmdown_frac=0.0, embed_wd=0.04)  # embed_wd = ADAM_WD's default: the tables decay as before
 
 
-@pytest.mark.slow  # over 5 s on 2 CPU cores (five training runs)
-def test_frontier_optimizer_knobs_off_train_bit_identically_and_on_train_differently(short_val_shards):
-    """The training loop passes the schedule and the taper through: the new knobs at their off values train the
-    defaults' weights exactly; switched on (PRs #1285, #1787, #1729, #1394) they change them."""
-    _, _, base = _train(short_val_shards, warmup_steps=0)
-    _, _, off = _train(short_val_shards, warmup_steps=0, **FRONTIER_OFF)
-    _, _, on = _train(short_val_shards, warmup_steps=0, muon_row_norm=True, muon_ns_coeffs="polar_express",
-                      muon_wd_taper_start=0.5, embed_wd=0.085, adam_wd=0.02, warmdown_iters=0, warmdown_frac=0.5,
-                      min_lr=0.1)
-    _, _, taper = _train(short_val_shards, warmup_steps=0, muon_wd_taper_start=0.5, muon_wd=0.5)  # reaches Muon
-    _, _, plain = _train(short_val_shards, warmup_steps=0, muon_wd=0.5)
-    weights = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (base, off, on, taper, plain)]
-    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
-    assert not torch.equal(weights[3], weights[4])
+def _schedule(shards, monkeypatch, **knobs):
+    """(lr scale, Muon momentum, Muon WD scale) of every optimizer step of a 4-step run of the tiny default preset."""
+    h = tiny_default_h(data_path=str(shards), tokenizer_path=str(SP1024), iterations=4, warmup_steps=0,
+                       val_loss_every=0, seq_change_warmup_steps=2, **knobs)
+    sp, train_files, val_files = train_gpt.check_inputs(h)
+    torch.manual_seed(h.seed)
+    calls, step = [], train_gpt.Optimizers.step
+    monkeypatch.setattr(train_gpt.Optimizers, "step", lambda self, *a: calls.append(a) or step(self, *a))
+    train_gpt.train(h, CPU, train_gpt.GPT(h, sp.bos_id()), train_gpt.TrainingData(train_files, h.vocab_size),
+                    train_gpt.load_validation(h, sp, val_files, CPU.device), lambda line: None)
+    return calls
+
+
+# By hand, at fractions 0, 1/4, 1/2, 3/4 of 4 steps: the context switches 32 -> 64 at step 3 (3/4 > 0.5), whose LR
+# ramp (SEQ_CHANGE_WARMUP_STEPS=2) halves it; the momentum warms up from 0.92 over 1,500 steps.
+RAMP = [1, 1, 1, 0.5]
+MOMENTUM = [0.92 + 0.05 * s / 1500 for s in range(4)]
+EXPECTED = {
+    "frontier_off": ([1.0 * r for r in RAMP], [1.0] * 4),
+    "defaults": ([max(min(1.0, (1 - s / 4) / 0.85), 0.1) * r for s, r in enumerate(RAMP)], [1.0] * 4),  # PR #1394
+    "taper": ([1.0 * r for r in RAMP], [1.0, 1.0, 1.0, 1 + (0.25 - 1) * (0.75 - 0.5) / 0.5]),  # PR #1729
+}
+
+
+@pytest.mark.parametrize("case", EXPECTED)
+def test_the_training_loop_applies_each_schedule_knob_as_written(case, short_val_shards, monkeypatch):
+    """On the default preset: WARMDOWN_FRAC and MIN_LR shape the LR, the Muon WD taper the WD, the length switch its
+    ramp, each by its formula (EXPECTED, by hand), and with the frontier knobs off the LR stays 1 but for the ramp.
+    Control: a loop that forgets the ramp fails the same comparison."""
+    knobs = {"frontier_off": FRONTIER_OFF, "defaults": {},
+             "taper": dict(FRONTIER_OFF, muon_wd_taper_start=0.5, muon_wd_taper_factor=0.25)}[case]
+    calls = _schedule(short_val_shards, monkeypatch, **knobs)
+    lrs, wds = EXPECTED[case]
+    assert [c[0] for c in calls] == pytest.approx(lrs) and [c[2] for c in calls] == pytest.approx(wds)
+    assert [c[1] for c in calls] == pytest.approx(MOMENTUM)
+    if case == "defaults":
+        monkeypatch.setattr(train_gpt, "seq_ramp", lambda *a: 1.0)
+        assert [c[0] for c in _schedule(short_val_shards, monkeypatch)] != pytest.approx(lrs)
