@@ -82,12 +82,21 @@ def caller_env() -> dict[str, str]:
 
 
 def tiny_h(**overrides):
-    """Hyperparameters of TINY_ENV with overrides, built in-process (a variant is validated like any config)."""
+    """Hyperparameters of TINY_ENV with overrides, built in-process (a variant is validated like any config). A knob
+    TINY_ENV sets that an override leaves dormant (BIGRAM_DIM once BIGRAM_VOCAB_SIZE=0) goes back to its default, as a
+    user switching the technique off would leave it unset."""
     import dataclasses
+    import types
 
     import train_gpt
 
-    return dataclasses.replace(train_gpt.Hyperparameters.from_env(TINY_ENV), **overrides)
+    h = train_gpt.Hyperparameters.from_env(TINY_ENV)
+    kw = {**{f.name: getattr(h, f.name) for f in dataclasses.fields(h)}, **overrides}
+    for f in dataclasses.fields(h):
+        needs = f.metadata.get("needs")
+        if needs and f.name not in overrides and not train_gpt.Hyperparameters.holds(types.SimpleNamespace(**kw), needs):
+            kw[f.name] = f.default
+    return train_gpt.Hyperparameters(**kw)
 
 
 @pytest.fixture(scope="session")

@@ -79,14 +79,13 @@ def mark_piece_unused(model: bytes, piece_id: int) -> bytes:
 
 # ---- the default preset at a tiny size ---------------------------------------------------------------------
 
-# Every knob whose default follows the model's size, set here for a 4-layer d=64 model on sp1024: the loop on the
-# middle layers 1..2 (twice more), lanes on the last layer, a 32 -> 64 training context, 64-token evaluation.
+# The size knobs of a 4-layer d=64 model on sp1024; what follows the size derives from them: the loop on the middle
+# layers 1..2 (twice more), lanes on the last layer, a 16 -> 32 -> 64 training context, 64-token evaluation.
 # Everything else is the default preset's: skip gates, the sparse attention gate, the input SmearGate, XSA on every
 # layer, the asymmetric softcap, partial RoPE, LN scale, leaky-relu^2 with slope 0.3, document packing.
 TINY_DEFAULT = dict(vocab_size=1024, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, train_seq_len=64,
-                    eval_seq_len=64, eval_stride=64, train_batch_tokens=2048, val_batch_size=16384, loop_start=1,
-                    loop_end=2, parallel_start_layer=3, train_seq_schedule="32@0.500,64@1.000",
-                    seq_change_warmup_steps=1, rope_dims=8, device="cpu", max_wallclock_seconds=0.0, seed=1234)
+                    train_batch_tokens=2048, val_batch_size=16384, seq_change_warmup_steps=1, rope_dims=8,
+                    device="cpu", max_wallclock_seconds=0.0, seed=1234)
 
 
 def tiny_default_h(**overrides) -> Hyperparameters:
@@ -121,14 +120,14 @@ def reference_logits(model: GPT, h: Hyperparameters, ids: torch.Tensor) -> torch
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
     layers = list(range(h.num_layers))
     if h.num_loops:  # PR #1493: LOOP_START..LOOP_END run 1 + NUM_LOOPS times
-        a, b = h.loop_start, h.loop_end + 1
+        a, b = h.loop[0], h.loop[1] + 1
         layers = layers[:a] + layers[a:b] * (1 + h.num_loops) + layers[b:]
     half = len(layers) // 2 if h.unet_skips else 0
     ve_layers = train_gpt.layer_list(h.ve_layers, h.num_layers)
     ve = model.ve_shared(ids) if ve_layers else None
     encoder_outputs, lane1 = [], None
     for j, i in enumerate(layers):
-        if j >= half and h.parallel_start_layer and i >= h.parallel_start_layer and lane1 is None:
+        if j >= half and h.parallel_from and i >= h.parallel_from and lane1 is None:
             lane1 = x  # PR #1529: the lanes split before the skip, which goes to lane 0
         if j >= half and encoder_outputs:
             s = model.skip_weights[j - half] * encoder_outputs.pop()

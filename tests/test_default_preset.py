@@ -22,7 +22,7 @@ VARIANTS = {
     "smear_off": dict(smear_gate="off"),
     "smear_static": dict(smear_gate="static"),
     "lanes_off": dict(parallel_start_layer=0),
-    "loops_off": dict(num_loops=0, loop_start=3, loop_end=5),  # LOOP_START/END stay at their defaults when off
+    "loops_off": dict(num_loops=0),  # LOOP_START/END go dormant
     "softcap_symmetric": dict(logit_softcap_asym=False),
     "value_embeddings": dict(ve_layers="-2,-1"),
     "untied_head": dict(tie_embeddings=False),
