@@ -386,7 +386,7 @@ class Hyperparameters:
             elif m.get("within") and _within(v, m["within"]):
                 what = _within(v, m["within"])
             elif m.get("needs") and not self.holds(m["needs"]):
-                what = v not in (f.default, 0) and f"has no effect unless {m['needs']}; leave it unset or 0"
+                what = v not in (f.default, 0, "") and f"has no effect unless {m['needs']}; leave it unset or 0"
             elif m.get("check"):
                 try:
                     what = not m["check"](self) and m["why"].format_map(names)
@@ -415,8 +415,9 @@ class Hyperparameters:
         """Every knob's value as this run uses it: the defaults that follow the size resolved (the run header,
         the summary and the artifact record these)."""
         v = {f.name: getattr(self, f.name) for f in fields(self)}
-        v.update(loop_start=self.loop[0], loop_end=self.loop[1], parallel_start_layer=self.parallel_from,
-                 eval_seq_len=self.eval_len, eval_stride=self.stride)
+        v.update({k: x for k, x in dict(loop_start=self.loop[0], loop_end=self.loop[1], eval_seq_len=self.eval_len,
+                                        parallel_start_layer=self.parallel_from, eval_stride=self.stride).items()
+                  if self.used(k) is not None})  # a dormant one keeps its value, so the summary's env replays
         if self.train_seq_schedule.strip():
             v["train_seq_schedule"] = ",".join(f"{n}@{f:.3f}" for n, f in self.seq_stages)
         return v
@@ -3107,10 +3108,8 @@ def eval_costs(h: Hyperparameters, val: ValidationData) -> dict[str, tuple[float
     """(model FLOPs, projected 8xH100 seconds) of each evaluator of eval_plan on val, and of the n-gram hints
     (0 FLOPs). LoRA TTT and the hints at PR #2140's measured time, scaled by FLOPs against the defaults' on the
     same documents and by targets against the official set; windows and chunked TTT at EVAL_MFU."""
-    n, out, bounds = val.num_targets, {}, doc_bounds(val.tokens, val.bos_id)
-    for e in eval_plan(h):
-        if e.name != "roundtrip" and h.ngram_tilt_enabled:
-            out.setdefault("ngram_hints", (0.0, ANCHOR_HINTS_S * n / OFFICIAL_TARGETS))
+    n, out, bounds, plan = val.num_targets, {}, doc_bounds(val.tokens, val.bos_id), eval_plan(h)
+    for e in plan:
         if e.ttt == "lora":
             flops = lora_flops(h, np.diff(bounds))
             out[e.name] = (flops, ANCHOR_TTT_S * flops / lora_flops(Hyperparameters(), np.diff(bounds)) * n /
@@ -3119,6 +3118,9 @@ def eval_costs(h: Hyperparameters, val: ValidationData) -> dict[str, tuple[float
         wins = eval_windows(bounds if e.docs else np.array([0, n]), e.win.seq_len, e.win.stride)
         flops = window_cost(h, wins[:, 1]) + (sgd_flops(h, n) if e.ttt else 0.0)  # only where windows are scored
         out[e.name] = (flops, flops / (8 * H100_BF16_FLOPS * EVAL_MFU["chunks" if e.ttt else "windows"]))
+    if h.ngram_tilt_enabled and plan[-1].name != "roundtrip":  # listed after the windows, before TTT
+        ttt = {e.name: out.pop(e.name) for e in plan if e.ttt}
+        out |= {"ngram_hints": (0.0, ANCHOR_HINTS_S * n / OFFICIAL_TARGETS), **ttt}
     return out
 
 

@@ -294,7 +294,7 @@ def test_lora_ttt_knobs_are_refused_unless_lora_ttt_reads_them():
         tiny_h(token_boost=1.0)
     with pytest.raises(train_gpt.ConfigError, match="TTT_SHORT_SCORE_FIRST_STEPS"):
         tiny_h(**{**LORA, "ttt_short_score_first_steps": "256-8"})
-    with pytest.raises(train_gpt.ConfigError, match="TTT_CHUNK_SIZE=.*<= EVAL_SEQ_LEN=64"):
+    with pytest.raises(train_gpt.ConfigError, match="TTT_SHORT_SCORE_FIRST_STEPS=.*CHUNK <= EVAL_SEQ_LEN=64"):
         tiny_h(**{**LORA, "ttt_short_score_first_steps": "256:128"})
 
 

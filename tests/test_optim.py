@@ -174,7 +174,7 @@ def test_step_warmdown_without_cap_and_whichever_ends_first():
     assert [lr_scale(h, s, 0.0) for s in (0, 800, 900, 999)] == [1.0, 1.0, 0.5, 0.005]
     capped = tiny_h(iterations=1000, warmdown_iters=200, max_wallclock_seconds=3600.0)
     assert lr_scale(capped, 900, 900.0) == 0.5  # iterations run out long before the cap
-    assert lr_scale(tiny_h(warmdown_iters=0), 5, 1e9) == 1.0
+    assert lr_scale(tiny_h(warmdown_iters=0, warmdown_frac=0.0), 5, 1e9) == 1.0  # neither schedule
 
 
 # ---- the frontier optimizer and schedule: every knob off by default, exactly today's training when off ----
@@ -185,7 +185,8 @@ NEW_KNOBS_OFF = dict(muon_row_norm=False, muon_ns_coeffs="quintic", muon_wd_tape
 
 def test_the_seed_stack_keeps_the_new_optimizer_knobs_off():
     defaults = Hyperparameters.from_env(SEED_STACK_ENV)
-    assert {k: getattr(defaults, k) for k in NEW_KNOBS_OFF} == NEW_KNOBS_OFF
+    assert {k: defaults.used(k) or 0.0 if k == "warmdown_frac" else getattr(defaults, k) for k in NEW_KNOBS_OFF} \
+        == NEW_KNOBS_OFF  # the fraction's schedule is dormant: WARMDOWN_ITERS selects the baseline's
     assert defaults.embed_wd == defaults.adam_wd == 0.04  # the embedding tables decay as before
 
 
@@ -453,7 +454,7 @@ def test_warmdown_frac_schedule_by_steps_and_by_wall_clock(min_lr):
 def test_min_lr_floors_the_warmdown_iters_schedule():
     h = tiny_h(iterations=1000, warmdown_iters=200, max_wallclock_seconds=0.0, min_lr=0.2)
     assert [lr_scale(h, s, 0.0) for s in (0, 800, 900, 999, 1000)] == [1.0, 1.0, 0.5, 0.2, 0.2]
-    h = tiny_h(warmdown_iters=0, min_lr=0.2)
+    h = tiny_h(warmdown_iters=0, warmdown_frac=0.0, min_lr=0.2)
     assert lr_scale(h, 5, 1e9) == 1.0
 
 
@@ -466,8 +467,8 @@ def test_min_lr_and_warmdown_frac_change_the_optimizer_result():
 
 
 def test_one_lr_schedule_at_a_time():
-    with pytest.raises(train_gpt.ConfigError, match=r"WARMDOWN_FRAC=0.3: must be 0 while WARMDOWN_ITERS=4000 > 0"):
-        Hyperparameters(warmdown_frac=0.3, warmdown_iters=4000)
+    with pytest.raises(train_gpt.ConfigError, match=r"WARMDOWN_FRAC=0.3: has no effect unless WARMDOWN_ITERS=0"):
+        Hyperparameters(warmdown_frac=0.3, warmdown_iters=4000)  # WARMDOWN_ITERS alone selects its schedule
     assert Hyperparameters(warmdown_frac=0.3, warmdown_iters=0).warmdown_frac == 0.3
     with pytest.raises(train_gpt.ConfigError, match="MIN_LR=1.5: must be in"):
         Hyperparameters(min_lr=1.5)

@@ -124,14 +124,18 @@ def test_packed_rows_compile_once_per_cu_seqlens_length():
 
 
 def test_schedule_parsing():
-    assert train_gpt.seq_schedule("1024@0.100,2048@0.700,3072@1.000") == [(1024, 0.1), (2048, 0.7), (3072, 1.0)]
-    assert train_gpt.seq_schedule("1024@0.1,2048@0.7") == [(1024, 0.1), (2048, 0.7), (2048, 1.0)]
-    assert train_gpt.seq_schedule("") == train_gpt.seq_schedule(" ") == []
+    parse = lambda text: train_gpt.seq_schedule(text, 3072, 98_304)  # noqa: E731  the full size's micro-batch
+    assert parse("1024@0.100,2048@0.700,3072@1.000") == [(1024, 0.1), (2048, 0.7), (3072, 1.0)]
+    assert parse("0.333@0.100,0.667@0.700,1.0@1.000") == parse("1024@0.1,2048@0.7,3072@1")  # relative: the same
+    assert parse("1024@0.1,3072@0.7") == [(1024, 0.1), (3072, 0.7), (3072, 1.0)]
+    assert parse("") == parse(" ") == []
+    assert train_gpt.seq_schedule("0.333@0.1,0.667@0.7,1.0@1", 256, 512) == [(64, 0.1), (128, 0.7), (256, 1.0)]
     h = tiny_h(train_seq_schedule="32@0.5,64@1", seq_change_warmup_steps=4)
     assert h.seq_stages == [(32, 0.5), (64, 1.0)] and tiny_h().seq_stages == [(64, 1.0)]
 
 
-SYNTAX = "must be comma-separated stages L@f (a length and a training fraction), e.g. 1024@0.1,2048@0.7,3072@1.0"
+SYNTAX = "must be comma-separated stages L@f (a length, or a fraction of TRAIN_SEQ_LEN such as 0.5, and a training "
+DIVIDE = "every L must divide the micro-batch TRAIN_BATCH_TOKENS/8=256 tokens, the largest equal TRAIN_SEQ_LEN=64"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -143,17 +147,13 @@ SYNTAX = "must be comma-separated stages L@f (a length and a training fraction),
     (dict(train_seq_schedule="32@0,64@1"), "TRAIN_SEQ_SCHEDULE='32@0,64@1': every stage L@f needs L > 0 and f in "
                                            "(0, 1]"),
     (dict(train_seq_schedule="64@1.5"), "TRAIN_SEQ_SCHEDULE='64@1.5': every stage L@f needs L > 0 and f in (0, 1]"),
-    (dict(train_seq_schedule="64@0.7,32@0.2"), "TRAIN_SEQ_SCHEDULE='64@0.7,32@0.2': the fractions f must increase "
-                                               "from stage to stage"),
-    (dict(train_seq_schedule="32@0.5,64@0.5"), "TRAIN_SEQ_SCHEDULE='32@0.5,64@0.5': the fractions f must increase "
-                                               "from stage to stage"),
-    (dict(train_seq_schedule="48@0.5,64@1"), "TRAIN_SEQ_SCHEDULE='48@0.5,64@1': every L must divide the micro-batch "
-                                             "TRAIN_BATCH_TOKENS/8=256 tokens"),
-    (dict(train_seq_schedule="32@0.5,128@1"), "TRAIN_SEQ_LEN=64: must equal the largest L of TRAIN_SEQ_SCHEDULE (it "
-                                              "fixes the RoPE base and the validation length)"),
-    (dict(seq_change_warmup_steps=4), "SEQ_CHANGE_WARMUP_STEPS=4: must stay 0 unless TRAIN_SEQ_SCHEDULE switches "
-                                      "length (the ramp follows each switch)"),
-    (dict(train_seq_schedule="64@0.5", seq_change_warmup_steps=4), "SEQ_CHANGE_WARMUP_STEPS=4: must stay 0 unless"),
+    (dict(train_seq_schedule="64@0.7,32@0.2"), "TRAIN_SEQ_SCHEDULE='64@0.7,32@0.2': every stage L@f needs L > 0 and f "
+                                               "in (0, 1], the fractions f increasing"),
+    (dict(train_seq_schedule="32@0.5,64@0.5"), "TRAIN_SEQ_SCHEDULE='32@0.5,64@0.5': every stage L@f needs L > 0 and f "
+                                               "in (0, 1], the fractions f increasing"),
+    (dict(train_seq_schedule="48@0.5,64@1"), f"TRAIN_SEQ_SCHEDULE='48@0.5,64@1': {DIVIDE}"),
+    (dict(train_seq_schedule="32@0.5,128@1"), f"TRAIN_SEQ_SCHEDULE='32@0.5,128@1': {DIVIDE}"),
+    (dict(seq_change_warmup_steps=4), "SEQ_CHANGE_WARMUP_STEPS=4: has no effect unless TRAIN_SEQ_SCHEDULE!="),
 ])
 def test_schedule_errors_name_the_variable_and_what_was_expected(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -179,7 +179,7 @@ def test_lr_ramp_after_a_switch():
     h = tiny_h(train_seq_schedule="32@0.5,64@1", seq_change_warmup_steps=4)
     assert [train_gpt.seq_ramp(h, s, 10) for s in range(10, 16)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert train_gpt.seq_ramp(h, 3, 0) == 1.0  # no switch yet (training starts at the first stage)
-    assert train_gpt.seq_ramp(tiny_h(), 11, 10) == 1.0  # the ramp off
+    assert train_gpt.seq_ramp(tiny_h(train_seq_schedule="32@0.5,64@1", seq_change_warmup_steps=0), 11, 10) == 1.0
 
 
 def test_warmup_shapes():
@@ -250,12 +250,12 @@ def _batches_seen(shards, monkeypatch, **knobs):
 def test_the_model_trains_on_the_stream_in_rows_or_packed_documents(packed, short_val_shards, monkeypatch):
     """Each micro-batch is the next 256 stream tokens (+1 target). DOC_PACKING=0 with no schedule, on the default
     preset: 4 rows of TRAIN_SEQ_LEN=64, no segments. The defaults: one row whose segments start at 0 and at every
-    BOS, none longer than the stage's length (32 up to half of training, then 64), the cap being that length.
+    BOS, none longer than the stage's length (16, 32, 32, 64 at the four steps), the cap being that length.
     Control: a packed row whose segments ignore the BOS positions is caught."""
     knobs = {} if packed else dict(doc_packing=False, train_seq_schedule="", seq_change_warmup_steps=0)
     seen, stream = _batches_seen(short_val_shards, monkeypatch, **knobs)
     assert len(seen) == 4 * 8
-    caps = [32] * 24 + [64] * 8  # steps 0-2 at fractions <= 0.5, step 3 at 0.75
+    caps = [16] * 8 + [32] * 16 + [64] * 8  # the derived 16@0.1,32@0.7,64@1: fractions 0, 0.25, 0.5, 0.75
     for k, (x, segments) in enumerate(seen):
         chunk = torch.from_numpy(stream[257 * k : 257 * k + 256])
         if not packed:

@@ -1,6 +1,7 @@
 """The export pipeline: the quantization path (RTN, GPTQ-lite, GPTQ), the storage policy, pruning to the byte
 cap, compression and the checksummed artifact, weight averaging and late QAT."""
 
+import dataclasses
 import math
 import pickle
 import shutil
@@ -85,10 +86,11 @@ def test_sdclip_takes_k_by_tensor_group_and_off_is_the_clip_search():
     search, _ = train_gpt.quantize_state(_h(quant_method="rtn"), sd, kinds)
     rtn = train_gpt.quantize_rows(sd["tok_emb.weight"], 8, clips=(1.0,))
     assert torch.equal(search["tok_emb.weight.scale"], rtn[1])
-    for env, message in (({"QUANT_SIGMAS_MLP": "10"}, "QUANT_SIGMAS_MLP=10.0: must stay 11.5 unless QUANT_CLIP=sdclip"),
-                         ({"QUANT_CLIP": "sdclip", "QUANT_METHOD": "gptq_lite"}, "QUANT_CLIP='sdclip': must be search"),
+    for env, message in (({"QUANT_SIGMAS_MLP": "10"}, "QUANT_SIGMAS_MLP=10.0: has no effect unless QUANT_CLIP=sdclip"),
+                         ({"QUANT_CLIP": "search", "QUANT_METHOD": "gptq_lite"},
+                          "QUANT_CLIP='search': has no effect unless QUANT_METHOD!=gptq_lite"),
                          ({"QUANT_CLIP": "sdclip", "QUANT_METHOD": "rtn", "QUANT_SDCLIP_LAMBDA": "0.1"},
-                          "QUANT_SDCLIP_LAMBDA=0.1: needs QUANT_METHOD=gptq")):
+                          "QUANT_SDCLIP_LAMBDA=0.1: has no effect unless QUANT_CLIP=sdclip and QUANT_METHOD=gptq")):
         with pytest.raises(train_gpt.ConfigError, match=message):
             train_gpt.Hyperparameters.from_env({**SEED_STACK_ENV, **env})
 
@@ -614,7 +616,7 @@ def test_fit_artifact_narrows_the_cheapest_tensors_then_fits(real_hessians):
     target = int(full * 0.85)
     for strategy, fits in (("prune", False), ("bits", True)):
         lines = []
-        blob = train_gpt.fit_artifact(train_gpt.Hyperparameters(**{**vars(h), "fit_strategy": strategy}), sd,
+        blob = train_gpt.fit_artifact(dataclasses.replace(h, fit_strategy=strategy), sd,
                                       kinds, hessians, target, lines.append)
         assert (len(blob) <= target) == fits
     narrowed = dict(kv.split(":int") for kv in next(l for l in lines if l.startswith("narrow_to_fit")).split()[10:])
@@ -623,7 +625,7 @@ def test_fit_artifact_narrows_the_cheapest_tensors_then_fits(real_hessians):
     assert all(meta["tensors"][n]["bits"] == int(b) for n, b in narrowed.items())  # the artifact says so
     loaded = train_gpt.decode_artifact(blob, h, "x")
     GPT(h).load_state_dict(loaded, strict=True)
-    none = train_gpt.fit_artifact(train_gpt.Hyperparameters(**{**vars(h), "fit_strategy": "none"}), sd, kinds,
+    none = train_gpt.fit_artifact(dataclasses.replace(h, fit_strategy="none"), sd, kinds,
                                   hessians, target, lambda m: None)
     assert len(none) == full
 
@@ -669,14 +671,13 @@ def test_gptq_embed_quantizes_the_head_with_its_hessian_below_round_to_nearest()
     w = sd["tok_emb.weight"]
     head_err = lambda t: float((X @ (w - train_gpt.dequantize_rows(t["tok_emb.weight.q"],  # noqa: E731
                                                                    t["tok_emb.weight.scale"])).T).square().sum())
-    on = train_gpt.quantize_state(train_gpt.Hyperparameters(**{**vars(h), "gptq_embed": True}), sd, kinds, hessians)[0]
+    on = train_gpt.quantize_state(dataclasses.replace(h, gptq_embed=True), sd, kinds, hessians)[0]
     blocks_only = {k: v for k, v in hessians.items() if k != "tok_emb.weight"}  # what calibration collects when off
     off = train_gpt.quantize_state(h, sd, kinds, blocks_only)[0]  # the clip search
     rtn = train_gpt.quantize_state(_h(quant_embed_bits=5, quant_method="rtn"), sd, kinds)[0]
     assert head_err(on) < 0.9 * head_err(rtn) and head_err(on) < head_err(off)
     assert torch.equal(off["tok_emb.weight.q"], train_gpt.quantize_rows(w, 5)[0])
-    with pytest.raises(train_gpt.ConfigError, match="GPTQ_EMBED=True: needs QUANT_METHOD=gptq"):
-        _h(gptq_embed=True, quant_method="rtn")
+    assert _h(gptq_embed=True, quant_method="rtn").used("gptq_embed") is None  # dormant: no Hessian to use
 
 
 @pytest.mark.parametrize("gate", ["sparse", "dense"])
@@ -685,13 +686,13 @@ def test_quant_gate_bits_stores_the_attention_gates_int8_within_half_a_step(gate
     model, sd, kinds = _state(h)
     name = "blocks.0.attn.gate_w"
     assert train_gpt.quant_bits(h, name, kinds[name], sd[name].shape) == 8
-    assert train_gpt.quant_bits(_h(attn_gate=gate), name, kinds[name], sd[name].shape) == 16  # off: fp16
+    assert train_gpt.quant_bits(_h(attn_gate=gate, quant_gate_bits=16), name, kinds[name], sd[name].shape) == 16
     tensors, meta = train_gpt.quantize_state(h, sd, kinds)
     s = tensors[name + ".scale"].float()[:, None]
     assert tensors[name + ".q"].abs().amax(1).eq(127).all()  # round to nearest at the row max
     assert ((train_gpt.dequantize_state(tensors, meta)[name] - sd[name]).abs() <= s / 2).all()
-    with pytest.raises(train_gpt.ConfigError, match="QUANT_GATE_BITS=8: must stay 16 unless ATTN_GATE is set"):
-        _h(quant_gate_bits=8)
+    with pytest.raises(train_gpt.ConfigError, match="QUANT_GATE_BITS=16: has no effect unless ATTN_GATE!=none"):
+        _h(quant_gate_bits=16)  # the seed stack has no gate
 
 
 def _lqer_h(**kw):
@@ -812,7 +813,7 @@ def test_awq_lite_protects_the_groups_the_saliency_score_picks():
     # counts the layer's 2 passes, so it is divided by 2 first)
     bits = {n: 6 for n in sd}
     assert train_gpt.awq_groups(h, sd, bits, hess) == {"blocks.1.mlp.proj.weight": [64]}
-    two = train_gpt.awq_groups(train_gpt.Hyperparameters(**{**vars(h), "awq_lite_groups": 2}), sd, bits, hess)
+    two = train_gpt.awq_groups(dataclasses.replace(h, awq_lite_groups=2), sd, bits, hess)
     assert two == {"blocks.1.mlp.proj.weight": [64], "blocks.0.mlp.fc.weight": [0]}
     assert train_gpt.awq_groups(h, sd, {n: 8 for n in sd}, hess) == {}  # already at AWQ_LITE_BITS: no candidate
     assert train_gpt.awq_groups(h, sd, bits, None) == {}  # no Hessians
