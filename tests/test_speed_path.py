@@ -200,7 +200,6 @@ def test_default_model_flops():
 def test_attention_gates_count_their_weights_in_the_flops(gate, width):
     import dataclasses
 
-    h = dataclasses.replace(train_gpt.Hyperparameters.from_env(SEED_STACK_ENV), attn_gate=gate,
-                            attn_gate_scale=0.5 if gate == "sparse" else 1.0, quant_gate_bits=8)
+    h = dataclasses.replace(train_gpt.Hyperparameters.from_env(SEED_STACK_ENV), attn_gate=gate, quant_gate_bits=8)
     mm, _ = train_gpt.forward_flops_per_token(h, 2048)
     assert mm == 2 * 26_566_656 + 2 * 11 * 8 * width  # heads x window (dense: x model_dim) per layer

@@ -47,7 +47,8 @@ def test_every_knob_is_used_outside_its_declaration():
                   and any(ast.unparse(d) in ("property", "functools.cached_property") for d in n.decorator_list)
                   and re.search(rf"\bh\.{n.name}\b", outside)]
     for f in dataclasses.fields(train_gpt.Hyperparameters):
-        used = re.search(rf"\bh\.{f.name}\b", outside) or any(re.search(rf"\bself\.{f.name}\b", p) for p in used_props)
+        used = re.search(rf"\bh\.{f.name}\b|\bh\.used\(\"{f.name}\"\)", outside) or \
+            any(re.search(rf"\bself\.{f.name}\b", p) for p in used_props)
         assert used, f"knob {f.name.upper()} is never used"
 
 

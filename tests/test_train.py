@@ -100,9 +100,10 @@ def _schedule(shards, monkeypatch, **knobs):
     return calls
 
 
-# By hand, at fractions 0, 1/4, 1/2, 3/4 of 4 steps: the context switches 32 -> 64 at step 3 (3/4 > 0.5), whose LR
-# ramp (SEQ_CHANGE_WARMUP_STEPS=2) halves it; the momentum warms up from 0.92 over 1,500 steps.
-RAMP = [1, 1, 1, 0.5]
+# By hand, at fractions 0, 1/4, 1/2, 3/4 of 4 steps: the derived schedule 16@0.1,32@0.7,64@1 switches the context
+# at steps 1 and 3, whose LR ramp (SEQ_CHANGE_WARMUP_STEPS=2) halves each; the momentum warms up from 0.92 over
+# 1,500 steps.
+RAMP = [1, 0.5, 1, 0.5]
 MOMENTUM = [0.92 + 0.05 * s / 1500 for s in range(4)]
 EXPECTED = {
     "frontier_off": ([1.0 * r for r in RAMP], [1.0] * 4),
