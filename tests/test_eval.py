@@ -181,14 +181,27 @@ def test_two_rank_ttt_matches_one_rank(sample_shards):
 
 
 def test_every_ttt_knob_changes_the_result(sample_shards):
+    """Every knob changes the score; three also by their defining property on how far TTT moves the weights from
+    the model it started from: a lower TTT_LR and a tight TTT_GRAD_CLIP move them less, TTT_FREEZE_BLOCKS=1 keeps
+    block 0 exactly and still moves the rest."""
     val = _val(sample_shards, 2048)
-    base, _ = _ttt_eval(val)
+    start = _model(0, **TTT)[1]
+    base, model = _ttt_eval(val)
+
+    def moved(m, prefix=""):
+        return sum((p.detach() - q.detach()).norm() ** 2 for (n, p), q in zip(m.named_parameters(), start.parameters())
+                   if n.startswith(prefix)) ** 0.5
+
     for knob, value in dict(ttt_optimizer="adamw", ttt_lr=0.02, ttt_momentum=0.5, ttt_epochs=1,
                             ttt_chunk_tokens=1024, ttt_freeze_blocks=1, ttt_batch_seqs=2,
                             ttt_grad_clip=0.01).items():
-        r, _ = _ttt_eval(val, **{knob: value})
+        r, m = _ttt_eval(val, **{knob: value})
         assert r.val_loss != base.val_loss, knob
         assert (r.tokens, r.bytes) == (base.tokens, base.bytes)
+        if knob in ("ttt_lr", "ttt_grad_clip"):
+            assert moved(m) < moved(model), knob
+        if knob == "ttt_freeze_blocks":
+            assert moved(m, "blocks.0.") == 0 and moved(m, "blocks.1.") > 0 and moved(model, "blocks.0.") > 0
 
 
 def test_frozen_blocks_keep_their_weights(sample_shards):
