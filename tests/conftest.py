@@ -94,7 +94,8 @@ def tiny_h(**overrides):
     kw = {**{f.name: getattr(h, f.name) for f in dataclasses.fields(h)}, **overrides}
     for f in dataclasses.fields(h):
         needs = f.metadata.get("needs")
-        if needs and f.name not in overrides and not train_gpt.Hyperparameters.holds(types.SimpleNamespace(**kw), needs):
+        dormant = needs and not train_gpt.Hyperparameters.holds(types.SimpleNamespace(**kw), needs)
+        if dormant and f.name not in overrides:
             kw[f.name] = f.default
     return train_gpt.Hyperparameters(**kw)
 

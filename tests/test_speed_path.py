@@ -78,7 +78,8 @@ reference, got = sdpa.forward_logits(x), fa3.forward_logits(x)
 torch.testing.assert_close(got, reference, atol=0.1, rtol=0)  # bf16 kernel inputs; measured 0.067 in test_model
 assert calls == [((2, 24, 4, 16), (2, 24, 2, 16), (2, 24, 2, 16))] * h.num_layers, calls
 wrong = lambda t: t.repeat(1, 1, 2, 1)[:, :, :t.size(2)].flip(2)  # the control: each query head reads the other KV head
-train_gpt.flash_attn_func = lambda q, k, v, causal=False, softmax_scale=None: flash_attn_func(q, wrong(k), wrong(v), causal)
+train_gpt.flash_attn_func = lambda q, k, v, causal=False, softmax_scale=None: flash_attn_func(q, wrong(k), wrong(v),
+                                                                                             causal)
 try:
     torch.testing.assert_close(fa3.forward_logits(x), reference, atol=0.1, rtol=0)
     raise SystemExit("the tolerance lets a stand-in that reads the wrong KV head through")
