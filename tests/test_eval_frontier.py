@@ -243,6 +243,9 @@ def test_lora_ttt_learns_within_a_document_and_the_phase_and_tilt_add():
 
 
 def test_every_lora_ttt_knob_changes_the_result(stream):
+    """Each knob is read: the score moves, over exactly the same targets. A direction is not a property of these
+    knobs (a rank, a mask or a learning rate can help or hurt a random tiny model), so the defining properties live
+    in their own tests (exactly-once scoring, score-before-train, the tilt's formula, the lanes' independence)."""
     val = _val(stream[:1201])
     base, _ = _lora_eval(val)
     for knob, value in dict(ttt_lora_rank=2, ttt_lora_alpha=10.0, ttt_lora_lr=0.02, ttt_local_lr_mult=0.5,
