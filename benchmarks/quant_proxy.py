@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -53,8 +54,8 @@ def quantization(h, model, val, hessians, sp, before: float):
     int6_gptq = None
     for bits in (5, 6):
         for method in ("rtn", "gptq_lite", "gptq"):
-            hq = tg.Hyperparameters(**{**vars(h), "quant_method": method, "quant_mlp_bits": bits,
-                                       "quant_attn_bits": bits, "compressor": "lzma"})
+            hq = dataclasses.replace(h, quant_method=method, quant_mlp_bits=bits, quant_attn_bits=bits, compressor="lzma",
+                                     **({"quant_clip": "sdclip"} if method == "gptq_lite" else {}))  # its own search
             t0 = time.perf_counter()
             tensors, meta = tg.quantize_state(hq, sd, kinds, hessians)
             blob = tg.encode_artifact(tensors, meta, "lzma")

@@ -119,7 +119,7 @@ def test_run_summary_reproduces_the_configuration_and_the_score(runs):
     (cwd, out), _ = runs
     s = json.loads((cwd / "logs" / "e2e.json").read_text())
     h = train_gpt.Hyperparameters.from_env({**s["env"], "SEED": str(s["seed"]), "RUN_ID": s["run_id"]})
-    assert vars(h) == s["config"]  # the env of the summary parses back into exactly the configuration
+    assert h.knob_values() == s["config"]  # the env of the summary parses back into exactly the configuration
     assert s["env"]["TTT_MODE"] == "chunks" and s["config"]["ttt_enabled"] and s["seed"] == 1234  # the seed stack's
     assert s["env"]["VOCAB_SIZE"] == "1024" and "TTT_ENABLED" not in s["env"] and s["world_size"] == 1  # TTT: default
     assert s["score"]["source"] == "legal_ttt_exact"
