@@ -152,7 +152,8 @@ class Hyperparameters:
     vocab_size: int = knob(8192, "[1, 65536]", model=True)  # shards store uint16 tokens
     num_layers: int = knob(11, "[1, inf)", model=True)
     model_dim: int = knob(512, model=True, check=lambda h: h.model_dim % h.num_heads == 0 and h.head_dim % 2 == 0,
-                          why="must be divisible by NUM_HEADS={num_heads} into an even head dimension (RoPE)")
+                          why="must be divisible by NUM_HEADS={num_heads} into an even head dimension (RoPE "
+                          "rotates pairs)")
     num_heads: int = knob(8, "[1, inf)", model=True)
     num_kv_heads: int = knob(4, "[1, inf)", model=True, check=lambda h: h.num_heads % h.num_kv_heads == 0,
                              why="must divide NUM_HEADS={num_heads}")
@@ -381,12 +382,12 @@ class Hyperparameters:
         found, names = [], _Names(self)
         for f in fields(self):
             v, m, what = getattr(self, f.name), f.metadata, None
-            if m.get("choices") and v not in m["choices"]:
+            if m.get("needs") and not self.holds(m["needs"]):
+                what = v not in (f.default, 0, "") and f"has no effect unless {m['needs']}; leave it unset or 0"
+            elif m.get("choices") and v not in m["choices"]:
                 what = f"must be one of {', '.join(map(str, m['choices']))}"
             elif m.get("within") and _within(v, m["within"]):
                 what = _within(v, m["within"])
-            elif m.get("needs") and not self.holds(m["needs"]):
-                what = v not in (f.default, 0, "") and f"has no effect unless {m['needs']}; leave it unset or 0"
             elif m.get("check"):
                 try:
                     what = not m["check"](self) and m["why"].format_map(names)

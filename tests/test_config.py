@@ -202,7 +202,7 @@ def test_every_configuration_error_at_once_the_variables_set_first():
         Hyperparameters.from_env({"NUM_HEADS": "5", "MODEL_DIM": "128", "ROPE_BASE": "-1", "SEED": "x"})
     lines = str(e.value).splitlines()
     assert lines == ["SEED='x': expected int",
-                     "MODEL_DIM=128: must be divisible by NUM_HEADS=5 into an even head dimension (RoPE)",
+                     "MODEL_DIM=128: must be divisible by NUM_HEADS=5 into an even head dimension (RoPE rotates pairs)",
                      "ROPE_BASE=-1.0: must be > 0", "NUM_KV_HEADS=4: must divide NUM_HEADS=5"]
 
 

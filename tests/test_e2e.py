@@ -175,7 +175,8 @@ def test_the_frontier_preset_runs_end_to_end_at_a_tiny_size(tmp_path, short_val_
     from conftest import FRONTIER_ENV
 
     env = {k: v for k, v in FRONTIER_ENV.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}
-    out = run_script(tmp_path, short_val_shards, **{**env, **FRONTIER_TINY, "EVAL_DIAGNOSTICS": "0"})
+    out = run_script(tmp_path, short_val_shards, **{**env, **FRONTIER_TINY, "EVAL_DIAGNOSTICS": "0",
+                                                    "BIGRAM_DIM": "0", "VE_DIM": "0"})  # the tiny seed stack's: off
     assert "layer_loop:enabled step:4 frac:0.400 order:0,1,2,1,2,1,2,3" in out  # the first step at or after 0.35
     assert "seq_len_switch step:2 seq_len:32" in out and "seq_len_switch step:8 seq_len:64" in out  # f inclusive
     assert "doc_packing:1" in out and "loops:1-2x2@0.35 parallel_from:3" in out
