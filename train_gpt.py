@@ -107,6 +107,7 @@ RENAMED = {"PRUNE_MARGIN_BYTES": "renamed to FIT_MARGIN_BYTES",  # old knob name
 
 
 LORA, AWQ = "TTT_MODE=lora", "AWQ_LITE_GROUPS>0 and QUANT_METHOD=gptq"  # conditions several knobs need
+SDCLIP = "QUANT_CLIP=sdclip and QUANT_METHOD!=gptq_lite"
 
 
 class _Names(dict):
@@ -172,7 +173,7 @@ class Hyperparameters:
                              why="needs more than 2 rotated dims")
     train_seq_len: int = knob(3072, "[1, inf)", model=True)  # training and validation length; fixes the RoPE base
     # progressive training length 'L@f,...' (PR #2014): L while the training fraction is <= f; "" = TRAIN_SEQ_LEN
-    train_seq_schedule: str = knob("0.333@0.100,0.667@0.700,1.0@1.000", check=lambda h: h.seq_stages)
+    train_seq_schedule: str = knob("0.333@0.100,0.667@0.700,1.0@1.000", check=lambda h: h.seq_stages is not None)
     # LR ramp over N steps after each length switch; 0 = none
     seq_change_warmup_steps: int = knob(32, "[0, inf)", needs="TRAIN_SEQ_SCHEDULE!=")
     doc_packing: bool = knob(True)  # one packed row per micro-batch, attention within documents (varlen, PR #1530)
@@ -261,11 +262,11 @@ class Hyperparameters:
     # row clip: candidates searched | k * row std
     quant_clip: str = knob("sdclip", choices=("search", "sdclip"), needs="QUANT_METHOD!=gptq_lite")
     # SDClip's k for the MLP matrices (PR #1855) ...
-    quant_sigmas_mlp: float = knob(11.5, "(0, inf)", needs="QUANT_CLIP=sdclip and QUANT_METHOD!=gptq_lite")
+    quant_sigmas_mlp: float = knob(11.5, "(0, inf)", needs=SDCLIP)
     # ... the attention matrices ...
-    quant_sigmas_attn: float = knob(13.0, "(0, inf)", needs="QUANT_CLIP=sdclip and QUANT_METHOD!=gptq_lite")
+    quant_sigmas_attn: float = knob(13.0, "(0, inf)", needs=SDCLIP)
     # ... and the embedding tables and an untied head
-    quant_sigmas_embed: float = knob(14.0, "(0, inf)", needs="QUANT_CLIP=sdclip and QUANT_METHOD!=gptq_lite")
+    quant_sigmas_embed: float = knob(14.0, "(0, inf)", needs=SDCLIP)
     # Hessian-aware SDClip (PR #1412: 0.175); 0 = plain
     quant_sdclip_lambda: float = knob(0.0, "[0, inf)", needs="QUANT_CLIP=sdclip and QUANT_METHOD=gptq")
     # GPTQ the tied embedding or untied head with its input's Hessian (PR #1855)
@@ -335,7 +336,7 @@ class Hyperparameters:
     ttt_chunk_size: int = knob(64, "[1, inf)", needs=LORA, check=lambda h: h.ttt_chunk_size <= h.eval_len,
                                why="must be at most EVAL_SEQ_LEN={eval_len} (a chunk is scored from one window)")
     # shorter chunks for batches of short documents
-    ttt_short_score_first_steps: str = knob("256:16,2000:32", needs=LORA, check=lambda h: h.short_chunks or 1)
+    ttt_short_score_first_steps: str = knob("256:16,2000:32", needs=LORA, check=lambda h: h.short_chunks is not None)
     # fixed queues of batches, split over the ranks (ranks past it idle)
     ttt_lanes: int = knob(8, "[1, inf)", needs=LORA)
     phased_ttt_num_phases: int = knob(1, "[0, inf)", needs=LORA)
@@ -386,8 +387,8 @@ class Hyperparameters:
                 what = v not in (f.default, 0, "") and f"has no effect unless {m['needs']}; leave it unset or 0"
             elif m.get("choices") and v not in m["choices"]:
                 what = f"must be one of {', '.join(map(str, m['choices']))}"
-            elif m.get("within") and _within(v, m["within"]):
-                what = _within(v, m["within"])
+            elif m.get("within") and (outside := _within(v, m["within"])):
+                what = outside
             elif m.get("check"):
                 try:
                     what = not m["check"](self) and m["why"].format_map(names)
@@ -2858,10 +2859,14 @@ def evaluate(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData,
     return sc.result(d, val, what, f"seq_len:{win.seq_len} stride:{win.stride}")
 
 
+def plain_windows(h: Hyperparameters, seq_len: int) -> Windows:
+    """The plain evaluator's windows: non-overlapping, VAL_BATCH_SIZE tokens per pass over all ranks."""
+    return Windows(seq_len, seq_len, max(1, h.val_batch_size // (MICROBATCHES * seq_len)))
+
+
 def eval_val(h: Hyperparameters, d: Dist, model: nn.Module, val: ValidationData) -> EvalResult:
-    """The plain evaluator: non-overlapping windows, VAL_BATCH_SIZE tokens per pass over all ranks."""
-    seq_len = val.seq_len
-    return evaluate(h, d, model, val, Windows(seq_len, seq_len, max(1, h.val_batch_size // (MICROBATCHES * seq_len))))
+    """The plain evaluator over the validation stream."""
+    return evaluate(h, d, model, val, plain_windows(h, val.seq_len))
 
 
 class ScoreFirstTTT:
@@ -3070,7 +3075,7 @@ def eval_plan(h: Hyperparameters) -> list[Evaluator]:
     before it diagnostics that run only with EVAL_DIAGNOSTICS=1. The round trip is windows of TRAIN_SEQ_LEN over
     the whole stream. The checks before training, the cost projection, the warm-up and the scoring read it."""
     n, win = h.train_seq_len, Windows(h.eval_len, h.stride, h.eval_batch_seqs)
-    plan = [Evaluator("roundtrip", Windows(n, n, max(1, h.val_batch_size // (MICROBATCHES * n))))]
+    plan = [Evaluator("roundtrip", plain_windows(h, n))]
     if h.eval_docs or (h.eval_len, h.stride) != (n, n):
         plan.append(Evaluator("doc_window" if h.eval_docs else "sliding_window", win, h.eval_docs))
     if h.ttt_enabled:
@@ -3138,10 +3143,9 @@ def eval_warmup(h: Hyperparameters, d: Dist, model: nn.Module, dyn: nn.Module, b
             return m(r[:, :-1], r[:, 1:], reduction="none", hints=hints, **kw)
 
     plan, shapes = eval_plan(h), {}
-    for e in plan:  # a document's windows run at any length up to the window: two lengths cover the graph
-        lengths = (e.win.seq_len, e.win.seq_len // 2 + 1) if e.docs else (e.win.seq_len,)
-        shapes.update({(dyn if e.docs else model, e.win.batch, n, e.name != "roundtrip"): 0 for n in lengths}
-                      if e.ttt != "lora" else {})
+    for e in (e for e in plan if e.ttt != "lora"):  # document windows run at any length: two lengths cover the graph
+        for n in (e.win.seq_len, e.win.seq_len // 2 + 1) if e.docs else (e.win.seq_len,):
+            shapes[dyn if e.docs else model, e.win.batch, n, e.name != "roundtrip"] = 0
     base.eval()
     with torch.inference_mode():
         for m, rows, n, tilt in shapes:

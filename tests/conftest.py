@@ -86,18 +86,14 @@ def tiny_h(**overrides):
     TINY_ENV sets that an override leaves dormant (BIGRAM_DIM once BIGRAM_VOCAB_SIZE=0) goes back to its default, as a
     user switching the technique off would leave it unset."""
     import dataclasses
-    import types
 
     import train_gpt
+    from helpers import dormant
 
     h = train_gpt.Hyperparameters.from_env(TINY_ENV)
     kw = {**{f.name: getattr(h, f.name) for f in dataclasses.fields(h)}, **overrides}
-    for f in dataclasses.fields(h):
-        needs = f.metadata.get("needs")
-        dormant = needs and not train_gpt.Hyperparameters.holds(types.SimpleNamespace(**kw), needs)
-        if dormant and f.name not in overrides:
-            kw[f.name] = f.default
-    return train_gpt.Hyperparameters(**kw)
+    fields = train_gpt.Hyperparameters.__dataclass_fields__
+    return train_gpt.Hyperparameters(**{**kw, **{k: fields[k].default for k in dormant(kw) - overrides.keys()}})
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,9 @@
 weights, the quantizer tests' tiny state, the tokenizer rewrite of the byte audit, and the default preset (the
 frontier) at a tiny size with a reference forward written out from its description."""
 
+import dataclasses
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +12,14 @@ import train_gpt
 from train_gpt import GPT, Dist, Hyperparameters
 
 CPU = Dist(0, 1, 0, torch.device("cpu"))
+
+
+def dormant(values: dict) -> set[str]:
+    """The knobs (field names) whose `needs` fail under these field values, the others at their defaults: what a
+    user switching a technique off would leave unset."""
+    fields = dataclasses.fields(Hyperparameters)
+    h = types.SimpleNamespace(**{f.name: values.get(f.name, f.default) for f in fields})
+    return {f.name for f in fields if f.metadata.get("needs") and not Hyperparameters.holds(h, f.metadata["needs"])}
 
 
 def randomized(model: GPT, seed: int = 0) -> GPT:

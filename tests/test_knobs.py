@@ -6,14 +6,13 @@ import contextlib
 import dataclasses
 import io
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import FRONTIER_ENV, SP1024, run_distributed
-from helpers import CPU, TINY_DEFAULT, randomized
+from helpers import CPU, TINY_DEFAULT, dormant, randomized
 
 import train_gpt
 from train_gpt import Hyperparameters
@@ -78,12 +77,10 @@ def test_each_size_knob_alone_keeps_the_defaults_valid(size):
 
 def _setup(short_val_shards, env):
     """The tiny default with env over it, less the RUN knobs env leaves dormant (TTT_BATCH_SIZE with chunked TTT)."""
-    given, fields = {**SIZE, **RUN, **env}, dataclasses.fields(Hyperparameters)
-    values = types.SimpleNamespace(**{f.name: train_gpt._parse_knob(f.name.upper(), given[f.name.upper()], f.default)
-                                      if f.name.upper() in given else f.default for f in fields})
-    needs = {k: Hyperparameters.__dataclass_fields__[k.lower()].metadata.get("needs") for k in RUN}
-    given = {k: v for k, v in given.items() if k not in RUN or k in env or not needs[k] or
-             Hyperparameters.holds(values, needs[k])}
+    given = {**SIZE, **RUN, **env}
+    off = dormant({f.name: train_gpt._parse_knob(f.name.upper(), given[f.name.upper()], f.default)
+                   for f in dataclasses.fields(Hyperparameters) if f.name.upper() in given})
+    given = {k: v for k, v in given.items() if k not in RUN or k in env or k.lower() not in off}
     h = Hyperparameters.from_env({**given, "DATA_PATH": str(short_val_shards), "TOKENIZER_PATH": str(SP1024),
                                   "RUN_ID": "knobs"})
     sp, train_files, val_files = train_gpt.check_inputs(h)
