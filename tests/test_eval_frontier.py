@@ -188,6 +188,23 @@ def test_the_phase_sgd_trains_only_on_documents_already_scored(stream, monkeypat
     assert counted.sum() == sum(lengths[scored])  # and nothing else was scored yet
 
 
+def test_the_phase_sgd_stream_is_its_documents_joined_by_one_bos(stream, monkeypatch):
+    """The phase's SGD trains on its documents' tokens back to back, each document's last target the next one's
+    BOS, attention cut at each BOS. PR #2014's documents each carried the next document's BOS as well, so its
+    stream had two BOS at each join and trained a BOS -> BOS target that scoring never asks for (issue 28)."""
+    val = _val(stream)
+    seen, adapt = [], train_gpt.ScoreFirstTTT.adapt
+    monkeypatch.setattr(train_gpt, "global_sgd", lambda *a, sgd=train_gpt.global_sgd: seen.append(a[-1]) or sgd(*a))
+    monkeypatch.setattr(train_gpt.ScoreFirstTTT, "adapt",
+                        lambda self, tokens, *a: seen.append((tokens, a[-1])) or adapt(self, tokens, *a))
+    _lora_eval(val)
+    docs, (tokens, bos_id) = seen[0], seen[1]
+    assert len(docs) == 5 and bos_id == val.bos_id and all(t is tokens and b == bos_id for t, b in seen[2:])
+    joined = np.concatenate([val.tokens[s : s + n] for s, n in docs] + [val.tokens[[docs[-1].sum()]]])  # + its target
+    assert np.array_equal(tokens, joined)
+    assert not ((tokens[1:] == val.bos_id) & (tokens[:-1] == val.bos_id)).any()
+
+
 def test_the_tilted_adapted_distribution_sums_to_one_over_the_vocabulary():
     """C2: at random positions, exp(-loss) over every possible target is a distribution, through trained adapters."""
     h, model = _model()

@@ -97,6 +97,19 @@ def test_a_tie_keeps_the_token_that_reached_the_count_first():
     assert np.array_equal(hints, reference(tokens, 2, 0.0))
 
 
+def test_the_first_context_is_the_streams_own_first_tokens():
+    """The first eligible target's context is tokens 0..14, BOS included, so a document that starts the stream
+    and recurs later is hinted from its 15th token on. The records seed their ring with the second token twice
+    (context 1,1,2..14), which never recurs here; on the fixture corpus (5.1M targets) the two rules gave
+    identical hints (issue 28)."""
+    rng = np.random.default_rng(5)
+    doc = np.concatenate([[1], rng.integers(2, 8192, 40)])
+    tokens = np.concatenate([doc, rng.integers(2, 8192, 100), doc]).astype(np.uint16)
+    hints, again = train_gpt.ngram_hints(tokens, 16, 0.8), len(tokens) - len(doc)
+    assert hints[again + 14] == tokens[again + 15]
+    assert np.array_equal(hints, reference(tokens, 16, 0.8))
+
+
 @pytest.mark.parametrize("order", [3, 16])
 def test_causal_a_hint_never_reads_its_target_or_later_tokens(order):
     tokens = np.concatenate([random_stream(1, 1000, 6), repeated_stream(2, block=100, vocab=30)])
