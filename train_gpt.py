@@ -106,7 +106,8 @@ RENAMED = {"PRUNE_MARGIN_BYTES": "renamed to FIT_MARGIN_BYTES",  # old knob name
            "VE_ENABLED": "removed: value embeddings are on where VE_LAYERS lists layers (VE_LAYERS= turns them off)"}
 
 
-LORA, AWQ = "TTT_MODE=lora", "AWQ_LITE_GROUPS>0 and QUANT_METHOD=gptq"  # conditions several knobs need
+LORA, AWQ = "TTT_ENABLED=1 and TTT_MODE=lora", "AWQ_LITE_GROUPS>0 and QUANT_METHOD=gptq"  # what several knobs need
+TTT_SGD = f"TTT_ENABLED=1 and TTT_MODE=chunks or {LORA} and PHASED_TTT_NUM_PHASES>0"  # the chunks' SGD runs
 SDCLIP = "QUANT_CLIP=sdclip and QUANT_METHOD!=gptq_lite"
 
 
@@ -253,7 +254,12 @@ class Hyperparameters:
     ema_warmup: bool = True  # decay min(EMA_DECAY, (1+n)/(10+n)) after n updates, so short runs average too
     swa_every: int = knob(50, "[1, inf)")  # SWA snapshot every N steps ...
     swa_start_frac: float = knob(0.2, "(0, 1]")  # ... once the LR scale is below this
-    late_qat_threshold: float = knob(0.0, "[0, 1]")  # fake-quantize the block matrices below this LR scale; 0 = off
+    # fake-quantize the block matrices to their export widths below this LR scale; 0 = off
+    late_qat_threshold: float = knob(0.0, "[0, 1]", check=lambda h: h.late_qat_threshold == 0 or any(
+        quant_bits(h, f"blocks.0.{n}.weight", "matrix", s) != FP16 for n, s in
+        (("mlp.fc", (h.mlp_hidden, h.model_dim)), ("attn.c_q", (h.model_dim, h.model_dim)))),
+        why="fake-quantizes nothing: every block matrix stays fp16 (at most FP16_MAX_NUMEL={fp16_max_numel} "
+            "elements, or 16 bits); lower FP16_MAX_NUMEL or leave it 0")
     # -- export: quantization, calibration, pruning, compression
     quant_method: str = knob("gptq", choices=("gptq", "gptq_lite", "rtn"))  # Hessian | clip search | round to nearest
     quant_mlp_bits: int = knob(6, choices=BITS)  # per-row int-N of the MLP matrices, 4-8, or 16 = fp16
@@ -308,20 +314,20 @@ class Hyperparameters:
     eval_diagnostics: bool = False
     # -- legal score-first test-time training (PR #549's recipe)
     ttt_enabled: bool = True
-    ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"))
-    ttt_lr: float = knob(0.001, "(0, inf)")  # cosine-decayed over the chunks
-    ttt_momentum: float = knob(0.9, "[0, 1)")  # SGD momentum, or AdamW beta1
-    ttt_epochs: int = knob(1, "[1, inf)")
-    ttt_chunk_tokens: int = knob(32_768, check=lambda h: h.ttt_chunk_tokens >= h.eval_len,
+    ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"), needs=TTT_SGD)
+    ttt_lr: float = knob(0.001, "(0, inf)", needs=TTT_SGD)  # cosine-decayed over the chunks
+    ttt_momentum: float = knob(0.9, "[0, 1)", needs=TTT_SGD)  # SGD momentum, or AdamW beta1
+    ttt_epochs: int = knob(1, "[1, inf)", needs=TTT_SGD)
+    ttt_chunk_tokens: int = knob(32_768, needs=TTT_SGD, check=lambda h: h.ttt_chunk_tokens >= h.eval_len,
                                  why="must be >= EVAL_SEQ_LEN={eval_len} (one TTT sequence)")
     # the first N blocks keep their weights
-    ttt_freeze_blocks: int = knob(0, "[0, inf)", check=lambda h: h.ttt_freeze_blocks <= h.num_layers,
+    ttt_freeze_blocks: int = knob(0, "[0, inf)", needs=TTT_SGD, check=lambda h: h.ttt_freeze_blocks <= h.num_layers,
                                   why="must be at most NUM_LAYERS={num_layers}")
-    ttt_batch_seqs: int = knob(32, "[1, inf)")  # EVAL_SEQ_LEN sequences per TTT step, all ranks together
-    ttt_grad_clip: float = knob(1.0, "[0, inf)")  # global L2 norm; 0 = off
+    ttt_batch_seqs: int = knob(32, "[1, inf)", needs=TTT_SGD)  # EVAL_SEQ_LEN sequences per TTT step, all ranks together
+    ttt_grad_clip: float = knob(1.0, "[0, inf)", needs=TTT_SGD)  # global L2 norm; 0 = off
     # chunks: the stream in TTT_CHUNK_TOKENS chunks, all weights (the knobs above); lora: per-document adapters
     # (PR #1530, #1767, #2014), with PHASED_TTT_NUM_PHASES pauses of the chunks' SGD on scored documents (#1610)
-    ttt_mode: str = knob("lora", choices=("chunks", "lora"))
+    ttt_mode: str = knob("lora", choices=("chunks", "lora"), needs="TTT_ENABLED=1")
     ttt_lora_rank: int = knob(80, "[1, inf)", needs=LORA)
     ttt_lora_alpha: float = knob(144.0, "(0, inf)", needs=LORA)  # adapter output scale alpha / rank
     ttt_lora_lr: float = knob(1e-4, "(0, inf)", needs=LORA)
@@ -340,7 +346,7 @@ class Hyperparameters:
     # fixed queues of batches, split over the ranks (ranks past it idle)
     ttt_lanes: int = knob(8, "[1, inf)", needs=LORA)
     phased_ttt_num_phases: int = knob(1, "[0, inf)", needs=LORA)
-    phased_ttt_prefix_docs: int = knob(2500, "[1, inf)", needs=LORA)
+    phased_ttt_prefix_docs: int = knob(2500, "[1, inf)", needs=f"{LORA} and PHASED_TTT_NUM_PHASES>0")
     # -- the token-only causal n-gram tilt of the final evaluators (PR #2130/#2135)
     ngram_tilt_enabled: bool = True
     token_order: int = knob(16, "[2, 16]", needs="NGRAM_TILT_ENABLED=1")
@@ -399,14 +405,14 @@ class Hyperparameters:
         return found
 
     def holds(self, needs: str) -> bool:
-        """Whether a knob's `needs` condition holds: NAME=a|b, NAME!=a|b or NAME>x, joined by ' and '."""
-        for cond in needs.split(" and "):
+        """Whether a knob's `needs` condition holds: NAME=a|b, NAME!=a|b or NAME>x, joined by ' and ', and those
+        joined by ' or '."""
+        def one(cond):
             name, op, want = re.fullmatch(r"(\w+?)(!=|=|>)(.*)", cond).groups()
             v = getattr(self, name.lower())
-            if not (v > float(want) if op == ">" else (str(int(v) if isinstance(v, bool) else v) in want.split("|"))
-                    == (op == "=")):
-                return False
-        return True
+            return (v > float(want) if op == ">" else str(int(v) if isinstance(v, bool) else v) in want.split("|")) \
+                == (op != "!=")
+        return any(all(map(one, clause.split(" and "))) for clause in needs.split(" or "))
 
     def used(self, name: str):
         """The value of knob `name` where its `needs` hold, else None (a dormant knob does nothing)."""

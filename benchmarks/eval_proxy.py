@@ -57,6 +57,7 @@ import train_gpt as tg
 STEPS, SEED, EVAL_LEN = 300, 1337, 256
 PREFIX_FRAC = 2_500 / 50_000  # PR #2014's phase prefix, as a fraction of the official validation documents
 CHUNK_TOKENS = 16 * EVAL_LEN  # the seed stack's 32768-token chunks hold 16 of its 2048-token windows
+SEED_STACK_TTT = dict(TTT_ENABLED="1", TTT_MODE="chunks", TTT_LR="0.002", TTT_EPOCHS="3")  # PR #549's recipe (docs/presets.md)
 CASEOPS_TOKENIZER = ROOT / "data" / "sample" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 OFFICIAL_TOKENS = {"frontier": 47_853_344, "seed stack": 62_021_633}  # CaseOps (PR #2014's tail count); sp1024
 OFFICIAL_DOCS = 50_000  # about; 47,853,343 CaseOps targets
@@ -119,12 +120,12 @@ def proxy_table(artifact: Path, docs: int | None, only: list[int] | None):
         "document windows + n-gram tilt": (proxy_h(NGRAM_TILT_ENABLED="1"),
                                            lambda h: tg.evaluate(h, CPU, model, val, plain, docs=True, hints=hints),
                                            hints_s),
-        "LoRA TTT, no phases": (proxy_h(**lora, PHASED_TTT_NUM_PHASES="0"), None, 0.0),
+        "LoRA TTT, no phases": (proxy_h(TTT_ENABLED="1", TTT_MODE="lora", PHASED_TTT_NUM_PHASES="0"), None, 0.0),
         f"LoRA TTT, 1 phase ({prefix} prefix docs)": (proxy_h(**phased), None, 0.0),
         "LoRA TTT, 1 phase + n-gram tilt (frontier evaluator)": (proxy_h(**phased, NGRAM_TILT_ENABLED="1"), None,
                                                                    hints_s),
         "chunked SGD TTT (seed stack's), stride 64": (
-            proxy_h(TTT_ENABLED="1", TTT_CHUNK_TOKENS=str(CHUNK_TOKENS), TTT_LR=None, TTT_EPOCHS=None), None, 0.0),
+            proxy_h(**SEED_STACK_TTT, TTT_CHUNK_TOKENS=str(CHUNK_TOKENS)), None, 0.0),
     }
     print(f"\nProxy frontier preset ({artifact}), validation: {val.num_targets:,} targets, {val.byte_count:,} bytes, "
           f"{n_docs} of its {all_docs} documents; window {EVAL_LEN}, {torch.get_num_threads()} thread(s); n-gram hints "
@@ -162,7 +163,7 @@ def stand_in(tokenizer: Path, case_ops: bool, tokens: int) -> tuple[np.ndarray, 
 
 def projection():
     frontier, seed = tg.Hyperparameters(), tg.Hyperparameters.from_env(config("seed_stack"))
-    seed_ttt = tg.Hyperparameters.from_env({**config("seed_stack"), "TTT_ENABLED": "1"})
+    seed_ttt = tg.Hyperparameters.from_env({**config("seed_stack"), **SEED_STACK_TTT})
     streams = {"frontier": stand_in(CASEOPS_TOKENIZER, True, OFFICIAL_TOKENS["frontier"]),
                "seed stack": stand_in(TOKENIZER, False, OFFICIAL_TOKENS["seed stack"])}
     print(f"\n8xH100 projection: train_gpt.eval_costs (LoRA TTT and hints at PR #2140's measured times, the "
@@ -173,7 +174,7 @@ def projection():
           "per document)\n| configuration | evaluator | PFLOP | projected s |\n|---|---|---|---|")
     vals = {}
     for label, h, key in (("frontier (the defaults)", frontier, "frontier"), ("seed stack", seed, "seed stack"),
-                          ("seed stack + TTT_ENABLED=1", seed_ttt, "seed stack")):
+                          ("seed stack + its chunked TTT", seed_ttt, "seed stack")):
         tokens, bos, _ = streams[key]
         val = vals[key] = tg.ValidationData(tokens, None, h.train_seq_len, 0, bos_id=bos)
         costs = tg.eval_costs(h, val)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 
-from proxy import SEED, SHAPE, chosen, config, ensure_sample, row_args, run_rows
+from proxy import SEED, SEED_AT_SHAPE, SHAPE, chosen, config, ensure_sample, row_args, run_rows
 import train_gpt as tg
 
 # the full-size preset's indices moved to the proxy's 4 layers (see the docstring)
@@ -57,7 +57,7 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
                 "VOCAB_SIZE": "1024"}
     frontier.update(PROXY_FRONTIER, MUON_MOMENTUM_WARMUP_STEPS=str(round(steps * 1500 / 4900)),
                     SEQ_CHANGE_WARMUP_STEPS=str(max(1, round(steps * 32 / 4900))))
-    rows = {"seed stack": dict(SEED, WARMDOWN_ITERS=str(round(steps * 4000 / 6920)),
+    rows = {"seed stack": dict(SEED_AT_SHAPE, WARMDOWN_ITERS=str(round(steps * 4000 / 6920)),
                                MUON_MOMENTUM_WARMUP_STEPS=str(round(steps * 1500 / 6920))),
             "frontier": frontier}
     for name, change in ABLATIONS.items():  # None: the seed stack's value, or the knob's default if it has none

@@ -46,6 +46,9 @@ PROXY = {**SEED, **config("proxy")}  # the seed stack at the CPU proxy size: 4 l
 # quantization settings), logging every 50 steps
 SHAPE = {**{k: v for k, v in config("proxy").items() if k not in ("FP16_MAX_NUMEL", "GPTQ_CALIB_TOKENS")},
          "TRAIN_LOG_EVERY": "50"}
+# the seed stack at SHAPE: there every block matrix is within its FP16_MAX_NUMEL of 65,536 and exports as fp16, so
+# its late QAT would fake-quantize nothing (LATE_QAT_THRESHOLD's check refuses that) and is off; no number changes
+SEED_AT_SHAPE = {**SEED, "LATE_QAT_THRESHOLD": "0"}
 CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
 
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from proxy import SEED, SHAPE, config, ensure_sample, train_run
+from proxy import SEED_AT_SHAPE, SHAPE, config, ensure_sample, train_run
 
 MODEL_KNOBS = ("MLP_MULT", "MLP_ACT", "ROPE_DIMS", "ROPE_NTK_LEN", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE",
                "XSA_LAST_N", "LN_SCALE", "VE_LAYERS", "ORTHO_INIT")
@@ -37,9 +37,9 @@ def configs(steps: int) -> dict[str, dict[str, str]]:
     base["EVAL_STRIDE"] = SHAPE["TRAIN_SEQ_LEN"]  # the baseline's 1024 would exceed the proxy's window: plain
     return {
         "baseline": {**base, **scaled(1200, 500, 13780)},
-        "baseline+recipe": {**{k: v for k, v in SEED.items() if k != "MLP_LEAKY_SLOPE"},  # relu2 reads no slope
+        "baseline+recipe": {**{k: v for k, v in SEED_AT_SHAPE.items() if k != "MLP_LEAKY_SLOPE"},  # relu2: no slope
                             **{k: base[k] for k in MODEL_KNOBS if k in base}, **scaled(4000, 1500, 6920)},
-        "seed stack": {**SEED, **scaled(4000, 1500, 6920)},  # value embeddings on the last two layers
+        "seed stack": {**SEED_AT_SHAPE, **scaled(4000, 1500, 6920)},  # value embeddings on the last two layers
     }
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -27,6 +28,32 @@ def test_env_parsing_casts_by_default_type():
     Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "3", "QUANT_METHOD": "rtn"})  # the GPTQ extras go dormant
     with pytest.raises(ValueError, match=r"^AWQ_LITE_BITS=6: has no effect unless AWQ_LITE_GROUPS>0 and QUANT_METHOD=gptq"):
         Hyperparameters.from_env({"QUANT_METHOD": "rtn", "AWQ_LITE_BITS": "6"})  # set, but nothing reads it
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TTT_ENABLED": "0", "TTT_LR": "0.002"}, "TTT_LR=0.002: has no effect unless TTT_ENABLED=1 and TTT_MODE=chunks or "
+                                              "TTT_ENABLED=1 and TTT_MODE=lora and PHASED_TTT_NUM_PHASES>0"),
+    ({"TTT_ENABLED": "0", "TTT_MODE": "chunks"}, "TTT_MODE='chunks': has no effect unless TTT_ENABLED=1"),
+    ({"TTT_ENABLED": "0", "TTT_LORA_RANK": "8"},
+     "TTT_LORA_RANK=8: has no effect unless TTT_ENABLED=1 and TTT_MODE=lora"),
+    ({"PHASED_TTT_NUM_PHASES": "0", "TTT_EPOCHS": "3"}, "TTT_EPOCHS=3: has no effect unless"),  # LoRA without phases
+    ({"PHASED_TTT_NUM_PHASES": "0", "PHASED_TTT_PREFIX_DOCS": "100"},
+     "PHASED_TTT_PREFIX_DOCS=100: has no effect unless TTT_ENABLED=1 and TTT_MODE=lora and PHASED_TTT_NUM_PHASES>0"),
+])
+def test_a_ttt_knob_that_nothing_reads_is_an_error(env, message):
+    """The chunks' SGD knobs are read by chunked TTT and by LoRA TTT's phases only; none of them with TTT off."""
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        Hyperparameters.from_env(env)
+
+
+def test_the_ttt_knobs_are_accepted_where_they_are_read():
+    for env in ({"TTT_MODE": "chunks", "PHASED_TTT_NUM_PHASES": "0", "TTT_LR": "0.002"},  # phases: LoRA only
+                {"TTT_LR": "0.002", "PHASED_TTT_PREFIX_DOCS": "100"},  # the default LoRA TTT with its phase
+                {"TTT_ENABLED": "0", "TTT_LR": "0", "PHASED_TTT_NUM_PHASES": "0"}):  # off, as 0 may say
+        Hyperparameters.from_env(env)
+
+
+CHUNKS = {"TTT_ENABLED": "1", "TTT_MODE": "chunks"}  # the seed stack's chunked TTT, where the TTT_* rules apply
 
 
 @pytest.mark.parametrize("env, var", [
@@ -70,13 +97,13 @@ def test_env_parsing_casts_by_default_type():
     ({"TRAIN_SEQ_LEN": "32"}, "EVAL_STRIDE"),  # the default stride 64 exceeds the window it would slide
     ({"EVAL_SEQ_LEN": "-1"}, "EVAL_SEQ_LEN"),
     ({"EVAL_BATCH_SEQS": "0"}, "EVAL_BATCH_SEQS"),
-    ({"TTT_OPTIMIZER": "lion"}, "TTT_OPTIMIZER"),
-    ({"TTT_LR": "0"}, "TTT_LR"),
-    ({"TTT_EPOCHS": "0"}, "TTT_EPOCHS"),
-    ({"TTT_CHUNK_TOKENS": "1024"}, "TTT_CHUNK_TOKENS"),  # shorter than one 2048-token sequence
-    ({"TTT_FREEZE_BLOCKS": "12"}, "TTT_FREEZE_BLOCKS"),
-    ({"TTT_MOMENTUM": "1"}, "TTT_MOMENTUM"),
-    ({"TTT_GRAD_CLIP": "-1"}, "TTT_GRAD_CLIP"),
+    ({**CHUNKS, "TTT_OPTIMIZER": "lion"}, "TTT_OPTIMIZER"),
+    ({**CHUNKS, "TTT_LR": "0"}, "TTT_LR"),
+    ({**CHUNKS, "TTT_EPOCHS": "0"}, "TTT_EPOCHS"),
+    ({**CHUNKS, "TTT_CHUNK_TOKENS": "1024"}, "TTT_CHUNK_TOKENS"),  # shorter than one 2048-token sequence
+    ({**CHUNKS, "TTT_FREEZE_BLOCKS": "12"}, "TTT_FREEZE_BLOCKS"),
+    ({**CHUNKS, "TTT_MOMENTUM": "1"}, "TTT_MOMENTUM"),
+    ({**CHUNKS, "TTT_GRAD_CLIP": "-1"}, "TTT_GRAD_CLIP"),
 ])
 def test_invalid_values_are_rejected_naming_the_variable(env, var):
     """Each rule on the seed stack's settings (the frontier defaults would trip other rules first)."""

@@ -34,7 +34,7 @@ def field(text, line_start, key):
 def runs(tmp_path_factory, short_val_shards):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     # every evaluator runs; TTT in 4 chunks of the short validation data (3,968 scored tokens)
-    env = dict(EVAL_STRIDE="32", TTT_ENABLED="1", TTT_CHUNK_TOKENS="1024")
+    env = dict(EVAL_STRIDE="32", TTT_ENABLED="1", TTT_MODE="chunks", TTT_CHUNK_TOKENS="1024")
     return (one, run_script(one, short_val_shards, **env)), (two, run_script(two, short_val_shards, nproc=2, **env))
 
 
@@ -120,7 +120,7 @@ def test_run_summary_reproduces_the_configuration_and_the_score(runs):
     s = json.loads((cwd / "logs" / "e2e.json").read_text())
     h = train_gpt.Hyperparameters.from_env({**s["env"], "SEED": str(s["seed"]), "RUN_ID": s["run_id"]})
     assert h.knob_values() == s["config"]  # the env of the summary parses back into exactly the configuration
-    assert s["env"]["TTT_MODE"] == "chunks" and s["config"]["ttt_enabled"] and s["seed"] == 1234  # the seed stack's
+    assert s["env"]["TTT_MODE"] == "chunks" and s["config"]["ttt_enabled"] and s["seed"] == 1234  # set by the test
     assert s["env"]["VOCAB_SIZE"] == "1024" and "TTT_ENABLED" not in s["env"] and s["world_size"] == 1  # TTT: default
     assert s["score"]["source"] == "legal_ttt_exact"
     assert f"{s['score']['val_bpb']:.8f}" == field(out, "final_int8_zlib_roundtrip_exact", "val_bpb")

@@ -128,7 +128,7 @@ def test_an_evaluation_that_misses_targets_or_bytes_fails_naming_the_counts(samp
 
 # ---- legal score-first TTT ---------------------------------------------------------------------------------
 
-TTT = dict(ttt_enabled=True, ttt_chunk_tokens=512, ttt_lr=0.05, ttt_epochs=2, ttt_batch_seqs=4)
+TTT = dict(ttt_enabled=True, ttt_mode="chunks", ttt_chunk_tokens=512, ttt_lr=0.05, ttt_epochs=2, ttt_batch_seqs=4)
 
 
 def _ttt_eval(val, seed=0, stride=32, trace=None, d=CPU, **overrides):

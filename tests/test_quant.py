@@ -500,6 +500,17 @@ def test_gptq_damp_adds_that_fraction_of_the_mean_diagonal(monkeypatch):
 # ---- late QAT --------------------------------------------------------------------------------------------
 
 
+def test_late_qat_that_would_fake_quantize_nothing_is_refused():
+    """Block matrices within FP16_MAX_NUMEL export as fp16 and are not fake-quantized: the seed stack's 65,536 at
+    d=64 leaves its late QAT nothing to do (issue 28 found its proxy runs bit-identical with and without it)."""
+    h = tiny_h(late_qat_threshold=0.15)  # tiny.env's FP16_MAX_NUMEL=1024: the d=64 matrices are int6
+    assert any(m.qat_bits == 6 for m in GPT(h).modules() if isinstance(m, train_gpt.QATLinear))
+    for over in (dict(fp16_max_numel=65_536), dict(fp16_max_numel=12_288), dict(quant_mlp_bits=16, quant_attn_bits=16)):
+        with pytest.raises(train_gpt.ConfigError, match="^LATE_QAT_THRESHOLD=0.15: fake-quantizes nothing"):
+            tiny_h(late_qat_threshold=0.15, **over)
+    tiny_h(late_qat_threshold=0.15, fp16_max_numel=12_287)  # the MLP's 64 x 192 = 12,288 are quantized
+
+
 def test_late_qat_changes_the_compiled_forward():
     """The switch is a tensor the compiled graph reads: flipping it changes the inductor-compiled training forward,
     to the model with fake-quantized block matrices (the records' Python class flag was constant-folded)."""
