@@ -256,10 +256,9 @@ class Hyperparameters:
     swa_start_frac: float = knob(0.2, "(0, 1]")  # ... once the LR scale is below this
     # fake-quantize the block matrices to their export widths below this LR scale; 0 = off
     late_qat_threshold: float = knob(0.0, "[0, 1]", check=lambda h: h.late_qat_threshold == 0 or any(
-        quant_bits(h, f"blocks.0.{n}.weight", "matrix", s) != FP16 for n, s in
-        (("mlp.fc", (h.mlp_hidden, h.model_dim)), ("attn.c_q", (h.model_dim, h.model_dim)))),
-        why="fake-quantizes nothing: every block matrix stays fp16 (at most FP16_MAX_NUMEL={fp16_max_numel} "
-            "elements, or 16 bits); lower FP16_MAX_NUMEL or leave it 0")
+        quant_bits(h, f"blocks.0.{n}.weight", "matrix", (r, h.model_dim)) != FP16 for n, r in
+        (("mlp.fc", h.mlp_hidden), ("attn.c_q", h.model_dim))), why="fake-quantizes nothing: every block matrix "
+        "stays fp16 (at most FP16_MAX_NUMEL={fp16_max_numel} elements, or 16 bits); lower FP16_MAX_NUMEL or leave it 0")
     # -- export: quantization, calibration, pruning, compression
     quant_method: str = knob("gptq", choices=("gptq", "gptq_lite", "rtn"))  # Hessian | clip search | round to nearest
     quant_mlp_bits: int = knob(6, choices=BITS)  # per-row int-N of the MLP matrices, 4-8, or 16 = fp16
@@ -405,8 +404,7 @@ class Hyperparameters:
         return found
 
     def holds(self, needs: str) -> bool:
-        """Whether a knob's `needs` condition holds: NAME=a|b, NAME!=a|b or NAME>x, joined by ' and ', and those
-        joined by ' or '."""
+        """Whether a knob's `needs` holds: NAME=a|b, NAME!=a|b or NAME>x, joined by ' and ', those by ' or '."""
         def one(cond):
             name, op, want = re.fullmatch(r"(\w+?)(!=|=|>)(.*)", cond).groups()
             v = getattr(self, name.lower())
@@ -3006,7 +3004,7 @@ def check_ttt_phases(h: Hyperparameters, val: ValidationData):
     if any(e.ttt == "lora" for e in eval_plan(h)):
         lengths = np.diff(doc_bounds(val.tokens, val.bos_id))
         for docs in ttt_plan(h, lengths)[2]:
-            if len(docs) and (n := int(lengths[docs].sum())) <= h.ttt_chunk_tokens:
+            if len(docs) and (n := int(lengths[docs].sum()) + len(docs) - 1) <= h.ttt_chunk_tokens:  # global_sgd's
                 raise ConfigError(
                     f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens}: a phase's SGD (PHASED_TTT_PREFIX_DOCS="
                     f"{h.phased_ttt_prefix_docs}, TTT_BATCH_SIZE={h.ttt_batch_size}) gets {n:,} tokens, one chunk "
@@ -3046,9 +3044,9 @@ def lora_ttt(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: Vali
 
 def global_sgd(h: Hyperparameters, d: Dist, model: nn.Module, base: GPT, val: ValidationData, docs: np.ndarray):
     """A phase pause (PR #1610): the chunks' score-first SGD (TTT_LR, TTT_EPOCHS, ...) on the weights over the
-    already-scored documents `docs` (start, targets) concatenated shortest first, attention within each
-    document, every chunk but the last."""
-    tokens = np.concatenate([val.tokens[s : s + n] for s, n in docs] + [val.tokens[docs[-1].sum(), None]])
+    already-scored `docs` (start, targets) shortest first, each with its last target, the next BOS (two BOS at
+    each join, as PR #2014), attention within each document, every chunk but the last."""
+    tokens = np.concatenate([val.tokens[s : s + n + 1] for s, n in docs])
     ttt, n_chunks = ScoreFirstTTT(h, d, model, base), math.ceil((len(tokens) - 1) / h.ttt_chunk_tokens)
     for c in range(n_chunks - 1):
         ttt.adapt(tokens, c, n_chunks, val.bos_id)
@@ -3107,7 +3105,7 @@ def lora_flops(h: Hyperparameters, lengths: np.ndarray) -> float:
         ci = np.arange(-(-m.max() // c))
         widest = np.minimum(np.minimum((ci + 1) * c, m.max()), h.eval_len)  # the longest document sets each shape
         total += len(m) * window_cost(h, widest, np.where(ci + 1 < -(-m.max() // c), 3, 1))
-    return total + sum(sgd_flops(h, lengths[docs].sum()) for docs in phase_docs if len(docs))
+    return total + sum(sgd_flops(h, lengths[docs].sum() + len(docs) - 1) for docs in phase_docs if len(docs))
 
 
 def sgd_flops(h: Hyperparameters, tokens: int) -> float:

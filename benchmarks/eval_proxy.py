@@ -57,7 +57,7 @@ import train_gpt as tg
 STEPS, SEED, EVAL_LEN = 300, 1337, 256
 PREFIX_FRAC = 2_500 / 50_000  # PR #2014's phase prefix, as a fraction of the official validation documents
 CHUNK_TOKENS = 16 * EVAL_LEN  # the seed stack's 32768-token chunks hold 16 of its 2048-token windows
-SEED_STACK_TTT = dict(TTT_ENABLED="1", TTT_MODE="chunks", TTT_LR="0.002", TTT_EPOCHS="3")  # PR #549's recipe (docs/presets.md)
+SEED_STACK_TTT = dict(TTT_ENABLED="1", TTT_MODE="chunks", TTT_LR="0.002", TTT_EPOCHS="3")  # docs/presets.md
 CASEOPS_TOKENIZER = ROOT / "data" / "sample" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 OFFICIAL_TOKENS = {"frontier": 47_853_344, "seed stack": 62_021_633}  # CaseOps (PR #2014's tail count); sp1024
 OFFICIAL_DOCS = 50_000  # about; 47,853,343 CaseOps targets

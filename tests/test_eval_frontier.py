@@ -188,10 +188,10 @@ def test_the_phase_sgd_trains_only_on_documents_already_scored(stream, monkeypat
     assert counted.sum() == sum(lengths[scored])  # and nothing else was scored yet
 
 
-def test_the_phase_sgd_stream_is_its_documents_joined_by_one_bos(stream, monkeypatch):
-    """The phase's SGD trains on its documents' tokens back to back, each document's last target the next one's
-    BOS, attention cut at each BOS. PR #2014's documents each carried the next document's BOS as well, so its
-    stream had two BOS at each join and trained a BOS -> BOS target that scoring never asks for (issue 28)."""
+def test_the_phase_sgd_stream_is_its_documents_each_with_its_last_target(stream, monkeypatch):
+    """The phase's SGD trains on its documents back to back, each with its last target (the next document's BOS),
+    so two BOS meet at each join, as in PR #2014; attention is cut at each BOS. Issue 28 measured this stream
+    against one BOS at each join: better, by 1e-6 to 1.5e-5 bpb, in four of four paired runs."""
     val = _val(stream)
     seen, adapt = [], train_gpt.ScoreFirstTTT.adapt
     monkeypatch.setattr(train_gpt, "global_sgd", lambda *a, sgd=train_gpt.global_sgd: seen.append(a[-1]) or sgd(*a))
@@ -200,9 +200,8 @@ def test_the_phase_sgd_stream_is_its_documents_joined_by_one_bos(stream, monkeyp
     _lora_eval(val)
     docs, (tokens, bos_id) = seen[0], seen[1]
     assert len(docs) == 5 and bos_id == val.bos_id and all(t is tokens and b == bos_id for t, b in seen[2:])
-    joined = np.concatenate([val.tokens[s : s + n] for s, n in docs] + [val.tokens[[docs[-1].sum()]]])  # + its target
-    assert np.array_equal(tokens, joined)
-    assert not ((tokens[1:] == val.bos_id) & (tokens[:-1] == val.bos_id)).any()
+    assert np.array_equal(tokens, np.concatenate([val.tokens[s : s + n + 1] for s, n in docs]))
+    assert ((tokens[1:] == val.bos_id) & (tokens[:-1] == val.bos_id)).sum() == len(docs) - 1
 
 
 def test_the_tilted_adapted_distribution_sums_to_one_over_the_vocabulary():
