@@ -3004,7 +3004,7 @@ def check_ttt_phases(h: Hyperparameters, val: ValidationData):
     if any(e.ttt == "lora" for e in eval_plan(h)):
         lengths = np.diff(doc_bounds(val.tokens, val.bos_id))
         for docs in ttt_plan(h, lengths)[2]:
-            if len(docs) and (n := int(lengths[docs].sum()) + len(docs) - 1) <= h.ttt_chunk_tokens:  # global_sgd's
+            if len(docs) and (n := int(lengths[docs].sum()) + len(docs) - 1) <= h.ttt_chunk_tokens:  # SGD targets
                 raise ConfigError(
                     f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens}: a phase's SGD (PHASED_TTT_PREFIX_DOCS="
                     f"{h.phased_ttt_prefix_docs}, TTT_BATCH_SIZE={h.ttt_batch_size}) gets {n:,} tokens, one chunk "
