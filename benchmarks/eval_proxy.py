@@ -104,13 +104,13 @@ def proxy_table(artifact: Path, docs: int | None, only: list[int] | None):
         model.load_state_dict(state, strict=True)
         return model.eval()
 
-    lora = dict(TTT_ENABLED="1", TTT_MODE="lora", TTT_CHUNK_TOKENS=str(CHUNK_TOKENS))
+    lora = dict(TTT_ENABLED="1", TTT_MODE="lora")  # the chunk size is read by the phases only
     n_docs = len(tg.doc_bounds(val.tokens, val.bos_id)) - 1
     prefix = max(round(PREFIX_FRAC * n_docs), proxy_h(**lora).ttt_batch_size)
     t0 = time.perf_counter()
     hints = tg.ngram_hints(val.tokens, h.token_order, h.token_threshold)
     hints_s = time.perf_counter() - t0
-    phased = dict(lora, PHASED_TTT_PREFIX_DOCS=str(prefix))
+    phased = dict(lora, TTT_CHUNK_TOKENS=str(CHUNK_TOKENS), PHASED_TTT_PREFIX_DOCS=str(prefix))
     model = fresh()  # the windows do not change the weights
     plain, stride = tg.Windows(EVAL_LEN, EVAL_LEN, h.eval_batch_seqs), tg.Windows(EVAL_LEN, 64, h.eval_batch_seqs)
     rows = {  # name: (hyperparameters, run(h), extra seconds)
@@ -120,7 +120,7 @@ def proxy_table(artifact: Path, docs: int | None, only: list[int] | None):
         "document windows + n-gram tilt": (proxy_h(NGRAM_TILT_ENABLED="1"),
                                            lambda h: tg.evaluate(h, CPU, model, val, plain, docs=True, hints=hints),
                                            hints_s),
-        "LoRA TTT, no phases": (proxy_h(TTT_ENABLED="1", TTT_MODE="lora", PHASED_TTT_NUM_PHASES="0"), None, 0.0),
+        "LoRA TTT, no phases": (proxy_h(**lora, PHASED_TTT_NUM_PHASES="0"), None, 0.0),
         f"LoRA TTT, 1 phase ({prefix} prefix docs)": (proxy_h(**phased), None, 0.0),
         "LoRA TTT, 1 phase + n-gram tilt (frontier evaluator)": (proxy_h(**phased, NGRAM_TILT_ENABLED="1"), None,
                                                                    hints_s),
